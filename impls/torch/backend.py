@@ -1,0 +1,163 @@
+"""TorchBackend: the Backend protocol in PyTorch (eager, or torch.compile'd training step)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from harness.api import ModelSpec, OptimSpec, RuntimeSpec, Term, Terms
+from impls.torch import model
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class TorchBackend:
+    name: ClassVar[str] = "torch"
+
+    def __init__(self, spec: ModelSpec, optim: OptimSpec, runtime: RuntimeSpec) -> None:
+        self.spec, self.optim, self.runtime = spec, optim, runtime
+        if runtime.threads > 0:
+            torch.set_num_threads(runtime.threads)
+        want_gpu = runtime.device == "gpu" or (runtime.device == "auto" and torch.cuda.is_available())
+        if want_gpu and not torch.cuda.is_available():
+            raise RuntimeError("device=gpu asked for, but torch sees no CUDA device")
+        self.device = torch.device("cuda" if want_gpu else "cpu")
+        torch.backends.cuda.matmul.allow_tf32 = runtime.allow_tf32
+        torch.backends.cudnn.allow_tf32 = runtime.allow_tf32
+        self.dtype = DTYPES[runtime.dtype]
+        self.params: dict[str, torch.Tensor] = {
+            k: torch.zeros(s, dtype=self.dtype, device=self.device, requires_grad=True)
+            for k, s in spec.param_shapes().items()
+        }
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(runtime.seed)
+        self._make_optimizer()
+        self._compiles = 0
+        self._step_fn = self._build_step()
+
+    # -- parameters ------------------------------------------------------------------
+    def _make_optimizer(self) -> None:
+        o, ps = self.optim, list(self.params.values())
+        if o.name == "adam":
+            self.opt: torch.optim.Optimizer = torch.optim.Adam(
+                ps, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=0.0, foreach=False
+            )
+        else:
+            self.opt = torch.optim.SGD(ps, lr=o.lr, momentum=o.momentum, weight_decay=0.0, foreach=False)
+
+    def set_params(self, params: Mapping[str, np.ndarray]) -> None:
+        """Load canonical weights; the optimizer state is reset."""
+        with torch.no_grad():
+            for k, p in self.params.items():
+                p.copy_(torch.as_tensor(np.asarray(params[k]), dtype=self.dtype))
+        self.opt.state.clear()
+
+    def get_params(self) -> dict[str, np.ndarray]:
+        return {k: p.detach().cpu().numpy().copy() for k, p in self.params.items()}
+
+    # -- data --------------------------------------------------------------------------
+    def put(self, x: Any) -> torch.Tensor:
+        if isinstance(x, torch.Tensor):
+            return x
+        return torch.as_tensor(np.asarray(x), dtype=self.dtype, device=self.device)
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    # -- measurement -------------------------------------------------------------------
+    def terms(self, x: Any, eps: np.ndarray) -> Terms:
+        with torch.no_grad():
+            recon, kl = model.loss_terms(self.params, self.put(x), self.put(eps), self.spec)
+        return Terms(recon=recon.cpu().numpy(), kl=kl.cpu().numpy())
+
+    def grads(self, x: Any, eps: np.ndarray, term: Term) -> dict[str, np.ndarray]:
+        recon, kl = model.loss_terms(self.params, self.put(x), self.put(eps), self.spec)
+        value = {"recon": recon, "kl": kl, "loss": recon + kl}[term].mean()
+        names = list(self.params)
+        gs = torch.autograd.grad(value, [self.params[k] for k in names], allow_unused=True)
+        return {
+            k: (np.zeros(self.spec.param_shapes()[k], dtype=self.runtime.dtype) if g is None else g.cpu().numpy())
+            for k, g in zip(names, gs)
+        }
+
+    def log_likelihood(self, x: Any, k: int, seed: int) -> np.ndarray:
+        xd = self.put(x)
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(seed)
+        chunks = []
+        with torch.no_grad():
+            for start in range(0, k, 100):
+                kk = min(100, k - start)
+                eps = torch.randn((kk, xd.shape[0], self.spec.latent), generator=gen, dtype=self.dtype, device=self.device)
+                chunks.append(model.iwae_log_weights(self.params, xd, eps, self.spec))
+            log_w = torch.cat(chunks, dim=0)
+            out = torch.logsumexp(log_w, dim=0) - math.log(k)
+        return out.cpu().numpy()
+
+    # -- training ----------------------------------------------------------------------
+    def _loss(self, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        recon, kl = model.loss_terms(self.params, x, eps, self.spec)
+        return (recon + kl).mean()
+
+    def _build_step(self) -> Any:
+        if self.runtime.mode == "eager":
+            loss_fn, opt_step = self._loss, self.opt.step
+        else:
+            import torch._dynamo
+
+            backend = self
+
+            def counting_backend(gm: Any, example_inputs: Any) -> Any:
+                backend._compiles += 1
+                from torch._inductor.compile_fx import compile_fx
+
+                return compile_fx(gm, example_inputs)
+
+            loss_fn = torch.compile(self._loss, backend=counting_backend, dynamic=False)
+            opt_step = torch.compile(self.opt.step, backend=counting_backend, dynamic=False)
+            del torch._dynamo  # only imported to make sure dynamo is initialised
+
+        def step(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+            self.opt.zero_grad(set_to_none=True)
+            loss = loss_fn(x, eps)
+            loss.backward()
+            opt_step()
+            return loss.detach()
+
+        return step
+
+    def train_step(self, x: Any, eps: np.ndarray | None = None) -> torch.Tensor:
+        xd = self.put(x)
+        if eps is None:
+            e = torch.randn((xd.shape[0], self.spec.latent), generator=self.generator, dtype=self.dtype, device=self.device)
+        else:
+            e = self.put(eps)
+        return self._step_fn(xd, e)
+
+    def compile_count(self) -> int:
+        return self._compiles
+
+    def version(self) -> dict[str, Any]:
+        info: dict[str, Any] = {
+            "framework": "torch",
+            "framework_version": torch.__version__,
+            "device": str(self.device),
+            "threads": torch.get_num_threads(),
+            "allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+            "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        }
+        if self.device.type == "cuda":
+            info.update(
+                device_name=torch.cuda.get_device_name(self.device),
+                device_count=torch.cuda.device_count(),
+                cuda=torch.version.cuda,
+            )
+        return info
+
+
+BACKEND = TorchBackend
