@@ -159,7 +159,7 @@ def resolve_mode(framework: str, mode: str) -> str:
     if mode == "compiled":
         mode = COMPILED_ALIAS[framework]
     if mode not in FRAMEWORK_MODES[framework]:
-        allowed = ", ".join((*FRAMEWORK_MODES[framework], "compiled"))
+        allowed = ", ".join(dict.fromkeys((*FRAMEWORK_MODES[framework], "compiled")))
         raise ValueError(f"{framework} has no mode {mode!r}; choose from {allowed}")
     return mode
 

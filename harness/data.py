@@ -131,7 +131,11 @@ _IDX_NAMES = {
 def read_idx(path: Path) -> np.ndarray:
     """Read an IDX file (optionally gzip-compressed) into an array of its declared shape."""
     try:
-        raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
+        if path.suffix == ".gz":
+            with gzip.open(path) as f:
+                raw = f.read()
+        else:
+            raw = path.read_bytes()
     except FileNotFoundError:
         raise DataError(f"data file not found: {path}") from None
     except OSError as exc:

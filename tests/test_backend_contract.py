@@ -67,13 +67,13 @@ def test_grads_match_finite_differences(framework: str, term: str) -> None:
     g = b.grads(X, EPS, term)  # type: ignore[arg-type]
     assert set(g) == set(params)
     rng = np.random.default_rng(5)
+    h = 1e-5
     for block in ("encoder", "decoder", None):
         names = [k for k in params if block is None or k.startswith(block)]
         d = {k: rng.standard_normal(params[k].shape) for k in names}
         analytic = sum(float(np.sum(g[k] * d[k])) for k in names)
-        h = 1e-5
 
-        def f(sign: float) -> float:
+        def f(sign: float, d: dict[str, np.ndarray] = d) -> float:
             shifted = {k: v + sign * h * d[k] if k in d else v for k, v in params.items()}
             return float(getattr(reference.terms(shifted, X, EPS, SPEC), term).mean())
 

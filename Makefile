@@ -1,0 +1,39 @@
+# vaebench: `make run` and `make test` create .venv when it is missing, install, then run.
+# CPU builds of the frameworks are pinned in requirements-ci.txt (see README for GPU set-up).
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+ARGS   ?=
+PYTEST ?= -q
+
+.DEFAULT_GOAL := help
+.PHONY: help run test lint bench report clean
+
+help: ## list the targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@echo "  ARGS='framework=torch measure=conformance' make run   passes Hydra overrides"
+
+$(STAMP): pyproject.toml requirements-ci.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-ci.txt -e '.[dev]'
+	touch $(STAMP)
+
+run: $(STAMP) ## run the default suite (all frameworks, digits); ARGS= passes overrides
+	$(VENV)/bin/vaebench $(ARGS)
+
+test: $(STAMP) ## run the test suite (CPU; what CI runs)
+	$(PY) -m pytest $(PYTEST)
+
+lint: $(STAMP) ## ruff and mypy
+	$(VENV)/bin/ruff check harness impls tests
+	$(VENV)/bin/mypy
+
+bench: $(STAMP) ## pytest-benchmark step-time suites
+	$(PY) -m pytest tests/bench --benchmark-enable -q
+
+report: $(STAMP) ## rebuild tables and plots of the latest run (or DIR=...)
+	$(PY) -m harness.report $${DIR:-$$(ls -d results/runs/*/ | tail -1)}
+
+clean: ## remove run outputs (keeps .venv and results/reference)
+	rm -rf results/runs outputs multirun .pytest_cache

@@ -1,0 +1,149 @@
+"""Run records: one JSON file per job, written atomically, with the environment fingerprint."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import subprocess
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+STATUSES = ("ok", "failed", "diverged", "unavailable")
+REQUIRED = ("schema_version", "run_id", "created_at", "measure", "framework", "mode", "status", "error", "config", "env", "metrics")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class RecordError(ValueError):
+    pass
+
+
+def make_record(
+    *,
+    run_id: str,
+    measure: str,
+    framework: str,
+    mode: str,
+    status: str,
+    config: dict[str, Any],
+    env: dict[str, Any],
+    metrics: dict[str, Any] | None = None,
+    error: str | None = None,
+) -> dict[str, Any]:
+    if status not in STATUSES:
+        raise RecordError(f"status {status!r} is not one of {STATUSES}")
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "run_id": run_id,
+        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "measure": measure,
+        "framework": framework,
+        "mode": mode,
+        "status": status,
+        "error": error,
+        "config": config,
+        "env": env,
+        "metrics": metrics or {},
+    }
+
+
+def _jsonable(o: Any) -> Any:
+    if isinstance(o, dict):
+        return {str(k): _jsonable(v) for k, v in o.items()}
+    if isinstance(o, list | tuple):
+        return [_jsonable(v) for v in o]
+    if isinstance(o, np.ndarray):
+        return _jsonable(o.tolist())
+    if isinstance(o, np.generic):
+        return _jsonable(o.item())
+    if isinstance(o, float) and not math.isfinite(o):
+        return None if math.isnan(o) else ("inf" if o > 0 else "-inf")
+    return o
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temp file in the same folder, fsync, then rename over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_record(path: Path, record: dict[str, Any]) -> Path:
+    missing = [k for k in REQUIRED if k not in record]
+    if missing:
+        raise RecordError(f"record lacks {missing}")
+    write_atomic(path, (json.dumps(_jsonable(record), indent=1, allow_nan=False) + "\n").encode())
+    return path
+
+
+def read_record(path: Path) -> dict[str, Any]:
+    try:
+        rec = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RecordError(f"{path}: not a readable record ({exc})") from None
+    missing = [k for k in REQUIRED if k not in rec]
+    if missing:
+        raise RecordError(f"{path}: record lacks {missing}")
+    return dict(rec)
+
+
+def read_records(folder: Path | Iterable[Path]) -> list[dict[str, Any]]:
+    """All records under `folder` (recursively), or from the given files, oldest first."""
+    files = sorted(Path(folder).rglob("*.json")) if isinstance(folder, str | Path) else list(folder)
+    records = []
+    for f in files:
+        if f.name.startswith(".") or ".hydra" in f.parts:
+            continue
+        try:
+            records.append(read_record(f))
+        except RecordError:
+            continue
+    return sorted(records, key=lambda r: (r["created_at"], r["measure"], r["framework"]))
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def host_env() -> dict[str, Any]:
+    """The framework-neutral part of the environment fingerprint."""
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+        "cpu_model": _cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": None if status is None else bool(status),
+        "thread_env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "XLA_FLAGS") if k in os.environ},
+    }

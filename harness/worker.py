@@ -1,0 +1,198 @@
+"""One job in a fresh process: `python -m harness.worker JOB.json` -> one record.
+
+The parent (`run_job`) sets the environment before the child imports any framework, enforces
+the timeout, and turns a crash, a kill or a timeout into a `failed` record, so a job never
+ends without one.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from harness.api import FRAMEWORK_MODULES, FrameworkUnavailable
+from harness.config import AppConfig, to_app_config
+from harness.records import REPO_ROOT, host_env, make_record, read_record, write_atomic, write_record
+
+WORKER_CMD = [sys.executable, "-m", "harness.worker"]
+
+
+@dataclass
+class Job:
+    run_id: str
+    measure: str
+    framework: str
+    mode: str
+    config: dict[str, Any]  # resolved AppConfig as a plain dict
+    record_path: str
+
+    @property
+    def name(self) -> str:
+        return Path(self.record_path).stem
+
+
+@dataclass
+class Result:
+    """What a measure's `run` returns."""
+
+    metrics: dict[str, Any]
+    status: str = "ok"
+    error: str | None = None
+    backend_env: dict[str, Any] = field(default_factory=dict)
+
+
+def app_config(job: Job) -> AppConfig:
+    return to_app_config(OmegaConf.create(job.config))
+
+
+def child_env(c: AppConfig, framework: str) -> dict[str, str]:
+    """Environment for a job's process, set before any framework is imported."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"  # JAX: allocate GPU memory as needed
+    env["TF_FORCE_GPU_ALLOW_GROWTH"] = "true"  # TensorFlow: memory growth on
+    if c.framework.precision == "float64" or "conformance" in c.measure.names or "identity" in c.measure.names:
+        env["JAX_ENABLE_X64"] = "1"  # these measures run float64 in JAX
+    if c.framework.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+        env["JAX_PLATFORMS"] = "cpu"
+    if c.framework.threads > 0:
+        n = str(c.framework.threads)
+        env.update(OMP_NUM_THREADS=n, MKL_NUM_THREADS=n, OPENBLAS_NUM_THREADS=n)
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads={n}").strip()
+    return env
+
+
+def run_in_process(job: Job) -> dict[str, Any]:
+    """Run the job here (the child's body). Always returns a record."""
+    env = host_env()
+    status, error, metrics = "failed", None, {}
+    try:
+        c = app_config(job)
+        if importlib.util.find_spec(FRAMEWORK_MODULES[job.framework]) is None:
+            raise FrameworkUnavailable(
+                f"framework {job.framework!r} is not installed (pip install 'vaebench[{job.framework}]')"
+            )
+        module = importlib.import_module(f"harness.measures.{job.measure}")
+        result: Result = module.run(c, job)
+        status, error, metrics = result.status, result.error, result.metrics
+        env.update(result.backend_env)
+    except FrameworkUnavailable as exc:
+        status, error = "unavailable", str(exc)
+    except Exception as exc:  # the record must say what went wrong, in one line
+        traceback.print_exc()
+        status, error = "failed", f"{type(exc).__name__}: {exc}".splitlines()[0]
+    return make_record(
+        run_id=job.run_id,
+        measure=job.measure,
+        framework=job.framework,
+        mode=job.mode,
+        status=status,
+        error=error,
+        config=job.config,
+        env=env,
+        metrics=metrics,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m harness.worker JOB.json", file=sys.stderr)
+        return 2
+    job = Job(**json.loads(Path(argv[0]).read_text()))
+    write_record(Path(job.record_path), run_in_process(job))
+    return 0
+
+
+# --- parent side ------------------------------------------------------------------------
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = " (killed: out of memory?)" if -code == signal.SIGKILL else ""
+        return f"worker died of {name}{hint}"
+    return f"worker exited with code {code}"
+
+
+def run_job(job: Job, c: AppConfig, jobs_dir: Path) -> dict[str, Any]:
+    """Run `job` in a fresh child process; always leaves a record at job.record_path."""
+    jobs_dir.mkdir(parents=True, exist_ok=True)
+    spec = jobs_dir / f"{job.name}.job.json"
+    write_atomic(spec, json.dumps(job.__dict__, indent=1).encode())
+    record_path = Path(job.record_path)
+    record_path.unlink(missing_ok=True)
+    tail: list[bytes] = []
+
+    proc = subprocess.Popen(
+        [*WORKER_CMD, str(spec)],
+        env=child_env(c, job.framework),
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+
+    def pump() -> None:  # forward the child's stderr (progress bars) and keep its tail
+        assert proc.stderr is not None
+        for chunk in iter(lambda: os.read(proc.stderr.fileno(), 4096), b""):  # type: ignore[union-attr]
+            sys.stderr.buffer.write(chunk)
+            sys.stderr.buffer.flush()
+            tail.append(chunk)
+            del tail[:-16]
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    start = time.monotonic()
+    error = None
+    try:
+        code = proc.wait(timeout=c.framework.timeout_s)
+        if code != 0:
+            error = _describe_exit(code)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        error = f"timed out after {c.framework.timeout_s} s (framework.timeout_s)"
+    except KeyboardInterrupt:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        error = "interrupted by the user"
+    reader.join(timeout=5)
+    if error is None and record_path.exists():
+        return read_record(record_path)
+    last = b"".join(tail).decode(errors="replace").strip().splitlines()
+    reason = error or "worker wrote no record"
+    if last:
+        reason += f"; last output: {last[-1][:300]}"
+    rec = make_record(
+        run_id=job.run_id,
+        measure=job.measure,
+        framework=job.framework,
+        mode=job.mode,
+        status="failed",
+        error=reason,
+        config=job.config,
+        env={**host_env(), "wall_s": round(time.monotonic() - start, 3)},
+    )
+    write_record(record_path, rec)
+    return rec
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""End to end: the CLI in a subprocess, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from harness.records import REQUIRED, read_records
+from tests.conftest import ROOT
+
+
+def test_convergence_end_to_end_torch(cli) -> None:  # type: ignore[no-untyped-def]
+    r = cli("framework=torch", "+experiment=quick")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Convergence" in r.stdout and "| torch" in r.stdout
+    recs = read_records(cli.out_dir)
+    assert len(recs) == 1
+    rec = recs[0]
+    assert all(k in rec for k in REQUIRED)
+    assert rec["status"] == "ok" and rec["framework"] == "torch" and rec["measure"] == "convergence"
+    m = rec["metrics"]
+    assert [e["epoch"] for e in m["epochs"]] == [1, 2]
+    assert all(e["test_elbo"] < 0 and e["train_elbo"] < 0 for e in m["epochs"])
+    # the IWAE bound is at least the ELBO on average (importance sampling tightens it)
+    assert m["test_log_likelihood"] >= m["epochs"][-1]["test_elbo"] - 3 * m["test_log_likelihood_se"]
+    assert rec["config"]["framework"]["name"] == "torch"
+    assert rec["env"]["framework_version"] and rec["env"]["python"]
+    run_dir = next(Path(cli.out_dir).glob("*/"))
+    assert (run_dir / "convergence.png").stat().st_size > 1000
+    # tables are rebuilt from the records alone
+    again = subprocess.run([sys.executable, "-m", "harness.report", str(run_dir)], cwd=ROOT, capture_output=True, text=True)
+    assert again.returncode == 0
+    assert again.stdout.split("plot:")[0].strip() == (run_dir / "summary.md").read_text().strip()
+
+
+def test_failed_job_still_finishes_with_record(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A framework that cannot be imported gives an `unavailable` record; the others run."""
+    fake = tmp_path / "fake"
+    (fake / "jax").mkdir(parents=True)
+    (fake / "jax" / "__init__.py").write_text("raise ImportError('simulated: jax is broken')\n")
+    r = cli("framework=all", "+experiment=quick", "measure.convergence.epochs=1", env={"PYTHONPATH": str(fake)})
+    assert r.returncode == 1
+    recs = {x["framework"]: x for x in read_records(cli.out_dir)}
+    assert set(recs) == {"torch", "tensorflow", "jax"}
+    assert recs["jax"]["status"] == "unavailable" and "simulated" in recs["jax"]["error"]
+    assert recs["torch"]["status"] == "ok" and recs["tensorflow"]["status"] == "ok"
+    assert "unavailable" in r.stdout
+
+
+def test_diverged_training_is_reported(cli) -> None:  # type: ignore[no-untyped-def]
+    r = cli("framework=torch", "+experiment=quick", "optim=sgd", "optim.lr=1e6")
+    assert r.returncode == 1
+    rec = read_records(cli.out_dir)[0]
+    assert rec["status"] == "diverged" and "nan" in rec["error"].lower()
+    json.dumps(rec)  # still a valid record
