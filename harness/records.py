@@ -87,7 +87,8 @@ def write_record(path: Path, record: dict[str, Any]) -> Path:
     missing = [k for k in REQUIRED if k not in record]
     if missing:
         raise RecordError(f"record lacks {missing}")
-    write_atomic(path, (json.dumps(_jsonable(record), indent=1, allow_nan=False) + "\n").encode())
+    stored = {k: v for k, v in record.items() if not k.startswith("_")}  # `_file` is in-memory only
+    write_atomic(path, (json.dumps(_jsonable(stored), indent=1, allow_nan=False) + "\n").encode())
     return path
 
 
@@ -99,7 +100,7 @@ def read_record(path: Path) -> dict[str, Any]:
     missing = [k for k in REQUIRED if k not in rec]
     if missing:
         raise RecordError(f"{path}: record lacks {missing}")
-    return dict(rec)
+    return {**rec, "_file": str(Path(path).resolve())}  # where it was read from (not stored)
 
 
 def read_records(folder: Path | Iterable[Path]) -> list[dict[str, Any]]:

@@ -116,7 +116,9 @@ def test_stop_gradient_and_freeze(framework: str) -> None:
 
 @pytest.mark.parametrize("opt", ["sgd", "adam"])
 def test_train_step_with_given_noise_matches_closed_form(framework: str, opt: str) -> None:
-    """One step from fresh state: SGD moves by -lr*g, Adam by -lr*g/(|g|+eps) (bias-corrected)."""
+    """One step from fresh state: SGD moves by -lr*g, Adam by -lr*g/(|g|+eps) after bias
+    correction (torch, optax). Keras applies eps to the *uncorrected* sqrt(v), so its first
+    step is -lr*g/(|g| + eps/sqrt(1-beta2)): a documented convention, not a bug."""
     params = _params()
     o = OptimSpec(name=opt, lr=0.01, eps=1e-8)  # type: ignore[arg-type]
     b = load_backend(framework, SPEC, o, dtype="float64", params=params)
@@ -125,7 +127,8 @@ def test_train_step_with_given_noise_matches_closed_form(framework: str, opt: st
     assert loss == pytest.approx(float(reference.terms(params, X, EPS, SPEC).loss.mean()), rel=1e-12)
     new = b.get_params()
     for k, p in params.items():
-        step = g[k] if opt == "sgd" else g[k] / (np.abs(g[k]) + o.eps)
+        eps_hat = o.eps / np.sqrt(1 - o.beta2) if framework == "tensorflow" else o.eps
+        step = g[k] if opt == "sgd" else g[k] / (np.abs(g[k]) + eps_hat)
         np.testing.assert_allclose(new[k], p - o.lr * step, rtol=1e-9, atol=1e-12, err_msg=k)
 
 
