@@ -87,14 +87,15 @@ def run(c: AppConfig, job: Job) -> Result:
             for name, g in b.grads(x, eps, part).items():
                 arrays[f"{dtype}/grads/{part}/{name}"] = g
         for opt, lr in (("sgd", cf.sgd_lr), ("adam", cf.adam_lr)):
-            ob = backend(c, job.framework, spec=spec, dtype=dtype, params=params, optim=replace(optim_spec(c), name=opt, lr=lr, momentum=0.0))
+            o = replace(optim_spec(c), name=opt, lr=lr, momentum=0.0)  # type: ignore[arg-type]
+            ob = backend(c, job.framework, spec=spec, dtype=dtype, params=params, optim=o)
             losses = [ob.train_step(ob.put(xb), e) for xb, e in steps]
             arrays[f"{dtype}/{opt} trajectory"] = np.array([float(v) for v in losses])
         metrics[dtype] = {"loss": float(t.loss.mean()), "compile_count": ob.compile_count()}
         env = b.version()
     path = Path(job.record_path).with_suffix(".npz")
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    np.savez(buf, **arrays)  # type: ignore[arg-type]
     write_atomic(path, buf.getvalue())
     metrics["arrays"] = path.name
     metrics["perturbed"] = cf.perturb_framework == job.framework
