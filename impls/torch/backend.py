@@ -108,8 +108,6 @@ class TorchBackend:
         if self.runtime.mode == "eager":
             loss_fn, opt_step = self._loss, self.opt.step
         else:
-            import torch._dynamo
-
             backend = self
 
             def counting_backend(gm: Any, example_inputs: Any) -> Any:
@@ -120,7 +118,6 @@ class TorchBackend:
 
             loss_fn = torch.compile(self._loss, backend=counting_backend, dynamic=False)
             opt_step = torch.compile(self.opt.step, backend=counting_backend, dynamic=False)
-            del torch._dynamo  # only imported to make sure dynamo is initialised
 
         def step(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
             self.opt.zero_grad(set_to_none=True)

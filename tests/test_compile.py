@@ -1,0 +1,54 @@
+"""Compiled modes: no retracing or recompiling after warm-up, and the same numbers as eager."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from harness import ModelSpec, OptimSpec, load_backend
+
+SPEC = ModelSpec(x_dim=16, hidden=(12,), latent=3)
+RNG = np.random.default_rng(0)
+XS = [(RNG.uniform(size=(8, 16)) > 0.5).astype(float) for _ in range(6)]
+EPS = [RNG.standard_normal((8, 3)) for _ in range(6)]
+
+
+@pytest.mark.parametrize("framework,mode", [("torch", "compiled"), ("tensorflow", "function"), ("tensorflow", "xla"), ("jax", "jit")])
+def test_no_retrace_after_warmup(framework: str, mode: str) -> None:
+    b = load_backend(framework, SPEC, OptimSpec(lr=0.01), mode=mode)
+    eager = load_backend(framework, SPEC, OptimSpec(lr=0.01), mode="eager")
+    assert b.compile_count() == 0
+    first = float(b.train_step(XS[0], EPS[0]))  # warm up the given-noise path
+    assert b.compile_count() >= 1  # the counter sees a trace
+    float(b.train_step(XS[0]))  # and the device-RNG path
+    float(eager.train_step(XS[0], EPS[0]))
+    float(eager.train_step(XS[0]))
+    warm = b.compile_count()
+    ctx = None
+    if framework == "torch":
+        import torch._dynamo
+
+        ctx = torch._dynamo.config.patch(error_on_recompile=True)
+        ctx.__enter__()
+    try:
+        for x, e in zip(XS[1:], EPS[1:]):
+            got = float(b.train_step(b.put(x), e))
+            want = float(eager.train_step(x, e))
+            assert got == pytest.approx(want, rel=1e-5)
+            float(b.train_step(b.put(x)))
+            float(eager.train_step(x))
+    finally:
+        if ctx is not None:
+            ctx.__exit__(None, None, None)
+    assert b.compile_count() == warm, f"{framework}/{mode} retraced after warm-up"
+    assert np.isfinite(first)
+
+
+@pytest.mark.parametrize("framework,mode", [("jax", "jit"), ("torch", "compiled")])
+def test_counter_sees_a_shape_change(framework: str, mode: str) -> None:
+    """Negative control: a new batch size must show up as a new trace."""
+    b = load_backend(framework, SPEC, mode=mode)
+    b.train_step(XS[0], EPS[0])
+    n = b.compile_count()
+    b.train_step(XS[0][:4], EPS[0][:4])
+    assert b.compile_count() > n
