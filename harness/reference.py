@@ -53,6 +53,26 @@ def terms(params: Mapping[str, np.ndarray], x: np.ndarray, eps: np.ndarray, spec
     return Terms(recon=recon, kl=kl)
 
 
+def activation_pattern(params: Mapping[str, np.ndarray], x: np.ndarray, eps: np.ndarray, spec: ModelSpec) -> np.ndarray:
+    """Signs of every hidden pre-activation (encoder and decoder) as one flat boolean array.
+    Two parameter points with the same pattern lie on the same smooth piece of a ReLU net."""
+    signs = []
+
+    def walk(block: str, h: np.ndarray) -> np.ndarray:
+        n = spec.n_layers(block)
+        for i in range(n):
+            h = h @ params[f"{block}.{i}.weight"] + params[f"{block}.{i}.bias"]
+            if i < n - 1:
+                signs.append((h > 0).ravel())
+                h = np.maximum(h, 0.0) if spec.activation == "relu" else np.tanh(h)
+        return h
+
+    out = walk("encoder", x)
+    mu, logvar = out[..., : spec.latent], out[..., spec.latent :]
+    walk("decoder", mu + np.exp(0.5 * logvar) * eps)
+    return np.concatenate(signs) if signs else np.zeros(0, dtype=bool)
+
+
 def log_normal_diag(z: np.ndarray, mu: np.ndarray, logvar: np.ndarray) -> np.ndarray:
     return np.sum(-0.5 * (LOG_2PI + logvar + (z - mu) ** 2 / np.exp(logvar)), axis=-1)
 
