@@ -175,9 +175,9 @@ def summarize(records: list[dict[str, Any]]) -> Summary:
             row: dict[str, Any] = {"framework": r["framework"], "part": part}
             for blk in BLOCKS:
                 s = m["matrix"][part][blk]
-                row[f"{blk} |grad|"] = fmt(s["norm"], ".3e")
+                row[f"{blk} ‖grad‖"] = fmt(s["norm"], ".3e")
                 row[f"{blk} tensors≠0"] = f"{s['nonzero_fraction']:.0%}"
-                row[f"{blk} max|g|"] = fmt(s["max_abs"], ".2e")
+                row[f"{blk} max abs"] = fmt(s["max_abs"], ".2e")
             expect = {c["block"]: c for c in v["checks"] if c["part"] == part}
             row["theory"] = " ".join(f"{blk}:{expect[blk]['expected']}" for blk in BLOCKS if blk in expect) or "-"
             row["matches"] = ("yes" if all(c["ok"] for c in expect.values()) else "NO") if expect else "-"

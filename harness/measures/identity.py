@@ -226,8 +226,8 @@ def summarize(records: list[dict[str, Any]]) -> Summary:
                 "framework": r["framework"],
                 "log p(x)": fmt(m["log_px_mean"], ".4f"),
                 "ELBO": fmt(m["elbo_mean"], ".4f"),
-                "KL(q||post)": fmt(m["gap_mean"], ".4f"),
-                "max |log p - ELBO - KL|": fmt(m["residual_max"], ".1e"),
+                "KL(q‖posterior)": fmt(m["gap_mean"], ".4f"),
+                "max abs(log p − ELBO − KL)": fmt(m["residual_max"], ".1e"),
                 "MC ELBO (SE)": f"{m['mc_elbo_mean']:.4f} ({m['mc_se']:.4f})",
                 f"IWAE k={','.join(str(x['k']) for x in m['iwae'])}": iw,
                 "orthogonal W: max gap": fmt(m["ortho_gap_max"], ".1e"),
@@ -239,4 +239,4 @@ def summarize(records: list[dict[str, Any]]) -> Summary:
             f"means over {records[0]['metrics'].get('n_examples')} examples, float64; "
             f"residual tolerance {records[0]['metrics'].get('tol')}"
         )
-    return Summary("ELBO identity on the linear-Gaussian VAE: log p(x) = ELBO + KL(q || posterior)", rows, ok and bool(rows), notes)
+    return Summary("ELBO identity on the linear-Gaussian VAE: log p(x) = ELBO + KL(q ‖ posterior)", rows, ok and bool(rows), notes)
