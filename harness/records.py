@@ -8,6 +8,7 @@ import math
 import os
 import platform
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -113,8 +114,10 @@ def read_records(folder: Path | Iterable[Path]) -> list[dict[str, Any]]:
             continue
         try:
             records.append(read_record(f))
-        except RecordError:
-            continue
+        except RecordError as exc:
+            if f.name.endswith(".job.json"):
+                continue  # job specs, not records
+            print(f"warning: skipped {exc}", file=sys.stderr)
     return sorted(records, key=lambda r: (r["created_at"], r["measure"], r["framework"]))
 
 

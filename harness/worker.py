@@ -58,15 +58,19 @@ def app_config(job: Job) -> AppConfig:
     return to_app_config(OmegaConf.create(job.config))
 
 
-def child_env(c: AppConfig, framework: str) -> dict[str, str]:
+#: measures that compute in float64 whatever framework.precision says
+FLOAT64_MEASURES = ("identity", "gradflow", "conformance")
+
+
+def child_env(c: AppConfig, measure: str) -> dict[str, str]:
     """Environment for a job's process, set before any framework is imported."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"  # JAX: allocate GPU memory as needed
     env["TF_FORCE_GPU_ALLOW_GROWTH"] = "true"  # TensorFlow: memory growth on
-    if c.framework.precision == "float64" or "conformance" in c.measure.names or "identity" in c.measure.names:
-        env["JAX_ENABLE_X64"] = "1"  # these measures run float64 in JAX
+    if c.framework.precision == "float64" or measure in FLOAT64_MEASURES:
+        env["JAX_ENABLE_X64"] = "1"  # JAX refuses float64 arrays without it
     if c.framework.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
         env["JAX_PLATFORMS"] = "cpu"
@@ -144,7 +148,7 @@ def run_job(job: Job, c: AppConfig, jobs_dir: Path) -> dict[str, Any]:
 
     proc = subprocess.Popen(
         [*WORKER_CMD, str(spec)],
-        env=child_env(c, job.framework),
+        env=child_env(c, job.measure),
         stderr=subprocess.PIPE,
         start_new_session=True,
     )
