@@ -86,8 +86,8 @@ class GradflowConfig:
     fd_directions: int = 3  # random directions per block for the finite-difference check
     fd_step: float = 1e-5
     fd_tol: float = 1e-6
-    train_steps: int = 200  # training run that records per-block gradient norms
-    log_every: int = 10
+    train_steps: int = 100  # training run that records per-block gradient norms
+    log_every: int = 5
 
 
 @dataclass
