@@ -104,18 +104,26 @@ def run_suite(c: AppConfig, resolved: dict[str, Any], run_dir: Path) -> int:
             path = run_dir / f"{measure}-{fw}-{mode}-{c.framework.precision}.json"
             jobs.append(Job(run_id, measure, fw, mode, resolved, str(path)))
     records = []
+    interrupted = False
     for i, job in enumerate(jobs, 1):
         print(f"[{i}/{len(jobs)}] {job.measure}: {job.framework} ({job.mode}, {c.framework.precision})", flush=True)
-        rec = run_job(job, c, run_dir / "jobs")
+        try:
+            rec = run_job(job, c, run_dir / "jobs")
+        except KeyboardInterrupt:
+            print("  -> interrupted: the remaining jobs were not started", flush=True)
+            interrupted = True
+            break
         if rec["status"] != "ok":
             print(f"  -> {rec['status']}: {rec['error']}", flush=True)
         records.append(rec)
-    text, ok, plots = report.build(run_dir, records)
+    text, ok, plots = report.build(run_dir)  # from the records on disk, as anyone can rebuild them
     print()
     print(text)
     for p in plots:
         print(f"plot: {p}")
     print(f"records: {run_dir}")
+    if interrupted:
+        return 130
     return 0 if ok and all(r["status"] == "ok" for r in records) else 1
 
 

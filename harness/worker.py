@@ -165,6 +165,7 @@ def run_job(job: Job, c: AppConfig, jobs_dir: Path) -> dict[str, Any]:
     reader.start()
     start = time.monotonic()
     error = None
+    interrupted = False
     try:
         code = proc.wait(timeout=c.framework.timeout_s)
         if code != 0:
@@ -176,7 +177,7 @@ def run_job(job: Job, c: AppConfig, jobs_dir: Path) -> dict[str, Any]:
     except KeyboardInterrupt:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        error = "interrupted by the user"
+        error, interrupted = "interrupted by the user", True
     reader.join(timeout=5)
     if error is None and record_path.exists():
         return read_record(record_path)
@@ -195,6 +196,8 @@ def run_job(job: Job, c: AppConfig, jobs_dir: Path) -> dict[str, Any]:
         env={**host_env(), "wall_s": round(time.monotonic() - start, 3)},
     )
     write_record(record_path, rec)
+    if interrupted:
+        raise KeyboardInterrupt  # the record is written; the caller stops the suite
     return rec
 
 

@@ -55,3 +55,28 @@ def test_diverged_training_is_reported(cli) -> None:  # type: ignore[no-untyped-
     rec = read_records(cli.out_dir)[0]
     assert rec["status"] == "diverged" and "nan" in rec["error"].lower()
     json.dumps(rec)  # still a valid record
+
+
+def test_ctrl_c_stops_the_suite_and_keeps_a_record(tmp_path: Path) -> None:
+    """SIGINT while a job runs: the job gets a `failed` record saying so, the summary is still
+    written, no further job starts, exit code 130."""
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "runs"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "harness.cli", "framework=all", "measure=convergence", "measure.convergence.epochs=100000",
+         f"out_dir={out}", "progress=false"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().startswith("[1/3]")
+    time.sleep(8)  # the torch job is training
+    proc.send_signal(signal.SIGINT)
+    rest = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 130, rest
+    recs = read_records(out)
+    assert len(recs) == 1 and recs[0]["status"] == "failed" and "interrupted" in recs[0]["error"]
+    assert "[2/3]" not in rest
+    assert (next(out.glob("*/")) / "summary.md").exists()
