@@ -151,4 +151,5 @@ def host_env() -> dict[str, Any]:
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": None if status is None else bool(status),
         "thread_env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "XLA_FLAGS") if k in os.environ},
+        "compile_cache": "cold" if "vaebench-compile-cache-" in os.environ.get("TORCHINDUCTOR_CACHE_DIR", "") else "default",
     }

@@ -11,9 +11,11 @@ import importlib
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -145,10 +147,16 @@ def run_job(job: Job, c: AppConfig, jobs_dir: Path) -> dict[str, Any]:
     record_path = Path(job.record_path)
     record_path.unlink(missing_ok=True)
     tail: list[bytes] = []
+    # compile caches start empty for every job, so compile times are cold, not a leftover
+    # of an earlier run (torch.compile keeps an on-disk cache across processes by default)
+    cache_dir = tempfile.mkdtemp(prefix="vaebench-compile-cache-")
+    env = child_env(c, job.measure)
+    env["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
+    env["TRITON_CACHE_DIR"] = os.path.join(cache_dir, "triton")
 
     proc = subprocess.Popen(
         [*WORKER_CMD, str(spec)],
-        env=child_env(c, job.measure),
+        env=env,
         stderr=subprocess.PIPE,
         start_new_session=True,
     )
@@ -179,6 +187,7 @@ def run_job(job: Job, c: AppConfig, jobs_dir: Path) -> dict[str, Any]:
         proc.wait()
         error, interrupted = "interrupted by the user", True
     reader.join(timeout=5)
+    shutil.rmtree(cache_dir, ignore_errors=True)
     if error is None and record_path.exists():
         return read_record(record_path)
     last = b"".join(tail).decode(errors="replace").strip().splitlines()

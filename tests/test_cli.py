@@ -27,6 +27,7 @@ def test_convergence_end_to_end_torch(cli) -> None:  # type: ignore[no-untyped-d
     assert m["test_log_likelihood"] >= m["epochs"][-1]["test_elbo"] - 3 * m["test_log_likelihood_se"]
     assert rec["config"]["framework"]["name"] == "torch"
     assert rec["env"]["framework_version"] and rec["env"]["python"]
+    assert rec["env"]["compile_cache"] == "cold"  # a fresh torch.compile cache per job
     run_dir = next(Path(cli.out_dir).glob("*/"))
     assert (run_dir / "convergence.png").stat().st_size > 1000
     # tables are rebuilt from the records alone
