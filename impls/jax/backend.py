@@ -71,7 +71,12 @@ class JaxBackend:
         else:
             self.opt = optax.sgd(learning_rate=o.lr, momentum=o.momentum or None)
         with self._scope():
-            self.opt_state = self.opt.init(self.params)
+            self.opt_state = self._init_opt_state()
+
+    def _init_opt_state(self) -> Any:
+        # committed to our device like the params: an uncommitted leaf (optax's step count)
+        # made the jitted step compile a second executable on its second call
+        return jax.device_put(self.opt.init(self.params), self.device)
 
     def set_params(self, params: Mapping[str, np.ndarray]) -> None:
         """Load canonical weights; the optimizer state is reset."""
@@ -81,7 +86,7 @@ class JaxBackend:
                 k: jax.device_put(np.array(params[k], dtype=self.dtype, copy=True), self.device)
                 for k in self.params
             }
-            self.opt_state = self.opt.init(self.params)
+            self.opt_state = self._init_opt_state()
 
     def get_params(self) -> dict[str, np.ndarray]:
         return {k: np.array(p, copy=True) for k, p in self.params.items()}
@@ -167,7 +172,14 @@ class JaxBackend:
         return loss
 
     def compile_count(self) -> int:
-        return 0 if self.runtime.mode == "eager" else self._compiles
+        """Executables compiled for the step (jit cache entries), which also counts a
+        recompilation that needs no retrace (e.g. a change of committedness or sharding)."""
+        if self.runtime.mode == "eager":
+            return 0
+        sizes = [getattr(f, "_cache_size", None) for f in (self._step_fn, self._step_eps_fn)]
+        if all(callable(size) for size in sizes):
+            return max(self._compiles, sum(size() for size in sizes))  # type: ignore[misc]
+        return self._compiles
 
     def version(self) -> dict[str, Any]:
         import jaxlib
