@@ -37,6 +37,12 @@ TOLERANCES: dict[tuple[str, str], float] = {
     ("adam trajectory", "float32"): 1e-3,
     ("adam trajectory", "float64"): 1e-5,  # Keras' Adam eps convention: see KERAS_ADAM_NOTE
 }
+KINK_NOTE = (
+    "A float32 trajectory of a ReLU network can part abruptly: a ~1e-7 rounding difference (e.g. "
+    "XLA's fused reductions against eager kernels) flips one unit at a kink and the loss jumps. "
+    "If the trajectory agreed to ~1e-7 until the step where it parts while terms and gradients pass, "
+    "that is the cause; rerun in float64, or with model.activation=tanh, to compare without kinks."
+)
 KERAS_ADAM_NOTE = (
     "Keras adds Adam's eps to the uncorrected sqrt(v) (torch and optax to the bias-corrected one): "
     "an effective eps of eps/sqrt(1-beta2^t). With eps=1e-8 this moves TensorFlow's float64 Adam "
@@ -130,7 +136,21 @@ def deviation(quantity: str, dtype: str, a: dict[str, np.ndarray], b: dict[str, 
         dev = _rel_l2(a[key], b[key]) if quantity == "grads" else _rel(a[key], b[key])
         if dev > worst or not np.isfinite(dev):
             worst, where = dev, key[len(prefix) + 1 :] or quantity
+            if quantity.endswith("trajectory"):
+                where = _trajectory_where(a[key], b[key])
     return worst, where
+
+
+def _trajectory_where(a: np.ndarray, b: np.ndarray) -> str:
+    """The worst step and the step where the two trajectories first part by more than 1e-5:
+    a jump there from ~1e-7 is a discrete event (a ReLU changing state), not drift."""
+    per_step = np.abs(a - b) / np.maximum(np.maximum(np.abs(a), np.abs(b)), 1e-300)
+    where = f"worst at step {int(np.argmax(per_step)) + 1}/{len(a)}"
+    if np.any(per_step > 1e-5):
+        first = int(np.argmax(per_step > 1e-5))
+        before = float(per_step[first - 1]) if first else 0.0
+        where += f"; parts at step {first + 1} (step before: {before:.0e})"
+    return where
 
 
 def compare(loaded: dict[str, dict[str, np.ndarray]], reference_terms: dict[str, dict[str, np.ndarray]] | None, dtypes: list[str]) -> list[dict[str, Any]]:
@@ -194,6 +214,8 @@ def summarize(records: list[dict[str, Any]]) -> Summary:
     rows = compare(loaded, numpy_terms(c), list(c.measure.conformance.dtypes))
     if any(k.startswith("tensorflow") for k in loaded) and "float64" in c.measure.conformance.dtypes:
         notes.append(KERAS_ADAM_NOTE)
+    if any(r["pass"] == "NO" and r["quantity"].endswith("trajectory") and r["dtype"] == "float32" for r in rows):
+        notes.append(KINK_NOTE)
     if len(loaded) < 2:
         notes.append("fewer than two frameworks ran: only the NumPy comparison is meaningful")
     ok = bool(rows) and all(r["pass"] == "yes" for r in rows) and not [r for r in records if r["status"] != "ok"]
