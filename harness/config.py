@@ -8,6 +8,7 @@ its key in one line.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -190,8 +191,11 @@ def validate(cfg: DictConfig | AppConfig) -> AppConfig:
 
     _choice("data.source", d.source, ("digits", "synthetic", "mnist", "fashion_mnist"))
     _positive("data.batch_size", d.batch_size)
-    if d.source in ("mnist", "fashion_mnist") and not d.path:
-        raise ConfigError("data.path", f"data={d.source} needs data.path=<.npz file or folder of IDX files>")
+    if d.source in ("mnist", "fashion_mnist"):
+        if not d.path:
+            raise ConfigError("data.path", f"data={d.source} needs data.path=<.npz file or folder of IDX files>")
+        if not Path(d.path).expanduser().exists():
+            raise ConfigError("data.path", f"no such file or folder: {d.path}")
     if d.source == "synthetic":
         for k in ("n_train", "n_test", "x_dim", "latent"):
             _positive(f"data.{k}", getattr(d, k))

@@ -81,3 +81,16 @@ def test_ctrl_c_stops_the_suite_and_keeps_a_record(tmp_path: Path) -> None:
     assert len(recs) == 1 and recs[0]["status"] == "failed" and "interrupted" in recs[0]["error"]
     assert "[2/3]" not in rest
     assert (next(out.glob("*/")) / "summary.md").exists()
+
+
+def test_mnist_from_a_local_file(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "mnist.npz"
+    np.savez(path, x_train=rng.integers(0, 256, (256, 28, 28), dtype=np.uint8), x_test=rng.integers(0, 256, (64, 28, 28), dtype=np.uint8))
+    r = cli("framework=torch", "+experiment=quick", "data=mnist", f"data.path={path}", "model.hidden=[32]")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rec = read_records(cli.out_dir)[0]
+    assert rec["metrics"]["n_train"] == 256 and rec["metrics"]["n_test"] == 64
+    assert rec["config"]["data"]["path"] == str(path)

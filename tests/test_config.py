@@ -60,6 +60,7 @@ MALFORMED = [
     ("optim.beta2=1.5", "optim.beta2"),
     ("framework.precision=float16", "framework.precision"),
     ("data=mnist", "data.path"),
+    ("data=mnist data.path=/no/such/mnist.npz", "data.path"),
     ("measure.names=[speed]", "measure.names[0]"),
     ("model.hidden=[64,-1]", "model.hidden[1]"),
     ("data=synthetic", "model.likelihood"),  # bernoulli on real-valued data
