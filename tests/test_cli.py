@@ -12,7 +12,7 @@ from tests.conftest import ROOT
 
 
 def test_convergence_end_to_end_torch(cli) -> None:  # type: ignore[no-untyped-def]
-    r = cli("framework=torch", "+experiment=quick")
+    r = cli("framework=torch", "+experiment=quick", "measure.convergence.target_elbo=-34")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "Convergence" in r.stdout and "| torch" in r.stdout
     recs = read_records(cli.out_dir)
@@ -23,6 +23,10 @@ def test_convergence_end_to_end_torch(cli) -> None:  # type: ignore[no-untyped-d
     m = rec["metrics"]
     assert [e["epoch"] for e in m["epochs"]] == [1, 2]
     assert all(e["test_elbo"] < 0 and e["train_elbo"] < 0 for e in m["epochs"])
+    # time to target = training wall time at the end of the first epoch whose test ELBO reaches it
+    reached = [e for e in m["epochs"] if e["test_elbo"] >= -34]
+    assert reached and m["time_to_target_s"] == reached[0]["wall_s"]
+    assert m["epochs"][0]["wall_s"] < m["epochs"][1]["wall_s"] == m["train_wall_s"]
     # the IWAE bound is at least the ELBO on average (importance sampling tightens it)
     assert m["test_log_likelihood"] >= m["epochs"][-1]["test_elbo"] - 3 * m["test_log_likelihood_se"]
     assert rec["config"]["framework"]["name"] == "torch"
