@@ -98,3 +98,13 @@ def test_mnist_from_a_local_file(cli, tmp_path: Path) -> None:  # type: ignore[n
     rec = read_records(cli.out_dir)[0]
     assert rec["metrics"]["n_train"] == 256 and rec["metrics"]["n_test"] == 64
     assert rec["config"]["data"]["path"] == str(path)
+
+
+def test_threads_limit_the_job_to_that_many_cores(cli) -> None:  # type: ignore[no-untyped-def]
+    import os
+
+    r = cli("framework=jax", "+experiment=quick", "measure.convergence.epochs=1", "framework.threads=1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    env = read_records(cli.out_dir)[0]["env"]
+    assert env["cpu_affinity"] == sorted(os.sched_getaffinity(0))[:1]
+    assert env["thread_env"]["OMP_NUM_THREADS"] == "1"
