@@ -32,6 +32,10 @@ def test_compare_identical_and_perturbed() -> None:
     b = _arrays()
     del b["float32/terms/loss"]
     assert deviation("terms", "float32", _arrays(), b)[0] == float("inf")
+    # one framework: only the NumPy comparison, no pairwise row that could not fail
+    ref = {"float32": {"float32/terms/loss": np.array([40.0, 41.0])}}
+    rows = compare({"a": _arrays()}, ref, ["float32"])
+    assert [r["quantity"] for r in rows] == ["terms (vs NumPy)"] and rows[0]["pass"] == "yes"
     assert TOLERANCES[("terms", "float32")] == 1e-5 and TOLERANCES[("grads", "float64")] == 1e-9
 
 

@@ -176,7 +176,7 @@ def run(c: AppConfig, job: Job) -> Result:
         "MC ELBO within 4 SE": mc_z <= 4.0,
         "IWAE non-decreasing in k": all(r.get("non_decreasing", True) for r in iwae_rows),
         "IWAE below log p(x)": all(r["below_log_px"] for r in iwae_rows),
-        "orthogonal decoder: gap vanishes": float(ortho_gap.max()) <= cfg.tol and float(ortho_diff.max()) <= cfg.tol,
+        "orthogonal decoder: gap vanishes": float(np.abs(ortho_gap).max()) <= cfg.tol and float(ortho_diff.max()) <= cfg.tol,
     }
     metrics = {
         "n_examples": len(x),
@@ -195,7 +195,7 @@ def run(c: AppConfig, job: Job) -> Result:
         "mc_z": mc_z,
         "mc_samples": K,
         "iwae": iwae_rows,
-        "ortho_gap_max": float(ortho_gap.max()),
+        "ortho_gap_max": float(np.abs(ortho_gap).max()),
         "ortho_elbo_minus_log_px_max": float(ortho_diff.max()),
         "checks": checks,
         "per_example": {"log_px": exact, "elbo": elbo_b, "kl_posterior": gap, "residual": residual},
