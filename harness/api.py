@@ -151,6 +151,28 @@ class Backend(Protocol):
         """How many times the training step has been traced/compiled so far."""
         ...
 
+    def get_state(self) -> dict[str, np.ndarray]:
+        """The optimizer state under canonical names, the same in every framework.
+
+        Adam: "adam.step" (0-d int64: steps taken so far), then "adam.m.<param>" and
+        "adam.v.<param>" for every canonical parameter (order of `ModelSpec.param_shapes`),
+        in the backend's dtype and canonical shape: the bias-UNcorrected moments
+        m = b1*m + (1-b1)*g and v = b2*v + (1-b2)*g**2. SGD with momentum > 0:
+        "sgd.momentum.<param>", the trace b = momentum*b + g (the update is -lr*b).
+        SGD without momentum: {}. A fresh backend (or one after `set_params`, which resets
+        the optimizer) returns the zero state with step 0."""
+        ...
+
+    def set_state(self, state: Mapping[str, np.ndarray]) -> None:
+        """Load a canonical optimizer state (as `get_state` returns it; call it after
+        `set_params`, which resets the state). Unknown or missing keys, wrong shapes or a
+        negative/non-integer step raise ValueError naming the key. Never retraces or
+        recompiles a compiled step. `set_state(get_state())` is exact, and a fresh backend
+        given `set_params` + `set_state` continues bit-identically to the original (except
+        TensorFlow SGD with momentum and a learning rate that is not a power of two: Keras
+        stores the velocity -lr*b, which the conversion restores only to within an ulp)."""
+        ...
+
 
 def resolve_mode(framework: str, mode: str) -> str:
     """Map the generic "compiled" to the framework's compiled mode; validate the rest."""

@@ -109,8 +109,10 @@ class ConformanceConfig:
     batch_size: int = 32
     sgd_lr: float = 0.05
     adam_lr: float = 1e-3
-    perturb_framework: str = ""  # self-test: feed this framework perturbed weights
-    perturb_scale: float = 1e-3
+    # self-test: plant a disagreement in one framework (see harness/measures/conformance.py):
+    # ulp (must still pass) | weights | lr | beta2 | bias_correction (each must fail)
+    plant: str = "none"
+    plant_framework: str = ""
 
 
 @dataclass
@@ -238,8 +240,11 @@ def validate(cfg: DictConfig | AppConfig) -> AppConfig:
         _choice(f"measure.conformance.dtypes[{i}]", dt, ("float32", "float64"))
     _positive("measure.conformance.steps", cf.steps)
     _positive("measure.conformance.batch_size", cf.batch_size)
-    if cf.perturb_framework:
-        _choice("measure.conformance.perturb_framework", cf.perturb_framework, FRAMEWORKS)
+    _choice("measure.conformance.plant", cf.plant, ("none", "ulp", "weights", "lr", "beta2", "bias_correction"))
+    if cf.plant != "none" and not cf.plant_framework:
+        raise ConfigError("measure.conformance.plant_framework", f"plant={cf.plant} needs the framework to plant it in")
+    if cf.plant_framework:
+        _choice("measure.conformance.plant_framework", cf.plant_framework, FRAMEWORKS)
     return c
 
 

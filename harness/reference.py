@@ -1,4 +1,5 @@
-"""An independent NumPy implementation of the VAE's loss parts.
+"""An independent NumPy implementation of the VAE: loss parts, a hand-written backward pass
+and the optimizers.
 
 Tests and the conformance measure compare every backend against this. It shares only the
 canonical parameter layout with the backends, no code.
@@ -10,7 +11,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from harness.api import ModelSpec, Terms
+from harness.api import TERMS, ModelSpec, OptimSpec, Terms
 
 LOG_2PI = float(np.log(2.0 * np.pi))
 
@@ -88,3 +89,139 @@ def iwae(params: Mapping[str, np.ndarray], x: np.ndarray, eps: np.ndarray, spec:
     )
     m = log_w.max(axis=0)
     return m + np.log(np.mean(np.exp(log_w - m), axis=0))
+
+
+# -- backward pass ------------------------------------------------------------------------
+
+
+def _forward(
+    params: Mapping[str, np.ndarray], block: str, h: np.ndarray, spec: ModelSpec
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """`block`'s output and the input of each of its layers (the previous layer's activation)."""
+    inputs = []
+    n = spec.n_layers(block)
+    for i in range(n):
+        inputs.append(h)
+        h = h @ params[f"{block}.{i}.weight"] + params[f"{block}.{i}.bias"]
+        if i < n - 1:
+            h = np.maximum(h, 0.0) if spec.activation == "relu" else np.tanh(h)
+    return h, inputs
+
+
+def _backward(
+    params: Mapping[str, np.ndarray],
+    block: str,
+    inputs: list[np.ndarray],
+    d: np.ndarray,
+    spec: ModelSpec,
+    out: dict[str, np.ndarray],
+) -> np.ndarray:
+    """Backprop d = dF/d(block output) through `block`: writes its weight/bias grads into `out`
+    (summed over all leading axes) and returns dF/d(block input)."""
+    for i in reversed(range(spec.n_layers(block))):
+        h, w = inputs[i], params[f"{block}.{i}.weight"]
+        d2 = d.reshape(-1, d.shape[-1])
+        out[f"{block}.{i}.weight"] = h.reshape(-1, h.shape[-1]).T @ d2
+        out[f"{block}.{i}.bias"] = d2.sum(axis=0)
+        d = d @ w.T
+        if i > 0:  # through the activation that produced h; relu'(0) = 0 (h > 0 iff pre-activation > 0)
+            d = d * ((h > 0) if spec.activation == "relu" else 1.0 - h**2)
+    return d
+
+
+def grads(
+    params: Mapping[str, np.ndarray], x: np.ndarray, eps: np.ndarray, spec: ModelSpec, term: str = "loss"
+) -> dict[str, np.ndarray]:
+    """Gradient of the batch mean of `term` ("loss" | "recon" | "kl", see `terms`) w.r.t. every
+    canonical parameter, by hand. eps is (B, L) or (K, B, L) (recon averaged over K). Honors
+    `spec.stop_gradient_z` (recon does not reach the encoder) and `spec.freeze` (zeros)."""
+    if term not in TERMS:
+        raise ValueError(f"unknown term {term!r}")
+    g = {k: np.zeros_like(v) for k, v in params.items()}
+    enc_out, enc_in = _forward(params, "encoder", x, spec)
+    mu, logvar = enc_out[..., : spec.latent], enc_out[..., spec.latent :]
+    std = np.exp(0.5 * logvar)
+    dmu, dlogvar = np.zeros_like(mu), np.zeros_like(logvar)
+    if term in ("loss", "recon"):
+        out, dec_in = _forward(params, "decoder", mu + std * eps, spec)
+        if spec.likelihood == "bernoulli":
+            dll = x - np.exp(-np.logaddexp(0.0, -out))  # x - sigmoid(out)
+        else:
+            dll = (x - out) / spec.obs_sigma**2
+        n = out.size // out.shape[-1]  # B, or K*B: mean over B of the mean over K
+        dz = _backward(params, "decoder", dec_in, -dll / n, spec, g)
+        if not spec.stop_gradient_z:  # z = mu + exp(0.5*logvar)*eps
+            lead = (0,) if eps.ndim == 3 else ()
+            dmu += dz.sum(axis=lead)
+            dlogvar += (dz * eps * 0.5 * std).sum(axis=lead)
+    if term in ("loss", "kl"):  # kl = 0.5*sum(mu^2 + exp(logvar) - 1 - logvar)
+        dmu += mu / mu.shape[0]
+        dlogvar += 0.5 * (np.exp(logvar) - 1.0) / mu.shape[0]
+    _backward(params, "encoder", enc_in, np.concatenate([dmu, dlogvar], axis=-1), spec, g)
+    if spec.freeze != "none":
+        g.update({k: np.zeros_like(v) for k, v in g.items() if k.startswith(spec.freeze + ".")})
+    return g
+
+
+# -- optimizers ---------------------------------------------------------------------------
+
+
+def init_state(params: Mapping[str, np.ndarray], optim: OptimSpec) -> dict[str, np.ndarray]:
+    """Canonical optimizer state. Adam: `adam.step` (0-d int64, 0), `adam.m.<p>`, `adam.v.<p>`
+    (zeros). SGD with momentum > 0: `sgd.momentum.<p>` (zeros; the torch/optax trace b). Plain
+    SGD: no state."""
+    if optim.name == "adam":
+        state = {"adam.step": np.array(0, dtype=np.int64)}
+        state.update({f"adam.m.{k}": np.zeros_like(v) for k, v in params.items()})
+        state.update({f"adam.v.{k}": np.zeros_like(v) for k, v in params.items()})
+        return state
+    if optim.momentum > 0:
+        return {f"sgd.momentum.{k}": np.zeros_like(v) for k, v in params.items()}
+    return {}
+
+
+def optimizer_step(
+    params: Mapping[str, np.ndarray],
+    state: Mapping[str, np.ndarray],
+    grads: Mapping[str, np.ndarray],
+    optim: OptimSpec,
+    convention: str = "standard",
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """One optimizer step; returns (new_params, new_state), inputs untouched.
+
+    Adam, with t = step + 1, bc1 = 1 - b1^t, bc2 = 1 - b2^t, m = b1*m + (1-b1)*g,
+    v = b2*v + (1-b2)*g^2:
+      "standard" (torch.optim.Adam, optax.adam): p -= (lr/bc1) * m / (sqrt(v)/sqrt(bc2) + eps)
+      "keras" (keras.optimizers.Adam, eps on the uncorrected sqrt(v)):
+                                                 p -= m * (lr*sqrt(bc2)/bc1) / (sqrt(v) + eps)
+    SGD: p -= lr*g; with momentum mu the trace b = mu*b + g, p -= lr*b (torch, optax). Keras keeps
+    b' = mu*b' - lr*g, p += b' instead, which is -lr*b for a constant lr; `convention` only
+    changes Adam.
+    """
+    if convention not in ("standard", "keras"):
+        raise ValueError(f"unknown convention {convention!r}")
+    new_p: dict[str, np.ndarray] = {}
+    new_s: dict[str, np.ndarray] = {}
+    lr = optim.lr
+    if optim.name == "adam":
+        b1, b2 = optim.beta1, optim.beta2
+        t = int(state["adam.step"]) + 1
+        bc1, bc2 = 1.0 - b1**t, 1.0 - b2**t
+        new_s["adam.step"] = np.array(t, dtype=np.int64)
+        for k, p in params.items():
+            m = b1 * state[f"adam.m.{k}"] + (1.0 - b1) * grads[k]
+            v = b2 * state[f"adam.v.{k}"] + (1.0 - b2) * grads[k] ** 2
+            if convention == "keras":
+                new_p[k] = p - m * (lr * np.sqrt(bc2) / bc1) / (np.sqrt(v) + optim.eps)
+            else:
+                new_p[k] = p - (lr / bc1) * (m / (np.sqrt(v) / np.sqrt(bc2) + optim.eps))
+            new_s[f"adam.m.{k}"], new_s[f"adam.v.{k}"] = m, v
+    elif optim.name == "sgd":
+        for k, p in params.items():
+            step = grads[k]
+            if optim.momentum > 0:
+                step = new_s[f"sgd.momentum.{k}"] = optim.momentum * state[f"sgd.momentum.{k}"] + grads[k]
+            new_p[k] = p - lr * step
+    else:
+        raise ValueError(f"unknown optimizer {optim.name!r}")
+    return new_p, new_s

@@ -89,7 +89,66 @@ class JaxBackend:
             self.opt_state = self._init_opt_state()
 
     def get_params(self) -> dict[str, np.ndarray]:
-        return {k: np.array(p, copy=True) for k, p in self.params.items()}
+        # canonical order: a jitted step returns the dict with its keys sorted (pytree order)
+        return {k: np.array(self.params[k], copy=True) for k in self.spec.param_shapes()}
+
+    # -- optimizer state -----------------------------------------------------------------
+    # optax.adam's state is (ScaleByAdamState(count, mu, nu), EmptyState()): count is int32
+    # (steps taken), mu/nu the uncorrected moments as dicts like the params. optax.sgd with
+    # momentum keeps (TraceState(trace), EmptyState()), trace = g + momentum*trace; without
+    # momentum only empty states.
+    def _state_node(self, opt_state: Any) -> Any:
+        """The ScaleByAdamState / TraceState inside the chain's state (None for plain SGD)."""
+        kind = optax.ScaleByAdamState if self.optim.name == "adam" else optax.TraceState
+        found = [s for s in opt_state if isinstance(s, kind)]
+        return found[0] if found else None
+
+    def get_state(self) -> dict[str, np.ndarray]:
+        """The optimizer state under canonical names (see `harness.api.Backend.get_state`)."""
+        node = self._state_node(self.opt_state)
+        if node is None:
+            return {}
+        names = list(self.spec.param_shapes())  # canonical order (optax's dicts come back sorted)
+        if self.optim.name == "adam":
+            out: dict[str, np.ndarray] = {"adam.step": np.array(node.count, dtype=np.int64)}
+            out.update({f"adam.m.{k}": np.array(node.mu[k], copy=True) for k in names})
+            out.update({f"adam.v.{k}": np.array(node.nu[k], copy=True) for k in names})
+            return out
+        return {f"sgd.momentum.{k}": np.array(node.trace[k], copy=True) for k in names}
+
+    def set_state(self, state: Mapping[str, np.ndarray]) -> None:
+        """Load a canonical optimizer state (see `harness.api.Backend.set_state`) as a pytree
+        of the structure, dtypes and (committed) device that `_init_opt_state` gives: the
+        jitted step reuses its executable."""
+        arrays = _check_state(state, state_shapes(self.spec, self.optim), self.runtime.dtype)
+        with self._scope():
+            template = self._init_opt_state()
+        node = self._state_node(template)
+        if node is None:
+            self.opt_state = template
+            return
+
+        def host(name: str, like: Any) -> np.ndarray:
+            # a fresh host copy of the template leaf's dtype: the step donates these buffers
+            return np.array(arrays[name], dtype=like.dtype, copy=True)
+
+        names = list(self.spec.param_shapes())
+        if self.optim.name == "adam":
+            count_dtype = np.dtype(node.count.dtype)
+            if arrays["adam.step"] > np.iinfo(count_dtype).max:
+                raise ValueError(
+                    f"optimizer-state key 'adam.step' = {int(arrays['adam.step'])} exceeds optax's "
+                    f"{count_dtype} step count (max {np.iinfo(count_dtype).max})"
+                )
+            new = node._replace(
+                count=host("adam.step", node.count),
+                mu={k: host(f"adam.m.{k}", node.mu[k]) for k in names},
+                nu={k: host(f"adam.v.{k}", node.nu[k]) for k in names},
+            )
+        else:
+            new = node._replace(trace={k: host(f"sgd.momentum.{k}", node.trace[k]) for k in names})
+        with self._scope():
+            self.opt_state = jax.device_put(tuple(new if s is node else s for s in template), self.device)
 
     # -- data --------------------------------------------------------------------------
     def put(self, x: Any) -> jax.Array:
@@ -201,6 +260,47 @@ class JaxBackend:
             device_count=len(jax.devices(self.device.platform)),
         )
         return info
+
+
+def state_shapes(spec: ModelSpec, optim: OptimSpec) -> dict[str, tuple[int, ...]]:
+    """Canonical optimizer-state names and shapes, in order."""
+    ps = spec.param_shapes()
+    if optim.name == "adam":
+        return {
+            "adam.step": (),
+            **{f"adam.m.{k}": s for k, s in ps.items()},
+            **{f"adam.v.{k}": s for k, s in ps.items()},
+        }
+    if optim.momentum > 0:
+        return {f"sgd.momentum.{k}": s for k, s in ps.items()}
+    return {}
+
+
+def _check_state(state: Mapping[str, Any], expected: dict[str, tuple[int, ...]], dtype: str) -> dict[str, np.ndarray]:
+    """Validate a canonical state against `expected` names and shapes; return host copies
+    (moments in `dtype`, the step as int64). Raises ValueError naming the offending key."""
+    listing = ", ".join(f"{k} {s}" for k, s in expected.items()) or "none (this optimizer keeps no state)"
+    unknown = [k for k in state if k not in expected]
+    if unknown:
+        raise ValueError(f"unknown optimizer-state key(s) {unknown}; expected: {listing}")
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise ValueError(f"missing optimizer-state key(s) {missing}; expected: {listing}")
+    out: dict[str, np.ndarray] = {}
+    for k, shape in expected.items():
+        a = np.asarray(state[k])
+        if a.shape != shape:
+            raise ValueError(f"optimizer-state key {k!r} has shape {a.shape}, expected {shape}; expected: {listing}")
+        if k.endswith(".step"):
+            integral = np.issubdtype(a.dtype, np.integer) or (
+                np.issubdtype(a.dtype, np.floating) and float(a).is_integer()
+            )
+            if not integral or not 0 <= float(a) < 2.0**63:
+                raise ValueError(f"optimizer-state key {k!r} must be a non-negative integer, got {a!r}")
+            out[k] = np.array(int(a), dtype=np.int64)
+        else:
+            out[k] = np.array(a, dtype=dtype, copy=True)
+    return out
 
 
 BACKEND = JaxBackend

@@ -87,6 +87,54 @@ class TensorFlowBackend:
     def get_params(self) -> dict[str, np.ndarray]:
         return {k: p.numpy().copy() for k, p in self.params.items()}
 
+    # -- optimizer state -----------------------------------------------------------------
+    # Keras keeps one variable per parameter and kind, in the order the optimizer was built
+    # with (ours: canonical order): Adam's `_momentums` (m) and `_velocities` (v), the
+    # uncorrected moments as torch and optax keep them, and `iterations` (int64, the step
+    # count). SGD with momentum keeps `momentums`, a velocity u = momentum*u - lr*g added
+    # to the weights (keras/src/optimizers/sgd.py), i.e. u = -lr*b for the canonical trace
+    # b = momentum*b + g: b = -u/lr out, u = -lr*b in. That conversion rounds unless lr is
+    # a power of two, so only then are SGD-momentum round trips and resumes bit-exact here
+    # (else within an ulp or so of u; no same-dtype b can represent every u exactly).
+    # Assigning to these variables never retraces the compiled step, which captured them.
+    def _lr(self) -> np.ndarray:
+        """The learning rate as the update computes it (a constant of our dtype)."""
+        return np.asarray(self.optim.lr, dtype=self.runtime.dtype)
+
+    def _state_variables(self) -> dict[str, Any]:
+        """Canonical name -> the Keras variable holding it (SGD: the velocity u)."""
+        index = {k: self.opt._get_variable_index(p) for k, p in self.params.items()}
+        if self.optim.name == "adam":
+            out: dict[str, Any] = {"adam.step": self.opt.iterations}
+            out.update({f"adam.m.{k}": self.opt._momentums[i] for k, i in index.items()})
+            out.update({f"adam.v.{k}": self.opt._velocities[i] for k, i in index.items()})
+            return out
+        if self.optim.momentum > 0:
+            return {f"sgd.momentum.{k}": self.opt.momentums[i] for k, i in index.items()}
+        return {}
+
+    def get_state(self) -> dict[str, np.ndarray]:
+        """The optimizer state under canonical names (see `harness.api.Backend.get_state`)."""
+        out: dict[str, np.ndarray] = {}
+        for k, v in self._state_variables().items():
+            a = np.array(v.numpy(), copy=True)
+            if k == "adam.step":
+                a = a.astype(np.int64)
+            elif k.startswith("sgd.momentum."):
+                a = -(a / self._lr()) + 0.0  # + 0.0: a zero velocity gives +0, not -0
+            out[k] = a
+        return out
+
+    def set_state(self, state: Mapping[str, np.ndarray]) -> None:
+        """Load a canonical optimizer state (see `harness.api.Backend.set_state`), by
+        assignment to the existing Keras variables: no retrace."""
+        arrays = _check_state(state, state_shapes(self.spec, self.optim), self.runtime.dtype)
+        for k, v in self._state_variables().items():
+            a = arrays[k]
+            if k.startswith("sgd.momentum."):
+                a = -(a * self._lr()) + 0.0
+            v.assign(np.asarray(a, dtype=v.dtype))
+
     # -- data --------------------------------------------------------------------------
     def put(self, x: Any) -> tf.Tensor:
         if isinstance(x, tf.Tensor):
@@ -213,6 +261,47 @@ class TensorFlowBackend:
                 cudnn=build.get("cudnn_version"),
             )
         return info
+
+
+def state_shapes(spec: ModelSpec, optim: OptimSpec) -> dict[str, tuple[int, ...]]:
+    """Canonical optimizer-state names and shapes, in order."""
+    ps = spec.param_shapes()
+    if optim.name == "adam":
+        return {
+            "adam.step": (),
+            **{f"adam.m.{k}": s for k, s in ps.items()},
+            **{f"adam.v.{k}": s for k, s in ps.items()},
+        }
+    if optim.momentum > 0:
+        return {f"sgd.momentum.{k}": s for k, s in ps.items()}
+    return {}
+
+
+def _check_state(state: Mapping[str, Any], expected: dict[str, tuple[int, ...]], dtype: str) -> dict[str, np.ndarray]:
+    """Validate a canonical state against `expected` names and shapes; return host copies
+    (moments in `dtype`, the step as int64). Raises ValueError naming the offending key."""
+    listing = ", ".join(f"{k} {s}" for k, s in expected.items()) or "none (this optimizer keeps no state)"
+    unknown = [k for k in state if k not in expected]
+    if unknown:
+        raise ValueError(f"unknown optimizer-state key(s) {unknown}; expected: {listing}")
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise ValueError(f"missing optimizer-state key(s) {missing}; expected: {listing}")
+    out: dict[str, np.ndarray] = {}
+    for k, shape in expected.items():
+        a = np.asarray(state[k])
+        if a.shape != shape:
+            raise ValueError(f"optimizer-state key {k!r} has shape {a.shape}, expected {shape}; expected: {listing}")
+        if k.endswith(".step"):
+            integral = np.issubdtype(a.dtype, np.integer) or (
+                np.issubdtype(a.dtype, np.floating) and float(a).is_integer()
+            )
+            if not integral or not 0 <= float(a) < 2.0**63:
+                raise ValueError(f"optimizer-state key {k!r} must be a non-negative integer, got {a!r}")
+            out[k] = np.array(int(a), dtype=np.int64)
+        else:
+            out[k] = np.array(a, dtype=dtype, copy=True)
+    return out
 
 
 BACKEND = TensorFlowBackend

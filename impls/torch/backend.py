@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from torch.optim.optimizer import _get_scalar_dtype
 
 from harness.api import ModelSpec, OptimSpec, RuntimeSpec, Term, Terms
 from impls.torch import model
@@ -65,10 +66,69 @@ class TorchBackend:
         with torch.no_grad():
             for k, p in self.params.items():
                 p.copy_(torch.as_tensor(np.asarray(params[k]), dtype=self.dtype))
-        self.opt.state.clear()
+            # zeroed in place rather than cleared: a compiled step keeps seeing the same state
+            # tensors (a cleared state made torch.compile recompile on every load)
+            for st in self.opt.state.values():
+                for t in st.values():
+                    t.zero_()
 
     def get_params(self) -> dict[str, np.ndarray]:
         return {k: p.detach().cpu().numpy().copy() for k, p in self.params.items()}
+
+    # -- optimizer state -----------------------------------------------------------------
+    # torch.optim keeps a per-parameter dict (created lazily at the first step): Adam's
+    # {"step": 0-d float tensor on the CPU, "exp_avg": m, "exp_avg_sq": v} (uncorrected
+    # moments), SGD's {"momentum_buffer": b} (b = momentum*b + g). The canonical "adam.step"
+    # is that per-parameter step (the same for every parameter that gets gradients).
+    def get_state(self) -> dict[str, np.ndarray]:
+        """The optimizer state under canonical names (see `harness.api.Backend.get_state`)."""
+        shapes = self.spec.param_shapes()
+        zeros = {k: np.zeros(shapes[k], dtype=self.runtime.dtype) for k in self.params}
+
+        def read(k: str, key: str) -> np.ndarray:
+            t = self.opt.state.get(self.params[k], {}).get(key)
+            return zeros[k].copy() if t is None else t.detach().cpu().numpy().copy()
+
+        if self.optim.name == "adam":
+            steps = [int(st["step"].item()) for st in self.opt.state.values() if "step" in st]
+            out: dict[str, np.ndarray] = {"adam.step": np.array(max(steps, default=0), dtype=np.int64)}
+            out.update({f"adam.m.{k}": read(k, "exp_avg") for k in self.params})
+            out.update({f"adam.v.{k}": read(k, "exp_avg_sq") for k in self.params})
+            return out
+        if self.optim.momentum > 0:
+            return {f"sgd.momentum.{k}": read(k, "momentum_buffer") for k in self.params}
+        return {}
+
+    def set_state(self, state: Mapping[str, np.ndarray]) -> None:
+        """Load a canonical optimizer state (see `harness.api.Backend.set_state`). Existing
+        state tensors are written in place (a compiled step sees the same tensors: no
+        recompile); missing ones are created as torch's lazy initialisation would."""
+        arrays = _check_state(state, state_shapes(self.spec, self.optim), self.runtime.dtype)
+        with torch.no_grad():
+            if self.optim.name == "adam":
+                step = float(arrays["adam.step"])
+                for k, p in self.params.items():
+                    st = self.opt.state[p]
+                    if not st:
+                        # as Adam._init_group (capturable=False, fused=False): the step count is
+                        # a CPU scalar of the default dtype, which is ours while the step runs
+                        with _default_dtype(self.dtype):
+                            st["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype(), device="cpu")
+                        st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                        st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    st["step"].fill_(step)
+                    st["exp_avg"].copy_(torch.from_numpy(arrays[f"adam.m.{k}"]))
+                    st["exp_avg_sq"].copy_(torch.from_numpy(arrays[f"adam.v.{k}"]))
+            elif self.optim.momentum > 0:
+                for k, p in self.params.items():
+                    value = torch.from_numpy(arrays[f"sgd.momentum.{k}"])
+                    st = self.opt.state[p]
+                    buf = st.get("momentum_buffer")
+                    if buf is not None:
+                        buf.copy_(value)
+                    elif torch.any(value != 0) or torch.any(torch.signbit(value)):
+                        # a zero state is left absent: torch then starts from b = g, as fresh
+                        st["momentum_buffer"] = value.to(device=self.device, copy=True)
 
     # -- data --------------------------------------------------------------------------
     def put(self, x: Any) -> torch.Tensor:
@@ -171,6 +231,47 @@ class TorchBackend:
                 cuda=torch.version.cuda,
             )
         return info
+
+
+def state_shapes(spec: ModelSpec, optim: OptimSpec) -> dict[str, tuple[int, ...]]:
+    """Canonical optimizer-state names and shapes, in order."""
+    ps = spec.param_shapes()
+    if optim.name == "adam":
+        return {
+            "adam.step": (),
+            **{f"adam.m.{k}": s for k, s in ps.items()},
+            **{f"adam.v.{k}": s for k, s in ps.items()},
+        }
+    if optim.momentum > 0:
+        return {f"sgd.momentum.{k}": s for k, s in ps.items()}
+    return {}
+
+
+def _check_state(state: Mapping[str, Any], expected: dict[str, tuple[int, ...]], dtype: str) -> dict[str, np.ndarray]:
+    """Validate a canonical state against `expected` names and shapes; return host copies
+    (moments in `dtype`, the step as int64). Raises ValueError naming the offending key."""
+    listing = ", ".join(f"{k} {s}" for k, s in expected.items()) or "none (this optimizer keeps no state)"
+    unknown = [k for k in state if k not in expected]
+    if unknown:
+        raise ValueError(f"unknown optimizer-state key(s) {unknown}; expected: {listing}")
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise ValueError(f"missing optimizer-state key(s) {missing}; expected: {listing}")
+    out: dict[str, np.ndarray] = {}
+    for k, shape in expected.items():
+        a = np.asarray(state[k])
+        if a.shape != shape:
+            raise ValueError(f"optimizer-state key {k!r} has shape {a.shape}, expected {shape}; expected: {listing}")
+        if k.endswith(".step"):
+            integral = np.issubdtype(a.dtype, np.integer) or (
+                np.issubdtype(a.dtype, np.floating) and float(a).is_integer()
+            )
+            if not integral or not 0 <= float(a) < 2.0**63:
+                raise ValueError(f"optimizer-state key {k!r} must be a non-negative integer, got {a!r}")
+            out[k] = np.array(int(a), dtype=np.int64)
+        else:
+            out[k] = np.array(a, dtype=dtype, copy=True)
+    return out
 
 
 BACKEND = TorchBackend
