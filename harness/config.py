@@ -85,8 +85,8 @@ class ConvergenceConfig:
 @dataclass
 class GradflowConfig:
     fd_directions: int = 3  # random directions per block for the finite-difference check
-    fd_step: float = 1e-5
-    fd_tol: float = 1e-6
+    fd_step: float = 0.0  # relative step (fraction of the block's parameter norm); 0: derived from the dtype
+    fd_tol: float = 0.0  # relative tolerance; 0: derived per check from the rounding and truncation bounds
     train_steps: int = 100  # training run that records per-block gradient norms
     log_every: int = 5
 
@@ -226,7 +226,8 @@ def validate(cfg: DictConfig | AppConfig) -> AppConfig:
     _positive("measure.convergence.iwae_k", me.convergence.iwae_k)
     g = me.gradflow
     _positive("measure.gradflow.fd_directions", g.fd_directions)
-    _positive("measure.gradflow.fd_step", g.fd_step)
+    _positive("measure.gradflow.fd_step", g.fd_step, zero_ok=True)
+    _positive("measure.gradflow.fd_tol", g.fd_tol, zero_ok=True)
     _positive("measure.gradflow.train_steps", g.train_steps)
     _positive("measure.gradflow.log_every", g.log_every)
     idn = me.identity

@@ -129,27 +129,86 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def _cpu_model() -> str:
+# --- the CPU: what decides which vector kernels run ---------------------------------------
+
+#: CPU features that decide which vector code paths the kernels take, in the order recorded
+#: (x86: /proc/cpuinfo "flags"; ARM: "Features"). Two CPUs with the same model name can differ
+#: here (e.g. AVX-512 or not), and with them the float32 results of the same program.
+VECTOR_FEATURES = (
+    "sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c",
+    "avx512f", "avx512dq", "avx512cd", "avx512bw", "avx512vl", "avx512ifma", "avx512vbmi", "avx512vbmi2",
+    "avx512_vnni", "avx512_bitalg", "avx512_vpopcntdq", "avx512_bf16", "avx512_fp16",
+    "avx_vnni", "avx_vnni_int8", "avx_ne_convert", "amx_tile", "amx_bf16", "amx_int8", "amx_fp16",
+    "asimd", "asimdhp", "asimddp", "fphp", "sve", "sve2", "bf16", "i8mm", "sme",
+)
+#: environment variables that cap or pick the ISA (or the code path) the kernels use
+ISA_ENV = (
+    "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ONEDNN_DEFAULT_FPMATH_MODE", "TF_ENABLE_ONEDNN_OPTS", "XLA_FLAGS",
+    "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR", "MKL_DEBUG_CPU_TYPE", "OPENBLAS_CORETYPE",
+)
+
+
+def _read_cpuinfo() -> str:
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        return Path("/proc/cpuinfo").read_text()
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return ""
+
+
+def cpuinfo_fields(text: str) -> dict[str, str]:
+    """`key: value` lines of the first processor block of a /proc/cpuinfo text."""
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            if fields:
+                break
+            continue
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def cpu_vector_features(text: str) -> list[str]:
+    """The VECTOR_FEATURES a /proc/cpuinfo text lists (x86 `flags`, ARM `Features`), in
+    VECTOR_FEATURES order."""
+    fields = cpuinfo_fields(text)
+    have = set((fields.get("flags", "") + " " + fields.get("Features", "")).split())
+    return [f for f in VECTOR_FEATURES if f in have]
+
+
+def cpu_id(text: str) -> dict[str, str]:
+    """Vendor, family, model, stepping and microcode: what tells two CPUs of one model name apart."""
+    fields = cpuinfo_fields(text)
+    keys = {"vendor": "vendor_id", "family": "cpu family", "model": "model", "stepping": "stepping", "microcode": "microcode",
+            "implementer": "CPU implementer", "part": "CPU part", "variant": "CPU variant"}
+    return {k: fields[f] for k, f in keys.items() if f in fields}
+
+
+def isa_env() -> dict[str, str]:
+    return {k: os.environ[k] for k in ISA_ENV if k in os.environ}
+
+
+def _cpu_model(text: str | None = None) -> str:
+    model = cpuinfo_fields(_read_cpuinfo() if text is None else text).get("model name")
+    return model or platform.processor() or platform.machine()
 
 
 def host_env() -> dict[str, Any]:
     """The framework-neutral part of the environment fingerprint."""
     status = _git("status", "--porcelain", "--untracked-files=no")
+    cpuinfo = _read_cpuinfo()
     return {
         "python": platform.python_version(),
         "numpy": np.__version__,
         "platform": platform.platform(),
-        "cpu_model": _cpu_model(),
+        "cpu_model": _cpu_model(cpuinfo),
+        "cpu_id": cpu_id(cpuinfo),
+        "cpu_features": cpu_vector_features(cpuinfo),
         "cpu_cores": os.cpu_count(),
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": None if status is None else bool(status),
         "thread_env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "XLA_FLAGS") if k in os.environ},
         "compile_cache": "cold" if "vaebench-compile-cache-" in os.environ.get("TORCHINDUCTOR_CACHE_DIR", "") else "default",
+        "isa_env": isa_env(),
     }

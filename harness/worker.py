@@ -27,6 +27,7 @@ from omegaconf import OmegaConf
 
 from harness.api import FRAMEWORK_MODULES, FrameworkUnavailable
 from harness.config import AppConfig, to_app_config
+from harness.fingerprint import framework_isa
 from harness.records import REPO_ROOT, host_env, make_record, read_record, write_atomic, write_record
 
 WORKER_CMD = [sys.executable, "-m", "harness.worker"]
@@ -103,6 +104,7 @@ def run_in_process(job: Job) -> dict[str, Any]:
         result: Result = module.run(c, job)
         status, error, metrics = result.status, result.error, result.metrics
         env.update(result.backend_env)
+        env["framework_isa"] = framework_isa(job.framework)  # what decides float32 results here
     except FrameworkUnavailable as exc:
         status, error = "unavailable", str(exc)
     except Exception as exc:  # the record must say what went wrong, in one line

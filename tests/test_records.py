@@ -77,3 +77,95 @@ def test_exception_in_measure_gives_failed_record_with_reason(tmp_path: Path) ->
     assert rec["status"] == "failed"
     assert rec["error"].startswith("DataError: data file not found") and "missing.npz" in rec["error"]
     assert rec["env"]["python"] and "git_commit" in rec["env"]
+
+
+# --- the CPU's vector features and the ISA the kernels chose --------------------------------
+
+FAKE_CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 17
+model name\t: AMD EPYC
+stepping\t: 1
+microcode\t: 0xa101148
+flags\t\t: fpu vme de pse sse sse2 ssse3 fma cx16 sse4_1 sse4_2 avx f16c avx2 avx512f avx512dq avx512cd avx512bw avx512vl avx512_bf16 avx512_vnni avx512vbmi vaes sha_ni xsave
+bogomips\t: 4792.81
+
+processor\t: 1
+vendor_id\t: AuthenticAMD
+flags\t\t: fpu sse2 amx_tile amx_bf16
+"""
+
+
+def test_cpu_features_parsed_from_cpuinfo_text() -> None:
+    from harness.records import cpu_id, cpu_vector_features, cpuinfo_fields
+
+    assert cpu_vector_features(FAKE_CPUINFO) == [
+        "sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512dq", "avx512cd", "avx512bw", "avx512vl",
+        "avx512vbmi", "avx512_vnni", "avx512_bf16",
+    ]  # VECTOR_FEATURES order; irrelevant flags and the second processor's ignored
+    assert cpuinfo_fields(FAKE_CPUINFO)["model name"] == "AMD EPYC"
+    assert cpu_id(FAKE_CPUINFO) == {"vendor": "AuthenticAMD", "family": "25", "model": "17", "stepping": "1", "microcode": "0xa101148"}
+    arm = "processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd evtstrm aes sha1 asimdhp asimddp sve sve2 i8mm bf16\nCPU implementer\t: 0x41\n"
+    assert cpu_vector_features(arm) == ["asimd", "asimdhp", "asimddp", "sve", "sve2", "bf16", "i8mm"]
+    assert cpu_vector_features("") == [] and cpu_id("") == {}
+
+
+def test_host_env_records_features_of_this_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    from harness.records import VECTOR_FEATURES, host_env
+
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")
+    env = host_env()
+    assert env["isa_env"] == {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        pytest.skip("no /proc/cpuinfo")
+    first = text.split("\n\n")[0]
+    flags = set(next((ln.split(":", 1)[1] for ln in first.splitlines() if ln.split(":")[0].strip() in ("flags", "Features")), "").split())
+    assert set(env["cpu_features"]) <= flags and set(env["cpu_features"]) == flags & set(VECTOR_FEATURES)
+    assert json.loads(json.dumps(env)) == env  # plain JSON
+
+
+def test_onednn_isa_follows_onednn_order_and_cap() -> None:
+    from harness.fingerprint import onednn_isa
+    from harness.records import cpu_vector_features
+
+    epyc = cpu_vector_features(FAKE_CPUINFO)
+    assert onednn_isa(epyc) == "avx512_core_bf16"
+    assert onednn_isa(epyc, "AVX2") == "avx2" and onednn_isa(epyc, "avx512_core") == "avx512_core" and onednn_isa(epyc, "DEFAULT") == "avx512_core_bf16"
+    spr = [*epyc, "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16", "avx_vnni"]
+    assert onednn_isa(spr) == "avx10_1_512_amx" and onednn_isa(spr, "AVX512_CORE_FP16") == "avx10_1_512"
+    assert onednn_isa(spr, "AVX2_VNNI") == "avx2_vnni"
+    assert onednn_isa(["sse4_1", "sse4_2", "avx", "avx2", "fma"]) == "avx2" and onednn_isa(["avx"]) == "avx"
+    assert onednn_isa(epyc, "AVX9000").startswith("unknown cap")
+
+
+@pytest.mark.parametrize("framework", ["torch", "tensorflow", "jax"])
+def test_framework_isa_probe(framework: str) -> None:
+    from harness.fingerprint import framework_isa
+
+    r = framework_isa(framework)
+    assert r["framework"] == framework and "error" not in r, r
+    fp = r["fingerprint"]
+    assert "error" not in fp, fp
+    assert fp["fma"] in ("fused", "unfused") and float.fromhex(fp["sum"]) != 0.0 and len(fp["matmul"]) == 16
+    assert framework_isa(framework)["fingerprint"] == fp  # deterministic in one process
+    if framework == "torch":
+        assert r["aten_cpu_capability"]  # e.g. AVX512, AVX2, DEFAULT
+        import torch
+
+        assert r["aten_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+        if r["aten_cpu_capability"] in ("AVX2", "AVX512"):
+            assert fp["fma"] == "fused"  # ATen's vectorized addcmul uses fmadd
+    if framework == "tensorflow" and r["onednn_enabled"]:
+        assert r["onednn_isa_expected"] and not r["onednn_isa_expected"].startswith("unknown")
+    assert json.loads(json.dumps(r)) == r
+
+
+def test_framework_isa_rejects_unknown_framework() -> None:
+    from harness.fingerprint import framework_isa
+
+    with pytest.raises(ValueError, match="unknown framework"):
+        framework_isa("mxnet")
