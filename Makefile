@@ -7,10 +7,10 @@ ARGS   ?=
 PYTEST ?= -q
 
 .DEFAULT_GOAL := help
-.PHONY: help run test lint bench report clean
+.PHONY: help run test test-fast lint bench bench-compare report clean
 
 help: ## list the targets
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
 	@echo "  ARGS='framework=torch measure=conformance' make run   passes Hydra overrides"
 
 $(STAMP): pyproject.toml requirements-ci.txt
@@ -22,15 +22,23 @@ $(STAMP): pyproject.toml requirements-ci.txt
 run: $(STAMP) ## run the default suite (all frameworks, digits); ARGS= passes overrides
 	$(VENV)/bin/vaebench $(ARGS)
 
-test: $(STAMP) ## run the test suite (CPU; what CI runs)
+test: $(STAMP) ## run the whole test suite (CPU; what CI runs)
 	$(PY) -m pytest $(PYTEST)
+
+test-fast: $(STAMP) ## the edit-test loop: every test not marked slow (about a minute)
+	$(PY) -m pytest -q -m "not slow"
 
 lint: $(STAMP) ## ruff and mypy
 	$(VENV)/bin/ruff check harness impls tests
-	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy harness impls
 
-bench: $(STAMP) ## pytest-benchmark step-time suites
-	$(PY) -m pytest tests/bench --benchmark-enable -q
+BENCH_FAIL ?= median:25%
+
+bench: $(STAMP) ## time one training step per framework x mode (pytest-benchmark); saves the run in .benchmarks/
+	$(PY) -m pytest tests/bench --benchmark-enable --benchmark-autosave -q
+
+bench-compare: $(STAMP) ## time again and fail when a median is slower than the last saved run by more than BENCH_FAIL
+	$(PY) -m pytest tests/bench --benchmark-enable --benchmark-compare --benchmark-compare-fail=$(BENCH_FAIL) -q
 
 report: $(STAMP) ## rebuild tables and plots of the latest run (or DIR=...)
 	$(PY) -m harness.report $${DIR:-$$(ls -d results/runs/*/ | tail -1)}

@@ -9,105 +9,29 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 
-Term = Literal["loss", "recon", "kl"]
-TERMS: tuple[Term, ...] = ("loss", "recon", "kl")
-BLOCKS: tuple[str, ...] = ("encoder", "decoder")
-
-FRAMEWORKS: tuple[str, ...] = ("torch", "tensorflow", "jax")
-#: Modes each framework implements. "eager" runs op by op everywhere; the others compile.
-FRAMEWORK_MODES: dict[str, tuple[str, ...]] = {
-    "torch": ("eager", "compiled"),
-    "tensorflow": ("eager", "function", "xla"),
-    "jax": ("eager", "jit"),
-}
-#: What the generic mode name "compiled" means in each framework.
-COMPILED_ALIAS: dict[str, str] = {"torch": "compiled", "tensorflow": "xla", "jax": "jit"}
-#: The Python module each framework is imported as (to check availability without importing).
-FRAMEWORK_MODULES: dict[str, str] = {"torch": "torch", "tensorflow": "tensorflow", "jax": "jax"}
-
-
-class FrameworkUnavailable(RuntimeError):
-    """The requested framework is not installed (or cannot be imported)."""
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """The VAE's shape. Encoder: x_dim -> hidden... -> 2*latent (mean first, then
-    log-variance). Decoder: latent -> reversed(hidden)... -> x_dim (Bernoulli logits or
-    Gaussian mean with fixed standard deviation `obs_sigma`)."""
-
-    x_dim: int = 64
-    hidden: tuple[int, ...] = (128,)
-    latent: int = 8
-    likelihood: Literal["bernoulli", "gaussian"] = "bernoulli"
-    activation: Literal["relu", "tanh"] = "relu"
-    obs_sigma: float = 1.0
-    stop_gradient_z: bool = False  # negative control: detach z from the encoder
-    freeze: Literal["none", "encoder", "decoder"] = "none"  # block that gets no gradient
-
-    def layer_dims(self, block: str) -> list[tuple[int, int]]:
-        """(in, out) of each dense layer of `block`, in order."""
-        if block == "encoder":
-            sizes = [self.x_dim, *self.hidden, 2 * self.latent]
-        elif block == "decoder":
-            sizes = [self.latent, *reversed(self.hidden), self.x_dim]
-        else:
-            raise ValueError(f"unknown block {block!r}")
-        return list(zip(sizes[:-1], sizes[1:]))
-
-    def param_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Canonical parameter names and shapes, encoder first, layers in order."""
-        shapes: dict[str, tuple[int, ...]] = {}
-        for block in BLOCKS:
-            for i, (n_in, n_out) in enumerate(self.layer_dims(block)):
-                shapes[f"{block}.{i}.weight"] = (n_in, n_out)
-                shapes[f"{block}.{i}.bias"] = (n_out,)
-        return shapes
-
-    def n_layers(self, block: str) -> int:
-        return len(self.layer_dims(block))
-
-
-@dataclass(frozen=True)
-class OptimSpec:
-    name: Literal["adam", "sgd"] = "adam"
-    lr: float = 1e-3
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8  # set explicitly: Keras' default (1e-7) differs from torch/optax (1e-8)
-    momentum: float = 0.0  # sgd only
-
-
-@dataclass(frozen=True)
-class RuntimeSpec:
-    mode: str = "eager"
-    dtype: Literal["float32", "float64"] = "float32"
-    device: Literal["cpu", "gpu", "auto"] = "cpu"
-    seed: int = 0
-    threads: int = 0  # 0: the framework's default
-    allow_tf32: bool = False  # reduced-precision matmuls off unless asked
-
-
-@dataclass
-class Terms:
-    """Per-example loss parts (shape (B,)); `loss = recon + kl = -ELBO`."""
-
-    recon: np.ndarray
-    kl: np.ndarray
-    loss: np.ndarray = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.recon = np.asarray(self.recon)
-        self.kl = np.asarray(self.kl)
-        self.loss = self.recon + self.kl
-
-    def means(self) -> dict[str, float]:
-        return {t: float(np.mean(getattr(self, t))) for t in TERMS}
+from harness.spec import (  # noqa: F401  (re-exported: the public names of the interface)
+    BLOCKS,
+    COMPILED_ALIAS,
+    FRAMEWORK_MODES,
+    FRAMEWORK_MODULES,
+    FRAMEWORKS,
+    TERMS,
+    Device,
+    DeviceUnavailable,
+    Dtype,
+    FrameworkUnavailable,
+    ModelSpec,
+    OptimSpec,
+    RuntimeSpec,
+    Term,
+    Terms,
+    choices,
+    resolve_mode,
+)
 
 
 @runtime_checkable
@@ -174,18 +98,6 @@ class Backend(Protocol):
         ...
 
 
-def resolve_mode(framework: str, mode: str) -> str:
-    """Map the generic "compiled" to the framework's compiled mode; validate the rest."""
-    if framework not in FRAMEWORK_MODES:
-        raise ValueError(f"unknown framework {framework!r}; choose from {', '.join(FRAMEWORKS)}")
-    if mode == "compiled":
-        mode = COMPILED_ALIAS[framework]
-    if mode not in FRAMEWORK_MODES[framework]:
-        allowed = ", ".join(dict.fromkeys((*FRAMEWORK_MODES[framework], "compiled")))
-        raise ValueError(f"{framework} has no mode {mode!r}; choose from {allowed}")
-    return mode
-
-
 def load_backend(
     framework: str,
     model: ModelSpec | Mapping[str, Any] | None = None,
@@ -198,6 +110,7 @@ def load_backend(
     threads: int = 0,
     allow_tf32: bool = False,
     params: Mapping[str, np.ndarray] | None = None,
+    compile_mode: str = "default",
 ) -> Backend:
     """Build `framework`'s backend, loaded with canonical initial weights from `seed`
     (or with `params`). Imports only that framework.
@@ -215,6 +128,7 @@ def load_backend(
         seed=seed,
         threads=threads,
         allow_tf32=allow_tf32,
+        compile_mode=compile_mode,  # type: ignore[arg-type]
     )
     try:
         module = importlib.import_module(f"impls.{framework}.backend")

@@ -18,7 +18,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from harness.config import AppConfig, ConfigError, frameworks, register, validate
+from harness.config import AppConfig, ConfigError, frameworks, record_config, register, validate
 from harness.records import REPO_ROOT
 
 CONF_DIR = REPO_ROOT / "conf"
@@ -93,20 +93,22 @@ def prevalidate(args: list[str]) -> None:
 
 def run_suite(c: AppConfig, resolved: dict[str, Any], run_dir: Path) -> int:
     from harness import report
-    from harness.api import resolve_mode
-    from harness.worker import Job, run_job
+    from harness.job import Job
+    from harness.measures import precision
+    from harness.spec import resolve_mode
+    from harness.worker import run_job
 
     run_id = f"{run_dir.name}-{uuid.uuid4().hex[:6]}"
     jobs = []
     for measure in c.measure.names:
         for fw in frameworks(c):
             mode = resolve_mode(fw, c.framework.mode)
-            path = run_dir / f"{measure}-{fw}-{mode}-{c.framework.precision}.json"
-            jobs.append(Job(run_id, measure, fw, mode, resolved, str(path)))
+            path = run_dir / f"{measure}-{fw}-{mode}-{precision(measure, c)}.json"
+            jobs.append(Job(run_id, measure, fw, mode, record_config(resolved), str(path)))
     records = []
     interrupted = False
     for i, job in enumerate(jobs, 1):
-        print(f"[{i}/{len(jobs)}] {job.measure}: {job.framework} ({job.mode}, {c.framework.precision})", flush=True)
+        print(f"[{i}/{len(jobs)}] {job.measure}: {job.framework} ({job.mode}, {precision(job.measure, c)})", flush=True)
         try:
             rec = run_job(job, c, run_dir / "jobs")
         except KeyboardInterrupt:

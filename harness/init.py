@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from harness.api import ModelSpec
+from harness.spec import ModelSpec
 
 
 def init_params(spec: ModelSpec, seed: int, dtype: str = "float64") -> dict[str, np.ndarray]:

@@ -19,50 +19,23 @@ import tempfile
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
-from harness.api import FRAMEWORK_MODULES, FrameworkUnavailable
+from harness.api import FRAMEWORK_MODULES, DeviceUnavailable, FrameworkUnavailable
 from harness.config import AppConfig, to_app_config
 from harness.fingerprint import framework_isa
+from harness.job import Job, Result
+from harness.measures import MEASURES, precision
 from harness.records import REPO_ROOT, host_env, make_record, read_record, write_atomic, write_record
 
 WORKER_CMD = [sys.executable, "-m", "harness.worker"]
 
 
-@dataclass
-class Job:
-    run_id: str
-    measure: str
-    framework: str
-    mode: str
-    config: dict[str, Any]  # resolved AppConfig as a plain dict
-    record_path: str
-
-    @property
-    def name(self) -> str:
-        return Path(self.record_path).stem
-
-
-@dataclass
-class Result:
-    """What a measure's `run` returns."""
-
-    metrics: dict[str, Any]
-    status: str = "ok"
-    error: str | None = None
-    backend_env: dict[str, Any] = field(default_factory=dict)
-
-
 def app_config(job: Job) -> AppConfig:
     return to_app_config(OmegaConf.create(job.config))
-
-
-#: measures that compute in float64 whatever framework.precision says
-FLOAT64_MEASURES = ("identity", "gradflow", "conformance")
 
 
 def child_env(c: AppConfig, measure: str) -> dict[str, str]:
@@ -72,7 +45,7 @@ def child_env(c: AppConfig, measure: str) -> dict[str, str]:
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"  # JAX: allocate GPU memory as needed
     env["TF_FORCE_GPU_ALLOW_GROWTH"] = "true"  # TensorFlow: memory growth on
-    if c.framework.precision == "float64" or measure in FLOAT64_MEASURES:
+    if "float64" in precision(measure, c):
         env["JAX_ENABLE_X64"] = "1"  # JAX refuses float64 arrays without it
     if c.framework.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
@@ -100,27 +73,22 @@ def run_in_process(job: Job) -> dict[str, Any]:
             raise FrameworkUnavailable(
                 f"framework {job.framework!r} is not installed (pip install 'vaebench[{job.framework}]')"
             )
-        module = importlib.import_module(f"harness.measures.{job.measure}")
-        result: Result = module.run(c, job)
+        result: Result = MEASURES[job.measure].run(c, job)
         status, error, metrics = result.status, result.error, result.metrics
         env.update(result.backend_env)
         env["framework_isa"] = framework_isa(job.framework)  # what decides float32 results here
-    except FrameworkUnavailable as exc:
+    except (FrameworkUnavailable, DeviceUnavailable) as exc:
         status, error = "unavailable", str(exc)
     except Exception as exc:  # the record must say what went wrong, in one line
         traceback.print_exc()
         status, error = "failed", f"{type(exc).__name__}: {exc}".splitlines()[0]
-    return make_record(
-        run_id=job.run_id,
-        measure=job.measure,
-        framework=job.framework,
-        mode=job.mode,
-        status=status,
-        error=error,
-        config=job.config,
-        env=env,
-        metrics=metrics,
-    )
+    return job_record(job, status, error, env, metrics)
+
+
+def job_record(job: Job, status: str, error: str | None, env: dict[str, Any],
+               metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+    return make_record(run_id=job.run_id, measure=job.measure, framework=job.framework, mode=job.mode,
+                       status=status, error=error, config=job.config, env=env, metrics=metrics)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,16 +170,7 @@ def run_job(job: Job, c: AppConfig, jobs_dir: Path) -> dict[str, Any]:
     reason = error or "worker wrote no record"
     if last:
         reason += f"; last output: {last[-1][:300]}"
-    rec = make_record(
-        run_id=job.run_id,
-        measure=job.measure,
-        framework=job.framework,
-        mode=job.mode,
-        status="failed",
-        error=reason,
-        config=job.config,
-        env={**host_env(), "wall_s": round(time.monotonic() - start, 3)},
-    )
+    rec = job_record(job, "failed", reason, {**host_env(), "wall_s": round(time.monotonic() - start, 3)})
     write_record(record_path, rec)
     if interrupted:
         raise KeyboardInterrupt  # the record is written; the caller stops the suite

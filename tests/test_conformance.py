@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from harness.config import AppConfig, to_app_config
+from harness.config import AppConfig
 from harness.measures import conformance as cf
 from harness.records import read_records, write_record
 from harness.worker import Job, run_in_process
+from tests.conftest import make_config
 
 
 def _arrays(scale: float = 0.0) -> dict[str, np.ndarray]:
@@ -85,11 +86,7 @@ def test_one_ulp_moves_every_entry_by_one_representable_step() -> None:
 
 
 def _config(**conf: object) -> AppConfig:
-    return to_app_config(OmegaConf.merge(OmegaConf.structured(AppConfig), {
-        "model": {"hidden": [32]},
-        "measure": {"conformance": {"steps": 6, **conf}},
-        "progress": False,
-    }))
+    return make_config(model={"hidden": [32]}, measure={"conformance": {"steps": 6, **conf}})
 
 
 def _run(frameworks: list[str], tmp_path: Path, **conf: object) -> cf.Summary:

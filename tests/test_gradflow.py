@@ -6,15 +6,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
 
 from harness import data as data_mod
 from harness.api import Backend
-from harness.config import AppConfig, ConfigError, model_spec, to_app_config, validate
+from harness.config import AppConfig, ConfigError, validate
 from harness.init import init_params
 from harness.measures import gradflow as gf
-from harness.measures.common import backend, dataset
+from harness.measures.common import backend, dataset, model_spec
 from harness.worker import Job
+from tests.conftest import make_config
 
 
 def test_block_stats_against_numpy() -> None:
@@ -25,12 +25,8 @@ def test_block_stats_against_numpy() -> None:
 
 
 def _config(**model: object) -> AppConfig:
-    return to_app_config(
-        OmegaConf.merge(
-            OmegaConf.structured(AppConfig),
-            {"model": {"hidden": [32], **model}, "measure": {"gradflow": {"train_steps": 20, "log_every": 10, "fd_directions": 2}}, "progress": False},
-        )
-    )
+    return make_config(model={"hidden": [32], **model},
+                       measure={"gradflow": {"train_steps": 20, "log_every": 10, "fd_directions": 2}})
 
 
 @pytest.mark.parametrize("framework", ["torch", "tensorflow", "jax"])
@@ -39,6 +35,7 @@ def _config(**model: object) -> AppConfig:
     [({}, True, True, True), ({"stop_gradient_z": True}, False, True, False), ({"freeze": "decoder"}, False, False, True)],
     ids=["healthy", "stop_gradient_z", "freeze_decoder"],
 )
+@pytest.mark.slow
 def test_verdict(framework: str, model: dict, matches: bool, decoder: bool, recon_enc: bool, tmp_path: Path) -> None:  # type: ignore[type-arg]
     res = gf.run(_config(**model), Job("r", "gradflow", framework, "eager", {}, str(tmp_path / "r.json")))
     m = res.metrics
@@ -58,6 +55,7 @@ def test_verdict(framework: str, model: dict, matches: bool, decoder: bool, reco
     assert f"the ELBO trains the decoder: {'yes' if decoder else 'no'}" in s.notes[0]
 
 
+@pytest.mark.slow
 def test_cli_negative_control_exits_nonzero(cli) -> None:  # type: ignore[no-untyped-def]
     r = cli("measure=gradflow", "framework=torch", "model.stop_gradient_z=true", "measure.gradflow.train_steps=10")
     assert r.returncode == 1
@@ -73,10 +71,7 @@ def _mnist_config(tmp_path: Path) -> AppConfig:
     rng = np.random.default_rng(0)
     path = tmp_path / "mnist.npz"
     np.savez(path, x_train=rng.integers(0, 256, (64, 28, 28), dtype=np.uint8), x_test=rng.integers(0, 256, (8, 28, 28), dtype=np.uint8))
-    return to_app_config(OmegaConf.merge(
-        OmegaConf.structured(AppConfig),
-        {"model": {"hidden": [512, 256], "latent": 32}, "data": {"source": "mnist", "path": str(path)}, "progress": False},
-    ))
+    return make_config(model={"hidden": [512, 256], "latent": 32}, data={"source": "mnist", "path": str(path)})
 
 
 class _Planted:
@@ -154,7 +149,7 @@ def test_fd_fixed_step_and_tolerance_escape_hatch() -> None:
     rows = gf.finite_difference_check(b, params, x, eps, 1, c.seed, step=1e-6, tol=1e-6)
     assert all(r["tol"] == 1e-6 and r["step"] <= 1e-6 for r in rows) and gf.fd_verdict(rows)["fd_ok"]
     with pytest.raises(ConfigError, match="measure.gradflow.fd_tol"):
-        validate(OmegaConf.merge(OmegaConf.structured(AppConfig), {"measure": {"gradflow": {"fd_tol": -1.0}}}))
+        validate(make_config(measure={"names": ["gradflow"], "gradflow": {"fd_tol": -1.0}}))
 
 
 def test_smooth_step_has_no_kink_in_the_interval() -> None:

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
 from scipy import integrate
 from scipy.stats import norm
 
 from harness import ModelSpec, reference
-from harness.config import AppConfig, to_app_config
+from harness.config import AppConfig
 from harness.measures import identity as idm
 from harness.worker import Job
+from tests.conftest import make_config
 
 
 def _tiny(seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray, float]:
@@ -76,9 +76,10 @@ def test_orthogonal_decoder_posterior_is_exact() -> None:
 
 
 def _config(**identity: object) -> AppConfig:
-    return to_app_config(OmegaConf.merge(OmegaConf.structured(AppConfig), {"measure": {"identity": identity}}))
+    return make_config(measure={"identity": identity})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("framework", ["torch", "tensorflow", "jax"])
 def test_identity_measure(framework: str, tmp_path: Path) -> None:
     c = _config(mc_samples=500, iwae_ks=[1, 10, 100, 1000])

@@ -9,8 +9,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from harness import worker
-from harness.config import AppConfig, to_app_config
+from harness.config import AppConfig
 from harness.records import REQUIRED, RecordError, make_record, read_record, read_records, write_record
+from tests.conftest import make_config
 
 
 def _rec(**kw) -> dict:  # type: ignore[no-untyped-def,type-arg]
@@ -50,10 +51,10 @@ def test_bad_records_are_rejected(tmp_path: Path) -> None:
 
 
 def _job(tmp_path: Path, **cfg) -> tuple[worker.Job, AppConfig]:  # type: ignore[no-untyped-def]
-    c = OmegaConf.merge(OmegaConf.structured(AppConfig), {"framework": {"name": "torch", "timeout_s": 60}, **cfg})
-    plain = OmegaConf.to_container(c)
+    c = make_config(**{**cfg, "framework": {"name": "torch", "timeout_s": 60, **cfg.get("framework", {})}})
+    plain = OmegaConf.to_container(OmegaConf.structured(c))
     job = worker.Job("run", "convergence", "torch", "eager", plain, str(tmp_path / "rec.json"))  # type: ignore[arg-type]
-    return job, to_app_config(c)
+    return job, c
 
 
 def test_hard_crash_gives_failed_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

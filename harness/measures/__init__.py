@@ -1,2 +1,39 @@
-"""Measures. Each module has `run(config, job) -> Result` (in the job's process, where it may
-load a backend) and `summarize(records) -> Summary` (in the parent, from records alone)."""
+"""The measures, and the one table that names them.
+
+Each measure is one module here that declares everything that is its own:
+
+- `Config`: the dataclass of its section `measure.<name>` (ranges on the fields, via
+  `harness.schema.setting`); `harness.config` builds the schema from this table;
+- `run(config, job) -> Result`: runs in the job's own process, where it may load a backend;
+- `summarize(records) -> Summary`: in the parent, from records (and files beside them) alone;
+- `PLOTS`: {file name: plot(records, path) -> path or None}, drawn from records alone;
+- optional `precision(config) -> str`: what the job computes in, for its record name and
+  progress line (default: `framework.precision`); a "float64" in it turns on JAX's x64;
+- optional `validate(config)`: cross-field rules, raising `harness.schema.ConfigError`.
+
+Adding a measure: write the module, add its line below, add `conf/measure/<name>.yaml`.
+Measures import neither `harness.config` (only for type checking) nor the worker.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+#: name -> module: the one table (a measure is imported with the table, so a broken one fails at once)
+MEASURES: dict[str, ModuleType] = {
+    name: importlib.import_module(path)
+    for name, path in {
+        "identity": "harness.measures.identity",
+        "gradflow": "harness.measures.gradflow",
+        "conformance": "harness.measures.conformance",
+        "convergence": "harness.measures.convergence",
+        "throughput": "harness.measures.throughput",
+    }.items()
+}
+
+
+def precision(name: str, c: object) -> str:
+    """What job `name` computes in under config `c` (see the module docstring)."""
+    fn = getattr(MEASURES[name], "precision", None)
+    return str(fn(c)) if fn is not None else str(c.framework.precision)  # type: ignore[attr-defined]

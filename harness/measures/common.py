@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from harness import data as data_mod
 from harness.api import Backend, ModelSpec, OptimSpec, load_backend, resolve_mode
-from harness.config import AppConfig, model_spec, optim_spec
+
+if TYPE_CHECKING:
+    from harness.config import AppConfig
 
 T = TypeVar("T")
 
@@ -24,6 +26,26 @@ class Summary:
     rows: list[dict[str, Any]]
     ok: bool
     notes: list[str] = field(default_factory=list)
+
+
+def model_spec(c: AppConfig, x_dim: int) -> ModelSpec:
+    m = c.model
+    return ModelSpec(
+        x_dim=x_dim,
+        hidden=tuple(m.hidden),
+        latent=m.latent,
+        likelihood=m.likelihood,  # type: ignore[arg-type]
+        activation=m.activation,  # type: ignore[arg-type]
+        obs_sigma=m.obs_sigma,
+        stop_gradient_z=m.stop_gradient_z,
+        freeze=m.freeze,  # type: ignore[arg-type]
+    )
+
+
+def optim_spec(c: AppConfig) -> OptimSpec:
+    o = c.optim
+    return OptimSpec(name=o.name, lr=o.lr,  # type: ignore[arg-type]
+                      beta1=o.beta1, beta2=o.beta2, eps=o.eps, momentum=o.momentum)
 
 
 def dataset(c: AppConfig) -> data_mod.Dataset:
@@ -67,6 +89,7 @@ def backend(
         seed=c.seed,
         threads=f.threads,
         allow_tf32=f.allow_tf32,
+        compile_mode=f.compile_mode,
         params=params,
     )
 

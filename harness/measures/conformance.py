@@ -30,20 +30,23 @@ from __future__ import annotations
 
 import io
 import itertools
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from harness import data as data_mod
 from harness import reference
-from harness.api import TERMS, ModelSpec, OptimSpec
-from harness.config import AppConfig, model_spec, optim_spec, to_app_config
 from harness.init import init_params
-from harness.measures.common import Summary, backend, by_framework, dataset, fmt
+from harness.job import Job, Result
+from harness.schema import ConfigError, setting
+from harness.spec import FRAMEWORKS, TERMS, Dtype, ModelSpec, OptimSpec, choices
+
+if TYPE_CHECKING:
+    from harness.config import AppConfig
+from harness.measures.common import Summary, backend, by_framework, dataset, fmt, model_spec, optim_spec
 from harness.records import write_atomic
-from harness.worker import Job, Result
 
 #: (quantity, dtype) -> tolerance on the relative deviation (terms/grads: measured worst
 #: 4e-7 (float32) and 6e-16 (float64) on two CPU vendors; tolerance ~25x and ~1e5x above)
@@ -84,6 +87,32 @@ KERAS_ADAM_NOTE = (
     "is why TensorFlow's free-running float64 Adam trajectory differs from torch/jax at ~1e-6 (tolerance 1e-5)."
 )
 BIG_STEP = 10**9  # Adam's 1 - beta^t is exactly 1 in float64 from t ~ 4e4 on
+
+
+@dataclass
+class ConformanceConfig:
+    dtypes: list[str] = setting(["float32", "float64"], choices=choices(Dtype), nonempty=True)
+    steps: int = setting(50, gt=0)  # optimizer steps per trajectory (SGD and Adam)
+    batch_size: int = setting(32, gt=0)
+    sgd_lr: float = setting(0.05, gt=0)
+    adam_lr: float = setting(1e-3, gt=0)
+    # self-test: plant a disagreement in one framework: ulp (must still pass) | weights | lr |
+    # beta2 | bias_correction (each must fail, naming the framework)
+    plant: str = setting("none", choices=PLANTS)
+    plant_framework: str = setting("", choices=("", *FRAMEWORKS))
+
+
+Config = ConformanceConfig
+
+
+def precision(c: AppConfig) -> str:
+    return "+".join(c.measure.conformance.dtypes)
+
+
+def validate(c: AppConfig) -> None:
+    cf = c.measure.conformance
+    if cf.plant != "none" and not cf.plant_framework:
+        raise ConfigError("measure.conformance.plant_framework", f"plant={cf.plant} needs the framework to plant it in")
 
 
 def inputs(c: AppConfig) -> tuple[ModelSpec, dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray]:
@@ -429,7 +458,7 @@ def summarize(records: list[dict[str, Any]]) -> Summary:
             notes.append(f"{r['framework']} was given a planted disagreement ({plant}): {PLANT_NOTES[plant]}")
     if not loaded:
         return Summary("Conformance across frameworks", [], False, notes or ["no records"])
-    dtypes = list(to_app_config(_config(ok_recs[0])).measure.conformance.dtypes)
+    dtypes = list(ok_recs[0]["metrics"]["dtypes"])
     rows = compare(loaded, dtypes)
     keras = [float(np.max(a[k])) for a in loaded.values() for k in a if k.endswith("adam step/keras convention effect")]
     if keras:
@@ -443,7 +472,4 @@ def summarize(records: list[dict[str, Any]]) -> Summary:
     return Summary("Conformance across frameworks (same weights, batch and noise)", rows, ok, notes)
 
 
-def _config(record: dict[str, Any]) -> Any:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.create(record["config"])
+PLOTS: dict[str, Any] = {}  # tables only

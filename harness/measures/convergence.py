@@ -1,103 +1,679 @@
-"""How well and how fast does the VAE learn? Per-epoch train/test ELBO and wall time, time to
-a target test ELBO, and the final test log-likelihood by importance sampling (IWAE-k)."""
+"""How well and how fast does the VAE learn, in each framework, over several seeds?
+
+One job is one framework x mode; it trains once per seed (`measure.convergence.seeds`; [] means
+the top-level `seed` alone). For a given seed every framework starts from the same canonical
+weights (`harness.init.init_params(spec, seed)`), sees the same batches in the same order
+(`harness.data.batches(x, batch_size, seed, epoch)`) and its own RNG is seeded with that seed.
+The data set itself is fixed by the top-level `seed` (synthetic data), so seeds vary the
+initialisation, the batch order and the noise, not the data.
+
+Noise. Own RNG (default): each framework draws the reparameterisation noise from its own RNG
+(`train_step(x)`), so curves agree only statistically. Lockstep (`shared_noise=true`): the
+harness feeds `harness.data.noise((B, L), seed, step)` to every framework (`train_step(x, eps)`),
+so the curves coincide until rounding separates them; the summary reports the largest spread of
+the per-step training loss across frameworks over the first `lockstep_steps` steps, judged
+against `lockstep_tol` (nats per example).
+
+Recorded per seed:
+- the training loss (-ELBO, batch mean, nats per example) of every step (`record_steps`: the
+  first N only);
+- an evaluation at step 0, every `eval_every` steps and at the end of every epoch (eval_every=0:
+  epoch ends only): step, cumulative training wall time (evaluation excluded; `sync()` before
+  every clock read) and the test ELBO, averaged over `elbo_samples` harness noise draws per
+  example (the same draws at every evaluation and in every framework);
+- per epoch: the mean training ELBO over its steps, and the evaluation at its end;
+- at the end: the IWAE-k test log-likelihood (`iwae_k`, 1000 by default; the test set in row
+  chunks, the backend chunks the samples) with its standard error, the gap IWAE minus final
+  test ELBO (paired per example, with its standard error), and posterior-collapse diagnostics
+  computed in NumPy from the trained parameters (`harness.reference.encode`): KL(q(z_i|x) ||
+  N(0, 1)) per latent dimension (mean over test examples) and the active units,
+  Cov_x(E_q[z_i]) > `active_threshold` (Burda et al. 2015).
+- Linear-Gaussian model (model.kind=linear, gaussian likelihood): at every evaluation the exact
+  test and training log-likelihood of the current decoder, their gaps to the maximum-likelihood
+  pPCA solution with the model's fixed obs_sigma (`harness.ppca`, fitted on the training data)
+  and the posterior gap KL(q || p(z|x)) (closed forms from `harness.measures.identity`).
+
+Time to target: the first evaluation whose test ELBO reaches `target_elbo`, or, when it is
+None, the best final test ELBO among the frameworks compared minus `target_margin` (decided in
+`summarize`, across records). Reported as training wall time and step.
+
+Failure: a NaN or inf training loss (or test ELBO) stops the job with status `diverged` and the
+step where it happened; what was measured up to there stays in the record.
+
+Checks in `summarize` (PASS/FAIL): every job ok; the final test ELBOs (mean over seeds) of the
+frameworks lie within `agree_nats` of each other; with shared noise, the lockstep spread is at
+most `lockstep_tol`; for the linear model, in every seed the final |test gap to the optimum| is
+at most `optimum_tol` and the posterior gap at most `posterior_gap_tol`.
+
+Record metrics: `runs` (one dict per seed, see `train_seed`), the settings the summary needs,
+and for compatibility the means over completed seeds of `epochs`, `train_wall_s`,
+`first_step_s`, `time_to_target_s`, `test_log_likelihood(_se)` (one seed: its own values).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from harness import data as data_mod
-from harness.config import AppConfig
-from harness.measures.common import Summary, backend, by_framework, dataset, fmt, progress
-from harness.worker import Job, Result
+from harness import ppca, reference
+from harness.api import ModelSpec
+from harness.init import init_params
+from harness.job import Job, Result
+from harness.measures.identity import kl_to_posterior, log_px
+from harness.plots import COLORS, pyplot, save_png
+from harness.schema import ConfigError, setting
+
+if TYPE_CHECKING:
+    from harness.config import AppConfig
+from harness.measures.common import Summary, backend, by_framework, dataset, fmt, model_spec, progress
 
 EVAL_NOISE_SEED = 1234
+#: decoded rows (samples x examples) per evaluation call: bounds memory at any test-set size
+EVAL_ROWS = 50_000
+#: the backends' log_likelihood draws its samples in chunks of this many
+IWAE_SAMPLE_CHUNK = 100
 
 
-def test_elbo(b: Any, x: np.ndarray, latent: int, seed: int, chunk: int = 1000) -> float:
-    """Mean test ELBO with harness-supplied noise (one sample per example)."""
-    total = 0.0
-    for i in range(0, len(x), chunk):
-        xb = x[i : i + chunk]
-        total += float(np.sum(-b.terms(xb, data_mod.noise((len(xb), latent), seed, i)).loss))
-    return total / len(x)
+@dataclass
+class ConvergenceConfig:
+    epochs: int = setting(10, gt=0)
+    seeds: list[int] = setting([], ge=0, lt=2**32)  # one training run per seed; [] = [seed]
+    shared_noise: bool = False  # lockstep: the harness feeds the same noise to every framework
+    eval_every: int = setting(0, ge=0)  # steps between test evaluations; 0 = once per epoch
+    record_steps: int = setting(0, ge=0)  # per-step training losses kept in the record: the first N (0 = all)
+    elbo_samples: int = setting(10, gt=0)  # noise draws per test example for the test ELBO
+    target_elbo: float | None = None  # None: best final test ELBO across frameworks - target_margin
+    target_margin: float = setting(1.0, gt=0)
+    iwae_k: int = setting(1000, gt=0)  # samples for the final test log-likelihood
+    active_threshold: float = setting(0.01, gt=0)  # unit i active if Cov_x(E_q[z_i]) exceeds it
+    agree_nats: float = setting(1.0, gt=0)  # final test ELBOs of the frameworks within this
+    lockstep_steps: int = setting(50, gt=0)  # steps compared in lockstep
+    lockstep_tol: float = setting(1e-3, gt=0)  # nats per example
+    optimum_tol: float = setting(0.05, gt=0)  # linear model: |test log p gap to the pPCA optimum|
+    posterior_gap_tol: float = setting(0.01, gt=0)  # linear model: KL(q || p(z|x)), per example
+
+
+Config = ConvergenceConfig
+#: settings the summary reads back from the record (defaults for older records)
+JUDGED = ("target_margin", "agree_nats", "lockstep_steps", "lockstep_tol", "optimum_tol", "posterior_gap_tol")
+
+
+def validate(c: AppConfig) -> None:
+    cc = c.measure.convergence
+    if len(set(cc.seeds)) != len(cc.seeds):
+        raise ConfigError("measure.convergence.seeds", f"repeats a seed: {cc.seeds}")
+    if cc.shared_noise and 0 < cc.record_steps < cc.lockstep_steps:
+        raise ConfigError("measure.convergence.record_steps",
+                          f"keeps {cc.record_steps} step losses; lockstep compares the first {cc.lockstep_steps}")
+
+
+def seeds_of(c: AppConfig) -> list[int]:
+    return list(c.measure.convergence.seeds) or [c.seed]
+
+
+def is_linear_gaussian(c: AppConfig) -> bool:
+    return c.model.kind == "linear" and c.model.likelihood == "gaussian"
+
+
+# --- pure pieces (NumPy, no backend) --------------------------------------------------------
+
+
+def first_reaching(evals: list[dict[str, Any]], target: float) -> dict[str, Any] | None:
+    """The first evaluation whose test ELBO is at least `target` (None if none is)."""
+    return next((e for e in evals if e.get("test_elbo") is not None and e["test_elbo"] >= target), None)
+
+
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (ddof=1; None for a single value)."""
+    v = np.asarray(values, dtype=np.float64)
+    return float(v.mean()), (float(v.std(ddof=1)) if len(v) > 1 else None)
+
+
+def collapse_diagnostics(mu: np.ndarray, logvar: np.ndarray, threshold: float) -> dict[str, Any]:
+    """Posterior-collapse diagnostics from q(z|x) = N(mu, exp(logvar)) on a set of examples:
+    KL(q(z_i|x) || N(0, 1)) per dimension (mean over examples), the activity Cov_x(E_q[z_i]) =
+    Var over examples of mu_i, and the number of active units (activity > threshold)."""
+    kl = 0.5 * (mu**2 + np.exp(logvar) - 1.0 - logvar)
+    activity = mu.var(axis=0)
+    return {
+        "kl_per_dim": kl.mean(axis=0).tolist(),
+        "activity": activity.tolist(),
+        "active_units": int(np.sum(activity > threshold)),
+        "latent": int(mu.shape[1]),
+    }
+
+
+def max_spread(curves: list[list[float]], steps: int) -> tuple[float, int]:
+    """Largest max - min across curves over their first `steps` common entries, and its step
+    (1-based); (nan, 0) when there is nothing to compare."""
+    n = min([steps, *(len(c) for c in curves)])
+    if len(curves) < 2 or n == 0:
+        return math.nan, 0
+    a = np.array([c[:n] for c in curves], dtype=np.float64)
+    spread = a.max(axis=0) - a.min(axis=0)
+    i = int(np.nanargmax(spread)) if np.isfinite(spread).any() else 0
+    return float(spread[i]), i + 1
+
+
+# --- the run --------------------------------------------------------------------------------
+
+
+class Evaluator:
+    """Test ELBO with fixed harness noise and, for the linear model, the exact quantities."""
+
+    def __init__(self, c: AppConfig, ds: data_mod.Dataset, spec: ModelSpec) -> None:
+        cc = c.measure.convergence
+        self.x_test, self.x_train, self.spec = ds.x_test, ds.x_train, spec
+        self.eps = data_mod.noise((cc.elbo_samples, len(ds.x_test), spec.latent), EVAL_NOISE_SEED)
+        self.rows = max(1, EVAL_ROWS // cc.elbo_samples)
+        self.optimum: ppca.PPCA | None = None
+        self.optimum_test = math.nan
+        if is_linear_gaussian(c):
+            self.optimum = ppca.fit(ds.x_train, spec.latent, spec.obs_sigma)
+            self.optimum_test = float(log_px(self.optimum.params(), ds.x_test, spec.obs_sigma).mean())
+
+    def elbo(self, b: Any) -> np.ndarray:
+        """Per-example test ELBO, averaged over the fixed noise draws."""
+        out = [
+            -b.terms(self.x_test[i : i + self.rows], self.eps[:, i : i + self.rows]).loss
+            for i in range(0, len(self.x_test), self.rows)
+        ]
+        return np.concatenate(out).astype(np.float64)
+
+    def __call__(self, b: Any, step: int, wall: float) -> tuple[dict[str, Any], np.ndarray]:
+        per_example = self.elbo(b)
+        e: dict[str, Any] = {"step": step, "wall_s": wall, "test_elbo": float(per_example.mean())}
+        if self.optimum is not None:
+            p = params64(b)
+            s, L = self.spec.obs_sigma, self.spec.latent
+            e["test_log_px"] = float(log_px(p, self.x_test, s).mean())
+            e["gap_to_optimum"] = self.optimum_test - e["test_log_px"]
+            e["train_gap_to_optimum"] = self.optimum.train_log_px - float(log_px(p, self.x_train, s).mean())
+            e["posterior_gap"] = float(kl_to_posterior(p, self.x_test, s, L).mean())
+        return e, per_example
+
+
+def params64(b: Any) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v, dtype=np.float64) for k, v in b.get_params().items()}
+
+
+def iwae(b: Any, x: np.ndarray, k: int) -> np.ndarray:
+    """IWAE-k per example, the test set in row chunks (the backend chunks the k samples)."""
+    rows = max(1, EVAL_ROWS // min(k, IWAE_SAMPLE_CHUNK))
+    return np.concatenate([b.log_likelihood(x[i : i + rows], k, seed=EVAL_NOISE_SEED + i) for i in range(0, len(x), rows)])
+
+
+def train_seed(c: AppConfig, job: Job, ds: data_mod.Dataset, spec: ModelSpec, seed: int, evaluate: Evaluator) -> dict[str, Any]:
+    """Train one seed; returns its run dict (status "ok" or "diverged"): `step_loss` (every
+    step), `evals`, `epochs`, timings, `time_to_target_s`/`step_to_target` (explicit target
+    only) and `final` (see `final_evaluation`)."""
+    cc, bs = c.measure.convergence, c.data.batch_size
+    b = backend(dataclasses.replace(c, seed=seed), job.framework, spec=spec, params=init_params(spec, seed))
+    steps_per_epoch = len(ds.x_train) // bs
+    every, total = cc.eval_every or steps_per_epoch, cc.epochs * steps_per_epoch
+    run: dict[str, Any] = {"seed": seed, "status": "ok", "error": None, "step_loss": [], "evals": [], "epochs": []}
+    step, wall, eval_s, first_step_s = 0, 0.0, 0.0, None
+    pending: list[Any] = []  # the steps' losses (device scalars) since the last checkpoint
+    read, epoch_loss = 0, 0.0  # losses read so far; their sum in the current epoch
+    per_example: np.ndarray | None = None  # test ELBO per example at the latest evaluation
+
+    def checkpoint(evaluate_now: bool) -> bool:
+        """With the training clock stopped: read the pending losses and, if due, evaluate.
+        False (and the run marked diverged) on a NaN or inf."""
+        nonlocal per_example, eval_s, read, epoch_loss
+        t = time.perf_counter()
+        for v in pending:
+            loss, read = float(v), read + 1
+            if read <= (cc.record_steps or read):
+                run["step_loss"].append(loss)
+            epoch_loss += loss
+            if not math.isfinite(loss):
+                run.update(status="diverged", error=f"training loss {loss} (NaN or inf) at step {read}, seed {seed}")
+                return False
+        pending.clear()
+        if evaluate_now:
+            e, per_example = evaluate(b, step, wall)
+            run["evals"].append(e)
+            if not math.isfinite(e["test_elbo"]):
+                run.update(status="diverged", error=f"test ELBO {e['test_elbo']} (NaN or inf) at step {step}, seed {seed}")
+                return False
+        eval_s += time.perf_counter() - t
+        return True
+
+    ok = checkpoint(True)  # step 0
+    bar = progress(range(cc.epochs), c, desc=f"convergence {job.framework}/{job.mode} seed {seed}", unit="epoch")
+    for epoch in bar:
+        if not ok:
+            break
+        b.sync()
+        t0 = time.perf_counter()
+        for xb in data_mod.batches(ds.x_train, bs, seed, epoch):
+            eps = data_mod.noise((bs, spec.latent), seed, step) if cc.shared_noise else None
+            pending.append(b.train_step(b.put(xb), eps))
+            step += 1
+            if first_step_s is None:
+                b.sync()
+                first_step_s = time.perf_counter() - t0  # includes tracing/compilation
+            if step % every == 0 or step % steps_per_epoch == 0:
+                b.sync()
+                wall += time.perf_counter() - t0
+                ok = checkpoint(step % every == 0 or step == total)
+                if not ok:
+                    break
+                t0 = time.perf_counter()
+        if ok:
+            last = run["evals"][-1]
+            run["epochs"].append({"epoch": epoch + 1, "step": step, "train_elbo": -epoch_loss / steps_per_epoch,
+                                  "test_elbo": last["test_elbo"] if last["step"] == step else None, "wall_s": wall})
+            epoch_loss = 0.0
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(test=f"{last['test_elbo']:.2f}")
+    run.update(steps=step, first_step_s=first_step_s, train_wall_s=wall, eval_s=eval_s, compile_count=b.compile_count())
+    if cc.target_elbo is not None:
+        hit = first_reaching(run["evals"], cc.target_elbo)
+        run["time_to_target_s"], run["step_to_target"] = (hit["wall_s"], hit["step"]) if hit else (None, None)
+    if run["status"] == "ok" and per_example is not None:
+        run["final"] = final_evaluation(c, b, ds.x_test, spec, per_example)
+        if not math.isfinite(run["final"]["test_log_likelihood"]):
+            run.update(status="diverged", error=f"test log-likelihood is not finite (seed {seed})")
+    run["backend_env"] = b.version()
+    return run
+
+
+def final_evaluation(c: AppConfig, b: Any, x: np.ndarray, spec: ModelSpec, elbo: np.ndarray) -> dict[str, Any]:
+    """IWAE-k, its gap to the final test ELBO (paired per example), collapse diagnostics."""
+    k = c.measure.convergence.iwae_k
+    ll = iwae(b, x, k)
+    gap = ll - elbo
+    mu, logvar = reference.encode(params64(b), x, spec)
+    n = math.sqrt(len(x))
+    se = (lambda v: float(v.std(ddof=1) / n)) if len(x) > 1 else (lambda v: math.nan)
+    return {
+        "test_elbo": float(elbo.mean()),
+        "test_elbo_se": se(elbo),
+        "iwae_k": k,
+        "test_log_likelihood": float(ll.mean()),
+        "test_log_likelihood_se": se(ll),
+        "gap": float(gap.mean()),
+        "gap_se": se(gap),
+        **collapse_diagnostics(mu, logvar, c.measure.convergence.active_threshold),
+    }
 
 
 def run(c: AppConfig, job: Job) -> Result:
     ds = dataset(c)
-    b = backend(c, job.framework, x_dim=ds.x_dim)
-    cc, latent = c.measure.convergence, c.model.latent
-    x_test = ds.x_test
-    epochs: list[dict[str, Any]] = []
-    wall = 0.0
-    first_step_s = None
-    time_to_target = None
-    status, error = "ok", None
-    bar = progress(range(cc.epochs), c, desc=f"convergence {job.framework}/{job.mode}", unit="epoch")
-    for epoch in bar:
-        losses = []
-        b.sync()
-        t0 = time.perf_counter()
-        for i, xb in enumerate(data_mod.batches(ds.x_train, c.data.batch_size, c.seed, epoch)):
-            loss = b.train_step(b.put(xb))
-            if first_step_s is None and i == 0:
-                b.sync()
-                first_step_s = time.perf_counter() - t0  # includes tracing/compilation
-            losses.append(loss)
-        b.sync()
-        wall += time.perf_counter() - t0
-        train_elbo = -float(np.mean([float(v) for v in losses]))
-        if not math.isfinite(train_elbo):
-            status, error = "diverged", f"training loss became {train_elbo} in epoch {epoch + 1}"
-            break
-        te = test_elbo(b, x_test, latent, EVAL_NOISE_SEED)
-        epochs.append({"epoch": epoch + 1, "train_elbo": train_elbo, "test_elbo": te, "wall_s": wall})
-        if time_to_target is None and te >= cc.target_elbo:
-            time_to_target = wall
-        if hasattr(bar, "set_postfix"):
-            bar.set_postfix(train=f"{train_elbo:.2f}", test=f"{te:.2f}")
+    spec = model_spec(c, ds.x_dim)
+    cc = c.measure.convergence
+    evaluate = Evaluator(c, ds, spec)
     metrics: dict[str, Any] = {
-        "epochs": epochs,
+        "seeds": seeds_of(c),
+        "shared_noise": cc.shared_noise,
         "batch_size": c.data.batch_size,
         "n_train": len(ds.x_train),
-        "n_test": len(x_test),
-        "first_step_s": first_step_s,
-        "train_wall_s": wall,
+        "n_test": len(ds.x_test),
+        "steps_per_epoch": len(ds.x_train) // c.data.batch_size,
+        "eval_every": cc.eval_every,
+        "elbo_samples": cc.elbo_samples,
+        "iwae_k": cc.iwae_k,
         "target_elbo": cc.target_elbo,
-        "time_to_target_s": time_to_target,
-        "compile_count": b.compile_count(),
+        **{k: getattr(cc, k) for k in JUDGED},
+        "runs": [],
     }
-    if status == "ok":
-        ll = b.log_likelihood(x_test, cc.iwae_k, seed=EVAL_NOISE_SEED)
-        metrics["test_log_likelihood"] = float(np.mean(ll))
-        metrics["test_log_likelihood_se"] = float(np.std(ll) / math.sqrt(len(ll)))
-        metrics["iwae_k"] = cc.iwae_k
-        if not math.isfinite(metrics["test_log_likelihood"]):
-            status, error = "diverged", "test log-likelihood is not finite"
-    return Result(metrics=metrics, status=status, error=error, backend_env=b.version())
+    if evaluate.optimum is not None:
+        metrics["optimum"] = {"obs_sigma": spec.obs_sigma, "train_log_px": evaluate.optimum.train_log_px,
+                              "test_log_px": evaluate.optimum_test, "eigenvalues": evaluate.optimum.eigenvalues.tolist()}
+    status, error, env = "ok", None, {}
+    for seed in seeds_of(c):
+        r = train_seed(c, job, ds, spec, seed, evaluate)
+        env = r.pop("backend_env")
+        metrics["runs"].append(r)
+        if r["status"] != "ok":
+            status, error = r["status"], r["error"]
+            break
+    metrics.update(seed_means([r for r in metrics["runs"] if r["status"] == "ok"]))
+    metrics["compile_count"] = sum(r["compile_count"] for r in metrics["runs"])
+    return Result(metrics=metrics, status=status, error=error, backend_env=env)
+
+
+def seed_means(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The compatibility keys: means over completed seeds (a key is None where a seed lacks it)."""
+    if not runs:
+        return {}
+
+    def avg(values: list[Any]) -> float | None:
+        return None if any(v is None for v in values) else float(np.mean(values))
+
+    n_ep = min(len(r["epochs"]) for r in runs)
+    epochs = [{"epoch": i + 1, **{k: avg([r["epochs"][i][k] for r in runs]) for k in ("train_elbo", "test_elbo", "wall_s")}}
+              for i in range(n_ep)]
+    ll_se = [r["final"]["test_log_likelihood_se"] for r in runs]
+    return {
+        "epochs": epochs,
+        "train_wall_s": avg([r["train_wall_s"] for r in runs]),
+        "first_step_s": avg([r["first_step_s"] for r in runs]),
+        "time_to_target_s": avg([r.get("time_to_target_s") for r in runs]),
+        "test_log_likelihood": avg([r["final"]["test_log_likelihood"] for r in runs]),
+        "test_log_likelihood_se": float(np.sqrt(np.sum(np.square(ll_se)))) / len(runs),  # SE of the mean over seeds
+    }
+
+
+# --- summary (from records alone) -------------------------------------------------------------
+
+
+def runs_of(r: dict[str, Any]) -> list[dict[str, Any]]:
+    """A record's per-seed runs; a record from before seeds existed reads as one run."""
+    m = r.get("metrics") or {}
+    if "runs" in m:
+        return list(m["runs"])
+    if not m.get("epochs"):
+        return []
+    spe = m.get("n_train", 0) // max(m.get("batch_size", 1), 1)
+    evals = [{"step": e["epoch"] * spe, "wall_s": e["wall_s"], "test_elbo": e["test_elbo"]} for e in m["epochs"]]
+    legacy = {"seed": (r.get("config") or {}).get("seed", 0), "status": r.get("status"), "evals": evals,
+              "epochs": m["epochs"], "step_loss": [], "train_wall_s": m.get("train_wall_s"), "first_step_s": m.get("first_step_s")}
+    if m.get("test_log_likelihood") is not None:
+        legacy["final"] = {"test_elbo": evals[-1]["test_elbo"], "iwae_k": m.get("iwae_k"),
+                           "test_log_likelihood": m["test_log_likelihood"], "test_log_likelihood_se": m.get("test_log_likelihood_se"),
+                           "gap": m["test_log_likelihood"] - evals[-1]["test_elbo"]}
+    return [legacy]
+
+
+def done(r: dict[str, Any]) -> list[dict[str, Any]]:
+    """The completed seeds of a record (those with a final evaluation)."""
+    return [x for x in runs_of(r) if x.get("status") == "ok" and x.get("final")]
+
+
+def judged(records: list[dict[str, Any]], key: str) -> Any:
+    """A setting as the records hold it (the config default for records that lack it)."""
+    for r in records:
+        if key in (r.get("metrics") or {}):
+            return r["metrics"][key]
+    return getattr(ConvergenceConfig(), key)
+
+
+def final_elbo(r: dict[str, Any]) -> float:
+    """A record's final test ELBO: last evaluation, mean over completed seeds."""
+    return float(np.mean([x["evals"][-1]["test_elbo"] for x in done(r)]))
+
+
+def resolve_target(records: list[dict[str, Any]]) -> tuple[float | None, str]:
+    """The target test ELBO and how it was chosen: explicit, or the best final test ELBO among
+    the completed records minus the margin."""
+    explicit = next((r["metrics"].get("target_elbo") for r in records if (r.get("metrics") or {}).get("target_elbo") is not None), None)
+    if explicit is not None:
+        return float(explicit), f"test ELBO ≥ {explicit:g} (set by measure.convergence.target_elbo)"
+    ok = [r for r in records if done(r)]
+    if not ok:
+        return None, "no target: no completed run"
+    best = max(ok, key=final_elbo)
+    margin = judged(records, "target_margin")
+    target = final_elbo(best) - margin
+    return target, f"test ELBO ≥ {target:.3f}: best final test ELBO ({final_elbo(best):.3f}, {best['framework']}/{best['mode']}) minus {margin:g} nat"
+
+
+def pm(values: list[float], spec: str) -> str:
+    """'mean ± std' over seeds ('mean' for one seed)."""
+    if not values:
+        return "-"
+    mean, std = mean_std(values)
+    return fmt(mean, spec) + ("" if std is None else f" ± {fmt(std, spec)}")
+
+
+def lockstep(records: list[dict[str, Any]]) -> tuple[float, str] | None:
+    """Largest per-step spread of the training loss across the lockstep records, per seed
+    compared; None unless at least two completed records used shared noise."""
+    recs = [r for r in records if done(r) and r["metrics"].get("shared_noise")]
+    if len(recs) < 2:
+        return None
+    steps = judged(records, "lockstep_steps")
+    worst, where = -math.inf, ""
+    seeds = sorted(set.intersection(*({x["seed"] for x in done(r)} for r in recs)))
+    for s in seeds:
+        curves = [next(x["step_loss"] for x in done(r) if x["seed"] == s) for r in recs]
+        dev, step = max_spread(curves, steps)
+        if not dev <= worst:  # also takes a NaN
+            worst, where = dev, f"seed {s}, step {step}"
+    return worst, where
 
 
 def summarize(records: list[dict[str, Any]]) -> Summary:
-    rows = []
-    for r in by_framework(records):
-        m = r["metrics"]
-        last = m.get("epochs", [{}])[-1] if m.get("epochs") else {}
-        rows.append(
-            {
-                "framework": r["framework"],
-                "mode": r["mode"],
-                "status": r["status"],
-                "epochs": last.get("epoch"),
-                "train ELBO": fmt(last.get("train_elbo"), ".3f"),
-                "test ELBO": fmt(last.get("test_elbo"), ".3f"),
-                f"test log p(x) (IWAE-{m.get('iwae_k', '?')})": fmt(m.get("test_log_likelihood"), ".3f"),
-                f"time to ELBO {fmt(m.get('target_elbo'))} (s)": fmt(m.get("time_to_target_s"), ".2f"),
-                "train time (s)": fmt(m.get("train_wall_s"), ".2f"),
-                "first step (s)": fmt(m.get("first_step_s"), ".3f"),
-            }
-        )
-    ok = all(r["status"] == "ok" for r in records)
-    return Summary("Convergence (ELBO in nats per example; higher is better)", rows, ok)
+    recs = by_framework(records)
+    target, target_note = resolve_target(recs)
+    linear = any("optimum" in (r.get("metrics") or {}) for r in recs)
+    k = next((x["final"].get("iwae_k") for r in recs for x in done(r)), judged(recs, "iwae_k"))
+    cols = ["framework", "mode", "status", "seeds", "steps", "test ELBO", f"test log p(x) (IWAE-{k})", "log p − ELBO",
+            "time to target (s)", "… after first step (s)", "step at target", "train time (s)", "first step (s)", "active units"]
+    if linear:
+        cols += ["gap to pPCA optimum (test)", "gap to pPCA optimum (train)", "KL(q ‖ posterior)"]
+    rows, notes, ok = [], [], bool(recs)
+    tol_opt, tol_post = judged(recs, "optimum_tol"), judged(recs, "posterior_gap_tol")
+    for r in recs:
+        row = dict.fromkeys(cols, "-")
+        row.update(framework=r["framework"], mode=r["mode"], status=r["status"])
+        rows.append(row)
+        if r["status"] != "ok":
+            ok = False
+            notes.append(f"{r['framework']}/{r['mode']}: {r['status']}: {r.get('error')}")
+        runs = done(r)
+        if not runs:
+            continue
+        fin = [x["final"] for x in runs]
+        hits = [first_reaching(x["evals"], target) if target is not None else None for x in runs]
+        reached = [h for h in hits if h is not None]
+        of = "" if len(reached) in (0, len(runs)) else f" ({len(reached)}/{len(runs)} seeds)"
+        row.update({
+            "seeds": ",".join(str(x["seed"]) for x in runs),
+            "steps": str(runs[0].get("steps", runs[0]["evals"][-1]["step"])),
+            "test ELBO": pm([x["evals"][-1]["test_elbo"] for x in runs], ".3f"),
+            f"test log p(x) (IWAE-{k})": pm([f["test_log_likelihood"] for f in fin], ".3f"),
+            "log p − ELBO": pm([f["gap"] for f in fin], ".3f"),
+            "time to target (s)": pm([h["wall_s"] for h in reached], ".2f") + of if reached else "not reached",
+            "… after first step (s)": pm([h["wall_s"] - x["first_step_s"] for h, x in zip(hits, runs) if h and x.get("first_step_s")],
+                                         ".2f") + of if reached else "-",
+            "step at target": pm([h["step"] for h in reached], ".0f") + of if reached else "-",
+            "train time (s)": pm([x["train_wall_s"] for x in runs], ".2f"),
+            "first step (s)": pm([x["first_step_s"] for x in runs], ".3f"),
+        })
+        if all("active_units" in f for f in fin):
+            row["active units"] = pm([f["active_units"] for f in fin], ".3g") + f" / {fin[0]['latent']}"
+        if linear and "gap_to_optimum" in runs[0]["evals"][-1]:
+            last = [x["evals"][-1] for x in runs]
+            row["gap to pPCA optimum (test)"] = pm([e["gap_to_optimum"] for e in last], ".4f")
+            row["gap to pPCA optimum (train)"] = pm([e["train_gap_to_optimum"] for e in last], ".4f")
+            row["KL(q ‖ posterior)"] = pm([e["posterior_gap"] for e in last], ".4f")
+            good = all(abs(e["gap_to_optimum"]) <= tol_opt and e["posterior_gap"] <= tol_post for e in last)
+            ok = ok and good
+            if not good:
+                notes.append(f"{r['framework']}/{r['mode']}: not at the pPCA optimum in every seed "
+                             f"(|test gap| ≤ {tol_opt:g}, KL(q ‖ posterior) ≤ {tol_post:g} required)")
+
+    n_seeds = max((len(done(r)) for r in recs), default=0)
+    notes.append(f"ELBO and log p(x) in nats per example (higher is better); ± is the standard deviation over {n_seeds} seeds"
+                 if n_seeds > 1 else "ELBO and log p(x) in nats per example (higher is better); one seed")
+    notes.append(f"time to target: training wall time (evaluation excluded) to the first evaluation with {target_note}; "
+                 "'… after first step' leaves out the first step, which includes tracing and compilation (torch.compile "
+                 "reuses its in-process cache for later seeds, so only torch's first seed pays it)")
+    completed = [r for r in recs if done(r)]
+    if len(completed) > 1:
+        finals = {f"{r['framework']}/{r['mode']}": final_elbo(r) for r in completed}
+        spread, tol = max(finals.values()) - min(finals.values()), judged(recs, "agree_nats")
+        ok = ok and spread <= tol
+        notes.append(f"final test ELBO spread across frameworks: {spread:.3f} nats (tolerance {tol:g}): "
+                     + ("pass" if spread <= tol else "FAIL"))
+    ls = lockstep(recs)
+    if ls is not None:
+        dev, where = ls
+        tol, steps = judged(recs, "lockstep_tol"), judged(recs, "lockstep_steps")
+        good = dev <= tol
+        ok = ok and good
+        notes.append(f"lockstep (shared noise): largest spread of the per-step training loss across frameworks over the first "
+                     f"{steps} steps: {dev:.2e} nats per example at {where} (tolerance {tol:g}): " + ("pass" if good else "FAIL"))
+    if linear:
+        opt = next(r["metrics"]["optimum"] for r in recs if "optimum" in (r.get("metrics") or {}))
+        notes.append(f"pPCA optimum (ML with fixed obs_sigma {opt['obs_sigma']:g}, from the training data): log p(x) "
+                     f"test {opt['test_log_px']:.4f}, train {opt['train_log_px']:.4f}; gaps are optimum minus model at the last "
+                     f"evaluation; required |test gap| ≤ {tol_opt:g} and KL(q ‖ posterior) ≤ {tol_post:g}")
+    return Summary("Convergence (test ELBO and IWAE log-likelihood, time to target)", rows, ok, notes)
+
+
+# --- plots (from records alone) ------------------------------------------------------------
+
+
+def _label(r: dict[str, Any], recs: list[dict[str, Any]]) -> str:
+    return r["framework"] if len({x["mode"] for x in recs}) == 1 else f"{r['framework']}/{r['mode']}"
+
+
+def _band(ax: Any, x: np.ndarray, ys: np.ndarray, color: Any, label: str) -> None:
+    """Mean over seeds (rows of ys) as a line, min-max as a band."""
+    ax.plot(x, ys.mean(axis=0), color=color, label=label, lw=1.4)
+    if len(ys) > 1:
+        ax.fill_between(x, ys.min(axis=0), ys.max(axis=0), color=color, alpha=0.2, lw=0)
+
+
+def _curves(r: dict[str, Any], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(steps, mean wall time, values per seed) over the evaluations all completed seeds share."""
+    runs = [x for x in done(r) if x["evals"] and key in x["evals"][0]]
+    if not runs:
+        return None
+    n = min(len(x["evals"]) for x in runs)
+    ev = [x["evals"][:n] for x in runs]
+    steps = np.array([e["step"] for e in ev[0]], dtype=float)
+    wall = np.mean([[e["wall_s"] for e in s] for s in ev], axis=0)
+    return steps, wall, np.array([[e[key] for e in s] for s in ev], dtype=float)
+
+
+def plot_convergence(records: list[dict[str, Any]], path: Path) -> Path | None:
+    recs = [r for r in by_framework(records) if done(r)]
+    if not recs:
+        return None
+    plt = pyplot()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    for r in recs:
+        cur = _curves(r, "test_elbo")
+        if cur is None:
+            continue
+        steps, wall, ys = cur
+        color = COLORS.get(r["framework"])
+        _band(a1, steps, ys, color, _label(r, recs))
+        timed = wall > 0  # step 0 has no place on a log axis
+        _band(a2, wall[timed], ys[:, timed], color, _label(r, recs))
+    target, _ = resolve_target(recs)
+    n = max(len(done(r)) for r in recs)
+    for a in (a1, a2):
+        if target is not None:
+            a.axhline(target, color="grey", lw=0.8, ls=":", label="target")
+        a.set_ylabel("test ELBO (nats per example)")
+        a.grid(alpha=0.3)
+    a1.set_xlabel("step")
+    a2.set_xscale("log")
+    a2.set_xlabel("training wall time (s, log scale)")
+    band = f"mean over {n} seeds, band min-max" if n > 1 else "one seed"
+    a1.set_title(f"test ELBO against step ({band})")
+    a2.set_title("test ELBO against training time")
+    a1.legend(fontsize=8)
+    return save_png(fig, path)
+
+
+def plot_iwae(records: list[dict[str, Any]], path: Path) -> Path | None:
+    recs = [r for r in by_framework(records) if done(r)]
+    if not recs:
+        return None
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    pts = []
+    for r in recs:
+        xs = [x["evals"][-1]["test_elbo"] for x in done(r)]
+        ys = [x["final"]["test_log_likelihood"] for x in done(r)]
+        ax.scatter(xs, ys, color=COLORS.get(r["framework"]), label=_label(r, recs), s=25)
+        pts += xs + ys
+    lo, hi = min(pts), max(pts)
+    ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls=":", label="log p = ELBO")
+    k = done(recs[0])[0]["final"].get("iwae_k")
+    ax.set_xlabel("final test ELBO")
+    ax.set_ylabel(f"test log p(x), IWAE-{k}")
+    ax.set_title("IWAE log-likelihood against ELBO\n(one point per seed)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_png(fig, path)
+
+
+def plot_kl(records: list[dict[str, Any]], path: Path) -> Path | None:
+    recs = [r for r in by_framework(records) if any("kl_per_dim" in x["final"] for x in done(r))]
+    if not recs:
+        return None
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in recs:
+        for i, x in enumerate(done(r)):
+            kl = np.sort(np.asarray(x["final"]["kl_per_dim"]))[::-1]
+            ax.plot(np.arange(1, len(kl) + 1), np.maximum(kl, 1e-5), marker="o", ms=3, lw=1, alpha=0.8,
+                    color=COLORS.get(r["framework"]), label=_label(r, recs) if i == 0 else None)
+    ax.set_yscale("log")
+    ax.set_xlabel("latent dimension (sorted by KL)")
+    ax.set_ylabel("KL(q(z_i|x) ‖ N(0,1)), mean over test (nats)")
+    ax.set_title("KL per latent dimension (one line per seed)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_png(fig, path)
+
+
+def plot_optimum(records: list[dict[str, Any]], path: Path) -> Path | None:
+    recs = [r for r in by_framework(records) if done(r) and _curves(r, "gap_to_optimum") is not None]
+    if not recs:
+        return None
+    plt = pyplot()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    for r in recs:
+        color = COLORS.get(r["framework"])
+        for ax, key in ((a1, "gap_to_optimum"), (a2, "posterior_gap")):
+            steps, _, ys = _curves(r, key)  # type: ignore[misc]
+            _band(ax, steps, np.maximum(np.abs(ys), 1e-7), color, _label(r, recs))
+    tol_opt, tol_post = judged(recs, "optimum_tol"), judged(recs, "posterior_gap_tol")
+    for ax, tol, what in ((a1, tol_opt, "|gap|"), (a2, tol_post, "KL(q ‖ p(z|x))")):
+        ax.axhline(tol, color="grey", lw=0.8, ls=":", label="tolerance")
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"{what} (nats per example)")
+        ax.grid(alpha=0.3)
+    a1.set_title("test log p(x): gap to the pPCA optimum")
+    a2.set_title("posterior gap, mean over test examples")
+    a1.legend(fontsize=8)
+    return save_png(fig, path)
+
+
+def plot_lockstep(records: list[dict[str, Any]], path: Path) -> Path | None:
+    recs = [r for r in by_framework(records) if done(r) and r["metrics"].get("shared_noise")]
+    if len(recs) < 2:
+        return None
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for s in sorted(set.intersection(*({x["seed"] for x in done(r)} for r in recs))):
+        curves = [next(x["step_loss"] for x in done(r) if x["seed"] == s) for r in recs]
+        n = min(len(c) for c in curves)
+        a = np.array([c[:n] for c in curves])
+        ax.plot(np.arange(1, n + 1), np.maximum(a.max(axis=0) - a.min(axis=0), 1e-9), lw=0.8, label=f"seed {s}")
+    ax.axhline(judged(recs, "lockstep_tol"), color="grey", lw=0.8, ls=":", label="tolerance")
+    ax.axvline(judged(recs, "lockstep_steps"), color="grey", lw=0.8, ls="--")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("max − min training loss across frameworks")
+    ax.set_title("lockstep: " + ", ".join(_label(r, recs) for r in recs))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_png(fig, path)
+
+
+PLOTS = {
+    "convergence.png": plot_convergence,
+    "convergence_iwae.png": plot_iwae,
+    "convergence_kl.png": plot_kl,
+    "convergence_optimum.png": plot_optimum,
+    "convergence_lockstep.png": plot_lockstep,
+}

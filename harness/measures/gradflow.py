@@ -41,17 +41,23 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from harness import data as data_mod
 from harness import reference
 from harness.api import BLOCKS, TERMS, ModelSpec, Terms
-from harness.config import AppConfig, model_spec
 from harness.init import block_of, init_params
-from harness.measures.common import Summary, backend, by_framework, dataset, fmt, progress
-from harness.worker import Job, Result
+from harness.job import Job, Result
+from harness.plots import pyplot, save_png
+from harness.schema import setting
+
+if TYPE_CHECKING:
+    from harness.config import AppConfig
+from harness.measures.common import Summary, backend, by_framework, dataset, fmt, model_spec, progress
 
 #: theory: does each part reach each block?
 THEORY: dict[tuple[str, str], bool] = {
@@ -61,6 +67,24 @@ THEORY: dict[tuple[str, str], bool] = {
     ("kl", "decoder"): False,
 }
 MONITOR_BATCH = 64
+
+
+@dataclass
+class GradflowConfig:
+    fd_directions: int = setting(3, gt=0)  # random directions per block for the finite-difference check
+    fd_step: float = setting(0.0, ge=0)  # relative step (fraction of the block's parameter norm); 0: derived
+    fd_tol: float = setting(0.0, ge=0)  # relative tolerance; 0: derived per check from rounding and truncation
+    train_steps: int = setting(100, gt=0)  # training run that records per-block gradient norms
+    log_every: int = setting(5, gt=0)
+
+
+Config = GradflowConfig
+
+
+def precision(c: AppConfig) -> str:
+    """The verdict (matrix, finite differences) is computed in float64; the training history
+    in the configured precision."""
+    return "float64" if c.framework.precision == "float64" else f"float64+{c.framework.precision}"
 #: ulps of rounding error allowed per evaluation of the loss, in units of ε F (measured in
 #: float64 at 64 and 784 pixels, 3-6 seeds, all three frameworks: |analytic - D(h)| <= 0.83 ε F / h)
 FD_ROUNDING_C = 4.0
@@ -338,3 +362,58 @@ def summarize(records: list[dict[str, Any]]) -> Summary:
             f"{fd_note(v, m)} -> {'PASS' if passed else 'FAIL'}"
         )
     return Summary("Gradient flow: which loss part reaches which block (float64, one batch)", rows, ok and bool(rows), notes)
+
+
+def plot_gradflow(records: list[dict[str, Any]], path: Path) -> Path | None:
+    """Heatmap of log10 gradient norm, parts x blocks, one panel per framework; exact zeros
+    are shown as such (not as a colour)."""
+    recs = [r for r in records if r["measure"] == "gradflow" and r["status"] == "ok"]
+    if not recs:
+        return None
+    plt = pyplot()
+    parts, blocks = ["loss", "recon", "kl"], ["encoder", "decoder"]
+    fig, axes = plt.subplots(1, len(recs), figsize=(3.6 * len(recs) + 0.8, 3.4), squeeze=False)
+    im = None
+    allnorms = [r["metrics"]["matrix"][p][b]["norm"] for r in recs for p in parts for b in blocks]
+    positive = [n for n in allnorms if n > 0] or [1.0]
+    vmin, vmax = np.log10(min(positive)) - 0.5, np.log10(max(positive)) + 0.5
+    for ax, r in zip(axes[0], recs):
+        norms = np.array([[r["metrics"]["matrix"][p][b]["norm"] for b in blocks] for p in parts])
+        with np.errstate(divide="ignore"):
+            logn = np.where(norms > 0, np.log10(np.where(norms > 0, norms, 1.0)), np.nan)
+        im = ax.imshow(logn, cmap="viridis", vmin=vmin, vmax=vmax)
+        for i in range(len(parts)):
+            for j in range(len(blocks)):
+                txt = "0 (exact)" if norms[i, j] == 0 else f"{norms[i, j]:.2g}"
+                ax.text(j, i, txt, ha="center", va="center", color="white" if norms[i, j] == 0 else "black", fontsize=9,
+                        bbox={"facecolor": "black" if norms[i, j] == 0 else "white", "alpha": 0.6, "lw": 0})
+        ax.set_xticks(range(len(blocks)), blocks)
+        ax.set_yticks(range(len(parts)), parts)
+        v = r["metrics"]["verdict"]
+        ax.set_title(f"{r['framework']}: {'matches theory' if v['matches_theory'] else 'DOES NOT match theory'}", fontsize=9)
+    if im is not None:
+        fig.colorbar(im, ax=axes[0].tolist(), label="log10 gradient L2 norm", shrink=0.8)
+    fig.suptitle("Gradient of each ELBO part reaching each block", fontsize=10)
+    return save_png(fig, path, tight=False, bbox_inches="tight")
+
+
+def plot_gradflow_training(records: list[dict[str, Any]], path: Path) -> Path | None:
+    recs = [r for r in records if r["measure"] == "gradflow" and r["metrics"].get("history")]
+    if not recs:
+        return None
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
+    for ax, key in zip(axes, ["loss/encoder", "loss/decoder", "recon/encoder"]):
+        for r in recs:
+            h = r["metrics"]["history"]
+            ax.plot([e["step"] for e in h], [max(e[key], 1e-30) for e in h], marker=".", label=r["framework"])
+        ax.set_yscale("log")
+        ax.set_title(f"|d {key.split('/')[0]} / d {key.split('/')[1]}|")
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("gradient L2 norm")
+    axes[0].legend()
+    return save_png(fig, path)
+
+
+PLOTS = {"gradflow.png": plot_gradflow, "gradflow_training.png": plot_gradflow_training}

@@ -1,11 +1,11 @@
-"""TensorFlowBackend: the Backend protocol in TensorFlow (eager, tf.function, or XLA-compiled training step)."""
+"""TensorFlowBackend: the VAE's primitives in TensorFlow (eager, tf.function, or XLA) under
+`impls.base.BackendBase`, which implements the `Backend` protocol on top of them."""
 
 from __future__ import annotations
 
 import contextlib
-import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -13,17 +13,38 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from harness.api import ModelSpec, OptimSpec, RuntimeSpec, Term, Terms  # noqa: E402
+from harness.api import Backend, DeviceUnavailable, Term  # noqa: E402
+from impls.base import BackendBase, F, StepDrawn, StepGiven, VersionCommon, pick_term  # noqa: E402
 from impls.tensorflow import model  # noqa: E402
 
 DTYPES = {"float32": tf.float32, "float64": tf.float64}
 
 
-class TensorFlowBackend:
-    name: ClassVar[str] = "tensorflow"
+class TensorFlowBackend(BackendBase):
+    """The VAE in TensorFlow. Modes: "eager", "function" (tf.function), "xla" (tf.function
+    with jit_compile). The training noise is drawn by TF's own kernels outside any XLA
+    cluster (XLA lowers the generator's ops to another stream): the same seed gives the same
+    noise in every mode. Compiled functions have no input signature: one trace per batch
+    size (batches are never ragged).
 
-    def __init__(self, spec: ModelSpec, optim: OptimSpec, runtime: RuntimeSpec) -> None:
-        self.spec, self.optim, self.runtime = spec, optim, runtime
+    Process-wide side effects (TensorFlow has no scoped form of these): the intra- and
+    inter-op thread counts when `threads > 0` (only before TF's runtime starts, else left as
+    they are); TF32 execution (`tf.config.experimental.enable_tensor_float_32_execution`,
+    set to `allow_tf32`, read by every later TF computation in the process); GPU memory
+    growth when a GPU is used (only before the GPU is initialised); and, on import,
+    TF_CPP_MIN_LOG_LEVEL=2 unless already set.
+    """
+
+    name: ClassVar[str] = "tensorflow"
+    device: str
+    dtype: tf.DType
+    params: dict[str, tf.Variable]
+    generator: tf.random.Generator
+    opt: Any
+
+    # -- setup -----------------------------------------------------------------------------------
+    def _setup(self) -> None:
+        runtime = self.runtime
         if runtime.threads > 0:
             with contextlib.suppress(RuntimeError):  # only before TF's runtime starts (first op)
                 tf.config.threading.set_intra_op_parallelism_threads(runtime.threads)
@@ -31,25 +52,26 @@ class TensorFlowBackend:
         gpus = tf.config.list_physical_devices("GPU")
         want_gpu = runtime.device == "gpu" or (runtime.device == "auto" and bool(gpus))
         if want_gpu and not gpus:
-            raise RuntimeError("device=gpu asked for, but tensorflow sees no GPU")
+            raise DeviceUnavailable("device=gpu asked for, but tensorflow sees no GPU")
         if want_gpu:
             for g in gpus:
                 with contextlib.suppress(RuntimeError):  # only before the GPU is initialised
                     tf.config.experimental.set_memory_growth(g, True)
         self.device = "/GPU:0" if want_gpu else "/CPU:0"
+        self._gpu = want_gpu
+        # TF places ops on the GPU when there is one: a device scope is needed only when the
+        # CPU is asked for while a GPU is visible (it costs ~5 us per call: not entered else)
+        self._needs_scope = not want_gpu and bool(gpus)
         tf.config.experimental.enable_tensor_float_32_execution(runtime.allow_tf32)
         self.dtype = DTYPES[runtime.dtype]
         with tf.device(self.device):
-            self.params: dict[str, tf.Variable] = {
+            self.params = {
                 k: tf.Variable(tf.zeros(s, dtype=self.dtype), name=k, trainable=True)
-                for k, s in spec.param_shapes().items()
+                for k, s in self._param_shapes.items()
             }
             self.generator = tf.random.Generator.from_seed(runtime.seed)
         self._make_optimizer()
-        self._compiles = 0
-        self._step_fn = self._build_step()
 
-    # -- parameters ------------------------------------------------------------------
     def _make_optimizer(self) -> None:
         o, ps = self.optim, list(self.params.values())
         # Keras turns Python-float hyperparameters into float32 tensors before casting them
@@ -77,17 +99,38 @@ class TensorFlowBackend:
                 self.opt = tf.keras.optimizers.SGD(learning_rate=lr, momentum=np.float64(o.momentum), nesterov=False)
             self.opt.build(ps)
 
-    def set_params(self, params: Mapping[str, np.ndarray]) -> None:
-        """Load canonical weights; the optimizer state (moments, iteration count) is reset."""
+    def _scope(self) -> contextlib.AbstractContextManager[Any]:
+        """tf.device(ours) where default placement would pick another device, else nothing."""
+        return tf.device(self.device) if self._needs_scope else contextlib.nullcontext()
+
+    # -- data ------------------------------------------------------------------------------------
+    def _to_device(self, a: np.ndarray) -> tf.Tensor:
+        with self._scope():
+            return tf.identity(tf.constant(a))
+
+    def _tensor_dtype(self, x: Any) -> tf.DType | None:
+        return x.dtype if isinstance(x, tf.Tensor) else None
+
+    def _from_device(self, t: Any) -> np.ndarray:
+        return np.array(t.numpy(), copy=True)
+
+    def sync(self) -> None:
+        """Block until every queued device computation of this backend has finished."""
+        # Blocks on every logical device's queue (GPU streams, async eager executors);
+        # on a synchronous CPU run there is nothing pending and it returns at once.
+        tf.test.experimental.sync_devices()
+
+    # -- parameters ------------------------------------------------------------------------------
+    def _set_params(self, params: dict[str, np.ndarray]) -> None:
         for k, p in self.params.items():
-            p.assign(tf.constant(np.asarray(params[k]), dtype=self.dtype))
+            p.assign(params[k])
         for v in self.opt.variables:
             v.assign(tf.zeros(v.shape, dtype=v.dtype))
 
-    def get_params(self) -> dict[str, np.ndarray]:
-        return {k: p.numpy().copy() for k, p in self.params.items()}
+    def _get_params(self) -> dict[str, np.ndarray]:
+        return {k: self._from_device(p) for k, p in self.params.items()}
 
-    # -- optimizer state -----------------------------------------------------------------
+    # -- optimizer state -------------------------------------------------------------------------
     # Keras keeps one variable per parameter and kind, in the order the optimizer was built
     # with (ours: canonical order): Adam's `_momentums` (m) and `_velocities` (v), the
     # uncorrected moments as torch and optax keep them, and `iterations` (int64, the step
@@ -99,7 +142,7 @@ class TensorFlowBackend:
     # Assigning to these variables never retraces the compiled step, which captured them.
     def _lr(self) -> np.ndarray:
         """The learning rate as the update computes it (a constant of our dtype)."""
-        return np.asarray(self.optim.lr, dtype=self.runtime.dtype)
+        return np.asarray(self.optim.lr, dtype=self.np_dtype)
 
     def _state_variables(self) -> dict[str, Any]:
         """Canonical name -> the Keras variable holding it (SGD: the velocity u)."""
@@ -113,11 +156,10 @@ class TensorFlowBackend:
             return {f"sgd.momentum.{k}": self.opt.momentums[i] for k, i in index.items()}
         return {}
 
-    def get_state(self) -> dict[str, np.ndarray]:
-        """The optimizer state under canonical names (see `harness.api.Backend.get_state`)."""
+    def _get_state(self) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
         for k, v in self._state_variables().items():
-            a = np.array(v.numpy(), copy=True)
+            a = self._from_device(v)
             if k == "adam.step":
                 a = a.astype(np.int64)
             elif k.startswith("sgd.momentum."):
@@ -125,183 +167,136 @@ class TensorFlowBackend:
             out[k] = a
         return out
 
-    def set_state(self, state: Mapping[str, np.ndarray]) -> None:
-        """Load a canonical optimizer state (see `harness.api.Backend.set_state`), by
-        assignment to the existing Keras variables: no retrace."""
-        arrays = _check_state(state, state_shapes(self.spec, self.optim), self.runtime.dtype)
+    def _set_state(self, state: dict[str, np.ndarray]) -> None:
         for k, v in self._state_variables().items():
-            a = arrays[k]
+            a = state[k]
             if k.startswith("sgd.momentum."):
                 a = -(a * self._lr()) + 0.0
             v.assign(np.asarray(a, dtype=v.dtype))
 
-    # -- data --------------------------------------------------------------------------
-    def put(self, x: Any) -> tf.Tensor:
-        if isinstance(x, tf.Tensor):
-            return x
-        with tf.device(self.device):
-            return tf.identity(tf.constant(np.asarray(x), dtype=self.dtype))
-
-    def sync(self) -> None:
-        # Blocks on every logical device's queue (GPU streams, async eager executors);
-        # on a synchronous CPU run there is nothing pending and it returns at once.
-        tf.test.experimental.sync_devices()
-
-    # -- measurement -------------------------------------------------------------------
-    def terms(self, x: Any, eps: np.ndarray) -> Terms:
-        with tf.device(self.device):
-            recon, kl = model.loss_terms(self.params, self.put(x), self.put(eps), self.spec)
-        return Terms(recon=recon.numpy(), kl=kl.numpy())
-
-    def grads(self, x: Any, eps: np.ndarray, term: Term) -> dict[str, np.ndarray]:
-        names = list(self.params)
-        with tf.device(self.device), tf.GradientTape() as tape:
-            recon, kl = model.loss_terms(self.params, self.put(x), self.put(eps), self.spec)
-            value = tf.reduce_mean({"recon": recon, "kl": kl, "loss": recon + kl}[term])
-        gs = tape.gradient(value, [self.params[k] for k in names])
-        return {
-            k: (np.zeros(self.spec.param_shapes()[k], dtype=self.runtime.dtype) if g is None else g.numpy())
-            for k, g in zip(names, gs)
-        }
-
-    def log_likelihood(self, x: Any, k: int, seed: int) -> np.ndarray:
-        with tf.device(self.device):
-            xd = self.put(x)
-            gen = tf.random.Generator.from_seed(seed)
-            chunks = []
-            for start in range(0, k, 100):
-                kk = min(100, k - start)
-                eps = gen.normal((kk, int(xd.shape[0]), self.spec.latent), dtype=self.dtype)
-                chunks.append(model.iwae_log_weights(self.params, xd, eps, self.spec))
-            log_w = tf.concat(chunks, axis=0)
-            out = tf.reduce_logsumexp(log_w, axis=0) - math.log(k)
-        return out.numpy()
-
-    # -- training ----------------------------------------------------------------------
-    def _loss(self, x: tf.Tensor, eps: tf.Tensor) -> tf.Tensor:
+    # -- measurement -----------------------------------------------------------------------------
+    def _loss_terms(self, x: tf.Tensor, eps: tf.Tensor) -> tuple[np.ndarray, np.ndarray]:
         recon, kl = model.loss_terms(self.params, x, eps, self.spec)
-        return tf.reduce_mean(recon + kl)
+        return self._from_device(recon), self._from_device(kl)
 
-    def _build_step(self) -> Any:
+    def _grads(self, x: tf.Tensor, eps: tf.Tensor, term: Term) -> dict[str, np.ndarray | None]:
+        names = list(self.params)
+        with tf.GradientTape() as tape:
+            recon, kl = model.loss_terms(self.params, x, eps, self.spec)
+            value = tf.reduce_mean(pick_term(term, recon, kl))
+        gs = tape.gradient(value, [self.params[k] for k in names])
+        return {k: (None if g is None else self._from_device(g)) for k, g in zip(names, gs)}
+
+    def _iwae_rng(self, seed: int) -> tf.random.Generator:
+        with self._scope():
+            return tf.random.Generator.from_seed(seed)
+
+    def _iwae_log_weights(self, x: tf.Tensor, kk: int, rng: tf.random.Generator) -> tuple[np.ndarray, tf.random.Generator]:
+        # drawn eagerly by TF's kernels (outside XLA): the same stream in every mode
+        eps = rng.normal((kk, int(x.shape[0]), self.spec.latent), dtype=self.dtype)
+        return self._from_device(self._log_weights(x, eps)), rng
+
+    # -- compiled functions ----------------------------------------------------------------------
+    def _compile(self, fn: F, what: str, *, xla: bool | None = None) -> F:
+        """tf.function of `fn` (jit_compile in xla mode unless `xla` says otherwise)."""
+        if not self.compiled:
+            return fn
+        jit = self.runtime.mode == "xla" if xla is None else xla
+        return tf.function(self._counting(fn, what), jit_compile=jit)  # type: ignore[return-value]
+
+    def _build_step(self) -> tuple[StepDrawn, StepGiven]:
         names = list(self.params)
         variables = [self.params[k] for k in names]
-        backend = self
+        params, spec, opt, generator, dtype = self.params, self.spec, self.opt, self.generator, self.dtype
 
         def update(x: tf.Tensor, eps: tf.Tensor) -> tf.Tensor:
             with tf.GradientTape() as tape:
-                loss = backend._loss(x, eps)
+                recon, kl = model.loss_terms(params, x, eps, spec)
+                loss = tf.reduce_mean(pick_term("loss", recon, kl))
             # frozen / detached parameters get a zero gradient: Adam and SGD then leave them
             # (and their zero moments) unchanged, as torch does for a None gradient
             gs = tape.gradient(loss, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-            backend.opt.apply(gs, variables)
+            opt.apply(gs, variables)
             return loss
 
-        def draw(x: tf.Tensor) -> tf.Tensor:
-            return backend.generator.normal((tf.shape(x)[0], backend.spec.latent), dtype=backend.dtype)
+        given = self._compile(update, "step")
 
-        if self.runtime.mode == "eager":
+        # The noise is drawn by TF's own kernels, never inside the XLA cluster: XLA's lowering
+        # of the generator's ops yields another stream for the same seed. One outer tf.function
+        # (not jit-compiled) draws and calls the compiled update, which it does not retrace.
+        def drawn_update(x: tf.Tensor) -> tf.Tensor:
+            return given(x, generator.normal((x.shape[0], spec.latent), dtype=dtype))
 
-            def step(x: tf.Tensor, eps: tf.Tensor | None) -> tf.Tensor:
-                return update(x, draw(x) if eps is None else eps)
+        drawn = self._compile(drawn_update, "step", xla=False)
+        if not self._needs_scope:
+            return drawn, given
+        device = self.device
 
-            return step
+        def step_drawn(x: tf.Tensor) -> tf.Tensor:
+            with tf.device(device):
+                return drawn(x)
 
         def step_given(x: tf.Tensor, eps: tf.Tensor) -> tf.Tensor:
-            backend._compiles += 1  # a Python side effect: runs once per trace, never per call
-            return update(x, eps)
+            with tf.device(device):
+                return given(x, eps)
 
-        x_sig = tf.TensorSpec([None, self.spec.x_dim], self.dtype)
-        eps_sig = tf.TensorSpec([None, self.spec.latent], self.dtype)
-        given = tf.function(step_given, input_signature=[x_sig, eps_sig], jit_compile=self.runtime.mode == "xla")
+        return step_drawn, step_given
 
-        # The noise is drawn outside the XLA cluster, by TF's own kernels: XLA's lowering of
-        # the generator's ops yields a different stream for the same seed, and the noise
-        # should not depend on the mode. The outer function is not jit-compiled; it calls
-        # the (compiled) step, which it does not retrace.
-        def step_drawn(x: tf.Tensor) -> tf.Tensor:
-            backend._compiles += 1
-            return given(x, draw(x))
+    def _build_log_weights(self) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
+        params, spec = self.params, self.spec
 
-        drawn = tf.function(step_drawn, input_signature=[x_sig])
+        def log_weights(x: tf.Tensor, eps: tf.Tensor) -> tf.Tensor:
+            return model.iwae_log_weights(params, x, eps, spec)
 
-        def step(x: tf.Tensor, eps: tf.Tensor | None) -> tf.Tensor:
-            return drawn(x) if eps is None else given(x, eps)
+        return self._compile(log_weights, "log_likelihood")
 
-        return step
+    # -- record ----------------------------------------------------------------------------------
+    def _version_common(self) -> VersionCommon:
+        kind = "GPU" if self._gpu else "CPU"
+        devices = tf.config.list_physical_devices(kind)
+        name = "cpu"
+        if self._gpu:
+            name = str(tf.config.experimental.get_device_details(devices[0]).get("device_name", "unknown"))
+        tf32 = bool(tf.config.experimental.tensor_float_32_execution_enabled())
+        return VersionCommon(
+            framework_version=tf.__version__,
+            device=self.device,
+            device_name=name,
+            device_count=len(devices),
+            device_kind=kind.lower(),
+            threads=_intra_op_threads(),
+            matmul_precision="tf32" if tf32 else "float32",
+            allow_tf32=tf32,
+        )
 
-    def train_step(self, x: Any, eps: np.ndarray | None = None) -> tf.Tensor:
-        with tf.device(self.device):
-            xd = self.put(x)
-            e = None if eps is None else self.put(eps)
-            return self._step_fn(xd, e)
-
-    def compile_count(self) -> int:
-        return self._compiles
-
-    def version(self) -> dict[str, Any]:
+    def _version_extra(self) -> dict[str, Any]:
         info: dict[str, Any] = {
-            "framework": "tensorflow",
-            "framework_version": tf.__version__,
             "keras_version": tf.keras.__version__,
-            "device": self.device,
-            "threads": tf.config.threading.get_intra_op_parallelism_threads(),  # 0: TF's default
-            "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
-            "tensor_float_32": tf.config.experimental.tensor_float_32_execution_enabled(),
+            "intra_op_threads_setting": tf.config.threading.get_intra_op_parallelism_threads(),  # 0: default
+            "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),  # 0: default
             "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default"),
         }
-        if self.device.startswith("/GPU"):
+        if self._gpu:
             gpus = tf.config.list_physical_devices("GPU")
-            details = tf.config.experimental.get_device_details(gpus[0])
             build = tf.sysconfig.get_build_info()
             info.update(
-                device_name=details.get("device_name", "unknown"),
-                device_count=len(gpus),
-                compute_capability=details.get("compute_capability"),
+                compute_capability=tf.config.experimental.get_device_details(gpus[0]).get("compute_capability"),
                 cuda=build.get("cuda_version"),
                 cudnn=build.get("cudnn_version"),
             )
         return info
 
 
-def state_shapes(spec: ModelSpec, optim: OptimSpec) -> dict[str, tuple[int, ...]]:
-    """Canonical optimizer-state names and shapes, in order."""
-    ps = spec.param_shapes()
-    if optim.name == "adam":
-        return {
-            "adam.step": (),
-            **{f"adam.m.{k}": s for k, s in ps.items()},
-            **{f"adam.v.{k}": s for k, s in ps.items()},
-        }
-    if optim.momentum > 0:
-        return {f"sgd.momentum.{k}": s for k, s in ps.items()}
-    return {}
+def _intra_op_threads() -> int:
+    """The intra-op pool size TF uses: the setting if made, else TF_NUM_INTRAOP_THREADS,
+    else (TF's default) the CPUs this process may run on."""
+    n = tf.config.threading.get_intra_op_parallelism_threads()
+    if n > 0:
+        return int(n)
+    env = os.environ.get("TF_NUM_INTRAOP_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _check_state(state: Mapping[str, Any], expected: dict[str, tuple[int, ...]], dtype: str) -> dict[str, np.ndarray]:
-    """Validate a canonical state against `expected` names and shapes; return host copies
-    (moments in `dtype`, the step as int64). Raises ValueError naming the offending key."""
-    listing = ", ".join(f"{k} {s}" for k, s in expected.items()) or "none (this optimizer keeps no state)"
-    unknown = [k for k in state if k not in expected]
-    if unknown:
-        raise ValueError(f"unknown optimizer-state key(s) {unknown}; expected: {listing}")
-    missing = [k for k in expected if k not in state]
-    if missing:
-        raise ValueError(f"missing optimizer-state key(s) {missing}; expected: {listing}")
-    out: dict[str, np.ndarray] = {}
-    for k, shape in expected.items():
-        a = np.asarray(state[k])
-        if a.shape != shape:
-            raise ValueError(f"optimizer-state key {k!r} has shape {a.shape}, expected {shape}; expected: {listing}")
-        if k.endswith(".step"):
-            integral = np.issubdtype(a.dtype, np.integer) or (
-                np.issubdtype(a.dtype, np.floating) and float(a).is_integer()
-            )
-            if not integral or not 0 <= float(a) < 2.0**63:
-                raise ValueError(f"optimizer-state key {k!r} must be a non-negative integer, got {a!r}")
-            out[k] = np.array(int(a), dtype=np.int64)
-        else:
-            out[k] = np.array(a, dtype=dtype, copy=True)
-    return out
-
-
-BACKEND = TensorFlowBackend
+BACKEND: type[Backend] = TensorFlowBackend

@@ -1,17 +1,18 @@
-"""TorchBackend: the Backend protocol in PyTorch (eager, or torch.compile'd training step)."""
+"""TorchBackend: the VAE's primitives in PyTorch (eager, or torch.compile'd) under
+`impls.base.BackendBase`, which implements the `Backend` protocol on top of them."""
 
 from __future__ import annotations
 
 import contextlib
-import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch.optim.optimizer import _get_scalar_dtype
 
-from harness.api import ModelSpec, OptimSpec, RuntimeSpec, Term, Terms
+from harness.api import Backend, DeviceUnavailable, Term
+from impls.base import BackendBase, F, StepDrawn, StepGiven, VersionCommon, pick_term
 from impls.torch import model
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -27,67 +28,105 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(old)
 
 
-class TorchBackend:
-    name: ClassVar[str] = "torch"
+class TorchBackend(BackendBase):
+    """The VAE in PyTorch. Modes: "eager", "compiled" (torch.compile of the loss, of
+    `opt.step` and of the IWAE log-weights; dynamic=False, inductor).
 
-    def __init__(self, spec: ModelSpec, optim: OptimSpec, runtime: RuntimeSpec) -> None:
-        self.spec, self.optim, self.runtime = spec, optim, runtime
+    Process-wide side effects: `torch.set_num_threads(threads)` when `threads > 0` (the
+    intra-op pool of the whole process; torch.compile also guards on it). On CUDA the TF32
+    switches (`torch.backends.cuda.matmul.allow_tf32`, `torch.backends.cudnn.allow_tf32`)
+    are scoped: set to `allow_tf32` around each call of this backend and restored after, so
+    other code in the process keeps its own; on the CPU they are not touched (they have no
+    effect there). The default dtype is scoped likewise (set around the optimizer update).
+    """
+
+    name: ClassVar[str] = "torch"
+    device: torch.device
+    dtype: torch.dtype
+    params: dict[str, torch.Tensor]
+    generator: torch.Generator
+    opt: torch.optim.Optimizer
+
+    # -- setup -----------------------------------------------------------------------------------
+    def _setup(self) -> None:
+        runtime = self.runtime
         if runtime.threads > 0:
             torch.set_num_threads(runtime.threads)
         want_gpu = runtime.device == "gpu" or (runtime.device == "auto" and torch.cuda.is_available())
         if want_gpu and not torch.cuda.is_available():
-            raise RuntimeError("device=gpu asked for, but torch sees no CUDA device")
+            raise DeviceUnavailable("device=gpu asked for, but torch sees no CUDA device")
         self.device = torch.device("cuda" if want_gpu else "cpu")
-        torch.backends.cuda.matmul.allow_tf32 = runtime.allow_tf32
-        torch.backends.cudnn.allow_tf32 = runtime.allow_tf32
+        self._cuda = self.device.type == "cuda"
         self.dtype = DTYPES[runtime.dtype]
-        self.params: dict[str, torch.Tensor] = {
+        self.params = {
             k: torch.zeros(s, dtype=self.dtype, device=self.device, requires_grad=True)
-            for k, s in spec.param_shapes().items()
+            for k, s in self._param_shapes.items()
         }
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(runtime.seed)
-        self._make_optimizer()
-        self._compiles = 0
-        self._step_fn = self._build_step()
-
-    # -- parameters ------------------------------------------------------------------
-    def _make_optimizer(self) -> None:
         o, ps = self.optim, list(self.params.values())
+        # foreach: the per-parameter loop on the CPU (the fast path there for small tensors),
+        # torch's default (None: the multi-tensor kernels) on CUDA
+        self._foreach = None if self._cuda else False
         if o.name == "adam":
-            self.opt: torch.optim.Optimizer = torch.optim.Adam(
-                ps, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=0.0, foreach=False
+            self.opt = torch.optim.Adam(
+                ps, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=0.0, foreach=self._foreach
             )
         else:
-            self.opt = torch.optim.SGD(ps, lr=o.lr, momentum=o.momentum, weight_decay=0.0, foreach=False)
+            self.opt = torch.optim.SGD(ps, lr=o.lr, momentum=o.momentum, weight_decay=0.0, foreach=self._foreach)
 
-    def set_params(self, params: Mapping[str, np.ndarray]) -> None:
-        """Load canonical weights; the optimizer state is reset."""
+    @contextlib.contextmanager
+    def _scope(self) -> Iterator[None]:
+        """On CUDA: the TF32 switches set to `allow_tf32` for the duration, then restored."""
+        if not self._cuda:
+            yield
+            return
+        matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+        old = (matmul.allow_tf32, cudnn.allow_tf32)
+        matmul.allow_tf32 = cudnn.allow_tf32 = self.runtime.allow_tf32
+        try:
+            yield
+        finally:
+            matmul.allow_tf32, cudnn.allow_tf32 = old
+
+    # -- data ------------------------------------------------------------------------------------
+    def _to_device(self, a: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(a, device=self.device)
+
+    def _tensor_dtype(self, x: Any) -> torch.dtype | None:
+        return x.dtype if isinstance(x, torch.Tensor) else None
+
+    def _from_device(self, t: torch.Tensor) -> np.ndarray:
+        return t.detach().cpu().numpy().copy()
+
+    def sync(self) -> None:
+        """Block until every queued device computation of this backend has finished."""
+        if self._cuda:
+            torch.cuda.synchronize(self.device)
+
+    # -- parameters ------------------------------------------------------------------------------
+    def _set_params(self, params: dict[str, np.ndarray]) -> None:
         with torch.no_grad():
             for k, p in self.params.items():
-                p.copy_(torch.as_tensor(np.asarray(params[k]), dtype=self.dtype))
+                p.copy_(torch.from_numpy(params[k]))
             # zeroed in place rather than cleared: a compiled step keeps seeing the same state
             # tensors (a cleared state made torch.compile recompile on every load)
             for st in self.opt.state.values():
                 for t in st.values():
                     t.zero_()
 
-    def get_params(self) -> dict[str, np.ndarray]:
-        return {k: p.detach().cpu().numpy().copy() for k, p in self.params.items()}
+    def _get_params(self) -> dict[str, np.ndarray]:
+        return {k: self._from_device(p) for k, p in self.params.items()}
 
-    # -- optimizer state -----------------------------------------------------------------
+    # -- optimizer state -------------------------------------------------------------------------
     # torch.optim keeps a per-parameter dict (created lazily at the first step): Adam's
     # {"step": 0-d float tensor on the CPU, "exp_avg": m, "exp_avg_sq": v} (uncorrected
     # moments), SGD's {"momentum_buffer": b} (b = momentum*b + g). The canonical "adam.step"
     # is that per-parameter step (the same for every parameter that gets gradients).
-    def get_state(self) -> dict[str, np.ndarray]:
-        """The optimizer state under canonical names (see `harness.api.Backend.get_state`)."""
-        shapes = self.spec.param_shapes()
-        zeros = {k: np.zeros(shapes[k], dtype=self.runtime.dtype) for k in self.params}
-
+    def _get_state(self) -> dict[str, np.ndarray]:
         def read(k: str, key: str) -> np.ndarray:
             t = self.opt.state.get(self.params[k], {}).get(key)
-            return zeros[k].copy() if t is None else t.detach().cpu().numpy().copy()
+            return np.zeros(self._param_shapes[k], dtype=self.np_dtype) if t is None else self._from_device(t)
 
         if self.optim.name == "adam":
             steps = [int(st["step"].item()) for st in self.opt.state.values() if "step" in st]
@@ -99,14 +138,12 @@ class TorchBackend:
             return {f"sgd.momentum.{k}": read(k, "momentum_buffer") for k in self.params}
         return {}
 
-    def set_state(self, state: Mapping[str, np.ndarray]) -> None:
-        """Load a canonical optimizer state (see `harness.api.Backend.set_state`). Existing
-        state tensors are written in place (a compiled step sees the same tensors: no
-        recompile); missing ones are created as torch's lazy initialisation would."""
-        arrays = _check_state(state, state_shapes(self.spec, self.optim), self.runtime.dtype)
+    def _set_state(self, state: dict[str, np.ndarray]) -> None:
+        # Existing state tensors are written in place (a compiled step sees the same tensors:
+        # no recompile); missing ones are created as torch's lazy initialisation would.
         with torch.no_grad():
             if self.optim.name == "adam":
-                step = float(arrays["adam.step"])
+                step = float(state["adam.step"])
                 for k, p in self.params.items():
                     st = self.opt.state[p]
                     if not st:
@@ -117,11 +154,11 @@ class TorchBackend:
                         st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                         st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     st["step"].fill_(step)
-                    st["exp_avg"].copy_(torch.from_numpy(arrays[f"adam.m.{k}"]))
-                    st["exp_avg_sq"].copy_(torch.from_numpy(arrays[f"adam.v.{k}"]))
+                    st["exp_avg"].copy_(torch.from_numpy(state[f"adam.m.{k}"]))
+                    st["exp_avg_sq"].copy_(torch.from_numpy(state[f"adam.v.{k}"]))
             elif self.optim.momentum > 0:
                 for k, p in self.params.items():
-                    value = torch.from_numpy(arrays[f"sgd.momentum.{k}"])
+                    value = torch.from_numpy(state[f"sgd.momentum.{k}"])
                     st = self.opt.state[p]
                     buf = st.get("momentum_buffer")
                     if buf is not None:
@@ -130,148 +167,118 @@ class TorchBackend:
                         # a zero state is left absent: torch then starts from b = g, as fresh
                         st["momentum_buffer"] = value.to(device=self.device, copy=True)
 
-    # -- data --------------------------------------------------------------------------
-    def put(self, x: Any) -> torch.Tensor:
-        if isinstance(x, torch.Tensor):
-            return x
-        return torch.as_tensor(np.asarray(x), dtype=self.dtype, device=self.device)
-
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    # -- measurement -------------------------------------------------------------------
-    def terms(self, x: Any, eps: np.ndarray) -> Terms:
+    # -- measurement -----------------------------------------------------------------------------
+    def _loss_terms(self, x: torch.Tensor, eps: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         with torch.no_grad():
-            recon, kl = model.loss_terms(self.params, self.put(x), self.put(eps), self.spec)
-        return Terms(recon=recon.cpu().numpy(), kl=kl.cpu().numpy())
+            recon, kl = model.loss_terms(self.params, x, eps, self.spec)
+        return self._from_device(recon), self._from_device(kl)
 
-    def grads(self, x: Any, eps: np.ndarray, term: Term) -> dict[str, np.ndarray]:
-        recon, kl = model.loss_terms(self.params, self.put(x), self.put(eps), self.spec)
-        value = {"recon": recon, "kl": kl, "loss": recon + kl}[term].mean()
+    def _grads(self, x: torch.Tensor, eps: torch.Tensor, term: Term) -> dict[str, np.ndarray | None]:
+        recon, kl = model.loss_terms(self.params, x, eps, self.spec)
+        value = pick_term(term, recon, kl).mean()
         names = list(self.params)
         gs = torch.autograd.grad(value, [self.params[k] for k in names], allow_unused=True)
-        return {
-            k: (np.zeros(self.spec.param_shapes()[k], dtype=self.runtime.dtype) if g is None else g.cpu().numpy())
-            for k, g in zip(names, gs)
-        }
+        return {k: (None if g is None else self._from_device(g)) for k, g in zip(names, gs)}
 
-    def log_likelihood(self, x: Any, k: int, seed: int) -> np.ndarray:
-        xd = self.put(x)
+    def _iwae_rng(self, seed: int) -> torch.Generator:
         gen = torch.Generator(device=self.device)
         gen.manual_seed(seed)
-        chunks = []
-        with torch.no_grad():
-            for start in range(0, k, 100):
-                kk = min(100, k - start)
-                eps = torch.randn((kk, xd.shape[0], self.spec.latent), generator=gen, dtype=self.dtype, device=self.device)
-                chunks.append(model.iwae_log_weights(self.params, xd, eps, self.spec))
-            log_w = torch.cat(chunks, dim=0)
-            out = torch.logsumexp(log_w, dim=0) - math.log(k)
-        return out.cpu().numpy()
+        return gen
 
-    # -- training ----------------------------------------------------------------------
+    def _iwae_log_weights(self, x: torch.Tensor, kk: int, rng: torch.Generator) -> tuple[np.ndarray, torch.Generator]:
+        eps = torch.randn((kk, x.shape[0], self.spec.latent), generator=rng, dtype=self.dtype, device=self.device)
+        with torch.no_grad():
+            return self._from_device(self._log_weights(x, eps)), rng
+
+    # -- compiled functions ----------------------------------------------------------------------
+    def _compile(self, fn: F, what: str) -> F:
+        if not self.compiled:
+            return fn
+        counts = self._compiles
+
+        def counting_backend(gm: Any, example_inputs: Any) -> Any:
+            counts[what] += 1  # once per graph handed to inductor: a (re)compilation
+            from torch._inductor import list_mode_options
+            from torch._inductor.compile_fx import compile_fx
+
+            # the mode's inductor options (reduce-overhead: CUDA graphs), as torch.compile(mode=) would set
+            return compile_fx(gm, example_inputs, config_patches=list_mode_options(self.runtime.compile_mode))
+
+        return torch.compile(fn, backend=counting_backend, dynamic=False)  # type: ignore[return-value]
+
     def _loss(self, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         recon, kl = model.loss_terms(self.params, x, eps, self.spec)
-        return (recon + kl).mean()
+        return pick_term("loss", recon, kl).mean()
 
-    def _build_step(self) -> Any:
-        if self.runtime.mode == "eager":
-            loss_fn, opt_step = self._loss, self.opt.step
-        else:
-            backend = self
+    def _iwae(self, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        return model.iwae_log_weights(self.params, x, eps, self.spec)
 
-            def counting_backend(gm: Any, example_inputs: Any) -> Any:
-                backend._compiles += 1
-                from torch._inductor.compile_fx import compile_fx
+    def _build_step(self) -> tuple[StepDrawn, StepGiven]:
+        loss_fn = self._compile(self._loss, "step")
+        opt_step: Callable[[], Any] = self._compile(self.opt.step, "step")  # type: ignore[arg-type]
+        opt, dtype, latent, device, generator = self.opt, self.dtype, self.spec.latent, self.device, self.generator
 
-                return compile_fx(gm, example_inputs)
-
-            loss_fn = torch.compile(self._loss, backend=counting_backend, dynamic=False)
-            opt_step = torch.compile(self.opt.step, backend=counting_backend, dynamic=False)
-
-        def step(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-            self.opt.zero_grad(set_to_none=True)
+        def update(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+            opt.zero_grad(set_to_none=True)
             loss = loss_fn(x, eps)
             loss.backward()
             # torch.optim keeps Adam's step count as a tensor of the *default* dtype; compiled,
             # the bias corrections 1 - beta**step are then computed in float32 even for float64
             # parameters (6.6e-6 relative error at step 1). Run the update with the default
             # dtype equal to the parameters' dtype, as eager mode effectively does.
-            with _default_dtype(self.dtype):
+            with _default_dtype(dtype):
                 opt_step()
             return loss.detach()
 
-        return step
+        given = update  # its two halves are compiled (above): the backward runs between them
 
-    def train_step(self, x: Any, eps: np.ndarray | None = None) -> torch.Tensor:
-        xd = self.put(x)
-        if eps is None:
-            e = torch.randn((xd.shape[0], self.spec.latent), generator=self.generator, dtype=self.dtype, device=self.device)
-        else:
-            e = self.put(eps)
-        return self._step_fn(xd, e)
+        # noise from the backend's generator, drawn outside the compiled graphs (dynamo would
+        # graph-break on the generator)
+        def drawn(x: torch.Tensor) -> torch.Tensor:
+            return given(x, torch.randn((x.shape[0], latent), generator=generator, dtype=dtype, device=device))
 
-    def compile_count(self) -> int:
-        return self._compiles
+        if not self._cuda:
+            return drawn, given
+        scope = self._scope  # on CUDA: the TF32 switches scoped around each call
 
-    def version(self) -> dict[str, Any]:
+        def step_drawn(x: torch.Tensor) -> torch.Tensor:
+            with scope():
+                return drawn(x)
+
+        def step_given(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+            with scope():
+                return given(x, eps)
+
+        return step_drawn, step_given
+
+    def _build_log_weights(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        return self._compile(self._iwae, "log_likelihood")
+
+    # -- record ----------------------------------------------------------------------------------
+    def _version_common(self) -> VersionCommon:
+        with self._scope():
+            precision = torch.get_float32_matmul_precision()
+            allow_tf32 = bool(torch.backends.cuda.matmul.allow_tf32) if self._cuda else self.runtime.allow_tf32
+        return VersionCommon(
+            framework_version=torch.__version__,
+            device=str(self.device),
+            device_name=torch.cuda.get_device_name(self.device) if self._cuda else "cpu",
+            device_count=torch.cuda.device_count() if self._cuda else 1,
+            device_kind="gpu" if self._cuda else "cpu",
+            threads=torch.get_num_threads(),
+            matmul_precision=precision,
+            allow_tf32=allow_tf32,
+        )
+
+    def _version_extra(self) -> dict[str, Any]:
         info: dict[str, Any] = {
-            "framework": "torch",
-            "framework_version": torch.__version__,
-            "device": str(self.device),
-            "threads": torch.get_num_threads(),
-            "allow_tf32": torch.backends.cuda.matmul.allow_tf32,
-            "float32_matmul_precision": torch.get_float32_matmul_precision(),
+            "optimizer_foreach": self._foreach,
+            "compile_mode": self.runtime.compile_mode,
+            "interop_threads": torch.get_num_interop_threads(),
         }
-        if self.device.type == "cuda":
-            info.update(
-                device_name=torch.cuda.get_device_name(self.device),
-                device_count=torch.cuda.device_count(),
-                cuda=torch.version.cuda,
-            )
+        if self._cuda:
+            info.update(cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
         return info
 
 
-def state_shapes(spec: ModelSpec, optim: OptimSpec) -> dict[str, tuple[int, ...]]:
-    """Canonical optimizer-state names and shapes, in order."""
-    ps = spec.param_shapes()
-    if optim.name == "adam":
-        return {
-            "adam.step": (),
-            **{f"adam.m.{k}": s for k, s in ps.items()},
-            **{f"adam.v.{k}": s for k, s in ps.items()},
-        }
-    if optim.momentum > 0:
-        return {f"sgd.momentum.{k}": s for k, s in ps.items()}
-    return {}
-
-
-def _check_state(state: Mapping[str, Any], expected: dict[str, tuple[int, ...]], dtype: str) -> dict[str, np.ndarray]:
-    """Validate a canonical state against `expected` names and shapes; return host copies
-    (moments in `dtype`, the step as int64). Raises ValueError naming the offending key."""
-    listing = ", ".join(f"{k} {s}" for k, s in expected.items()) or "none (this optimizer keeps no state)"
-    unknown = [k for k in state if k not in expected]
-    if unknown:
-        raise ValueError(f"unknown optimizer-state key(s) {unknown}; expected: {listing}")
-    missing = [k for k in expected if k not in state]
-    if missing:
-        raise ValueError(f"missing optimizer-state key(s) {missing}; expected: {listing}")
-    out: dict[str, np.ndarray] = {}
-    for k, shape in expected.items():
-        a = np.asarray(state[k])
-        if a.shape != shape:
-            raise ValueError(f"optimizer-state key {k!r} has shape {a.shape}, expected {shape}; expected: {listing}")
-        if k.endswith(".step"):
-            integral = np.issubdtype(a.dtype, np.integer) or (
-                np.issubdtype(a.dtype, np.floating) and float(a).is_integer()
-            )
-            if not integral or not 0 <= float(a) < 2.0**63:
-                raise ValueError(f"optimizer-state key {k!r} must be a non-negative integer, got {a!r}")
-            out[k] = np.array(int(a), dtype=np.int64)
-        else:
-            out[k] = np.array(a, dtype=dtype, copy=True)
-    return out
-
-
-BACKEND = TorchBackend
+BACKEND: type[Backend] = TorchBackend

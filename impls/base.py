@@ -1,0 +1,488 @@
+"""The framework-neutral half of every backend: `BackendBase` implements the `Backend`
+protocol once, in NumPy, on top of a few primitives that each framework supplies.
+
+This module imports NumPy and `harness` only, never a framework. `impls/<fw>/backend.py`
+subclasses `BackendBase` and overrides only the primitives (the methods at the end of the
+class, all but `sync` private; those without a default raise NotImplementedError), the same
+names in all three backend files, in the same order:
+
+    setup           _setup                     devices, parameters, RNG, optimizer
+    data            _to_device, _tensor_dtype, _from_device, sync, _scope
+    parameters      _set_params, _get_params
+    optimizer state _get_state, _set_state
+    measurement     _loss_terms, _grads, _iwae_rng, _iwae_log_weights
+    training        _build_step, _build_log_weights, _compile
+    record          _version_common, _version_extra
+
+What is decided here, once: argument validation (dtype, device, mode, threads, term, k),
+`put`'s dtype policy, the zero-filling of unused gradients, the noise dispatch of
+`train_step`, the IWAE chunking with a streaming float64 log-sum-exp on the host, the
+compile counters, the canonical optimizer-state layout and its validation, and the keys of
+`version()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, TypedDict, TypeVar
+
+import numpy as np
+
+from harness.api import COMPILED_ALIAS, FRAMEWORK_MODES, TERMS, ModelSpec, OptimSpec, RuntimeSpec, Term, Terms
+
+DTYPE_NAMES: tuple[str, ...] = ("float32", "float64")
+DEVICES: tuple[str, ...] = ("cpu", "gpu", "auto")
+#: IWAE samples evaluated per chunk: bounds the device memory of `log_likelihood` to
+#: IWAE_CHUNK x batch x (widest layer) activations, whatever k is.
+IWAE_CHUNK = 100
+
+#: The keys every backend's `version()` reports (framework-specific extras may follow).
+VERSION_KEYS: tuple[str, ...] = (
+    "framework",
+    "framework_version",
+    "mode",
+    "dtype",
+    "device",
+    "device_name",
+    "device_count",
+    "device_kind",
+    "threads",
+    "matmul_precision",
+    "allow_tf32",
+)
+#: Never a backend key: the record's env already holds the OS string under "platform".
+RESERVED_VERSION_KEYS: frozenset[str] = frozenset({"platform"})
+
+F = TypeVar("F", bound=Callable[..., Any])
+StepDrawn = Callable[[Any], Any]
+StepGiven = Callable[[Any, Any], Any]
+
+
+class VersionCommon(TypedDict):
+    """What each framework reports for the common `version()` keys (the rest is neutral)."""
+
+    framework_version: str
+    device: str  # the framework's own name for it, e.g. "cpu", "cuda", "/GPU:0", "TFRT_CPU_0"
+    device_name: str  # "cpu" on a CPU (the record's env has the CPU model), else the GPU's name
+    device_count: int  # devices of that kind the framework sees
+    device_kind: str  # "cpu" | "gpu"
+    threads: int  # intra-op threads the framework uses
+    matmul_precision: str  # torch: float32_matmul_precision; jax: default|highest; tf: tf32|float32
+    allow_tf32: bool
+
+
+# -- validation -------------------------------------------------------------------------------
+def check_runtime(framework: str, runtime: RuntimeSpec) -> RuntimeSpec:
+    """Validate `runtime` for `framework`; returns it with the mode alias "compiled"
+    resolved. Raises ValueError naming the argument and the allowed values."""
+    if runtime.dtype not in DTYPE_NAMES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {runtime.dtype!r}")
+    if runtime.device not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {runtime.device!r}")
+    modes = FRAMEWORK_MODES[framework]
+    mode = COMPILED_ALIAS[framework] if runtime.mode == "compiled" else runtime.mode
+    if mode not in modes:
+        allowed = ", ".join((*modes, "compiled"))
+        raise ValueError(f"mode must be one of {allowed} for {framework}, got {runtime.mode!r}")
+    if isinstance(runtime.threads, bool) or not isinstance(runtime.threads, int) or runtime.threads < 0:
+        raise ValueError(f"threads must be an int >= 0 (0: the framework's default), got {runtime.threads!r}")
+    return runtime if mode == runtime.mode else dataclasses.replace(runtime, mode=mode)
+
+
+def check_term(term: object) -> Term:
+    """`term` if it names a loss part, else ValueError."""
+    if term not in TERMS:
+        raise ValueError(f"term must be one of {', '.join(TERMS)}, got {term!r}")
+    return term  # type: ignore[return-value]
+
+
+def check_k(k: object) -> int:
+    """`k` if it is an int >= 1 (NumPy integers included), else ValueError."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k (IWAE samples per example) must be an int >= 1, got {k!r}")
+    return int(k)
+
+
+def dtype_name(d: Any) -> str:
+    """"float32" for a NumPy, TensorFlow or torch float32 dtype (and so on)."""
+    name = getattr(d, "name", None)  # NumPy and TensorFlow dtypes
+    return name if isinstance(name, str) else str(d).removeprefix("torch.")
+
+
+def pick_term(term: Term, recon: Any, kl: Any) -> Any:
+    """The per-example loss part `term` from (recon, kl), for arrays of any framework."""
+    if term == "recon":
+        return recon
+    if term == "kl":
+        return kl
+    return recon + kl
+
+
+# -- optimizer state --------------------------------------------------------------------------
+def state_shapes(spec: ModelSpec, optim: OptimSpec) -> dict[str, tuple[int, ...]]:
+    """Canonical optimizer-state names and shapes, in order (see `Backend.get_state`)."""
+    ps = spec.param_shapes()
+    if optim.name == "adam":
+        return {
+            "adam.step": (),
+            **{f"adam.m.{k}": s for k, s in ps.items()},
+            **{f"adam.v.{k}": s for k, s in ps.items()},
+        }
+    if optim.momentum > 0:
+        return {f"sgd.momentum.{k}": s for k, s in ps.items()}
+    return {}
+
+
+def check_state(state: Mapping[str, Any], expected: dict[str, tuple[int, ...]], dtype: str) -> dict[str, np.ndarray]:
+    """Validate a canonical state against `expected` names and shapes; return host copies
+    (moments in `dtype`, the step as int64). Raises ValueError naming the offending key."""
+    listing = ", ".join(f"{k} {s}" for k, s in expected.items()) or "none (this optimizer keeps no state)"
+    unknown = [k for k in state if k not in expected]
+    if unknown:
+        raise ValueError(f"unknown optimizer-state key(s) {unknown}; expected: {listing}")
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise ValueError(f"missing optimizer-state key(s) {missing}; expected: {listing}")
+    out: dict[str, np.ndarray] = {}
+    for k, shape in expected.items():
+        a = np.asarray(state[k])
+        if a.shape != shape:
+            raise ValueError(f"optimizer-state key {k!r} has shape {a.shape}, expected {shape}; expected: {listing}")
+        if k.endswith(".step"):
+            integral = np.issubdtype(a.dtype, np.integer) or (
+                np.issubdtype(a.dtype, np.floating) and float(a).is_integer()
+            )
+            if not integral or not 0 <= float(a) < 2.0**63:
+                raise ValueError(f"optimizer-state key {k!r} must be a non-negative integer, got {a!r}")
+            out[k] = np.array(int(a), dtype=np.int64)
+        else:
+            out[k] = np.array(a, dtype=dtype, copy=True)
+    return out
+
+
+def check_params(params: Mapping[str, Any], expected: dict[str, tuple[int, ...]], dtype: str) -> dict[str, np.ndarray]:
+    """Validate canonical weights against `expected` names and shapes; return fresh host
+    copies in `dtype`, in canonical order. Raises ValueError naming the offending key."""
+    unknown = [k for k in params if k not in expected]
+    missing = [k for k in expected if k not in params]
+    if unknown or missing:
+        raise ValueError(
+            f"parameters do not match the model: unknown {unknown}, missing {missing}; "
+            f"expected: {', '.join(f'{k} {s}' for k, s in expected.items())}"
+        )
+    out: dict[str, np.ndarray] = {}
+    for k, shape in expected.items():
+        a = np.array(params[k], dtype=dtype, copy=True)
+        if a.shape != shape:
+            raise ValueError(f"parameter {k!r} has shape {a.shape}, expected {shape}")
+        out[k] = a
+    return out
+
+
+# -- IWAE -------------------------------------------------------------------------------------
+class StreamingLogSumExp:
+    """log(sum_k exp(w_k)) over k, fed in chunks of shape (kk, B), in float64 on the host:
+    a running maximum m and a running sum s = sum exp(w - m) per example, so memory stays
+    O(B) whatever k is. -inf weights contribute nothing; +inf and NaN propagate."""
+
+    def __init__(self) -> None:
+        self.m = np.zeros(0)
+        self.s = np.zeros(0)
+        self.n = 0
+
+    @staticmethod
+    def _shift(m: np.ndarray) -> np.ndarray:
+        return np.where(np.isfinite(m), m, 0.0)  # no finite maximum (yet): shift by 0
+
+    def add(self, w: np.ndarray) -> None:
+        w = np.asarray(w, dtype=np.float64)
+        if w.ndim != 2 or (self.n and w.shape[1] != self.m.shape[0]):
+            raise ValueError(f"log-weights must have shape (samples, batch), got {w.shape}")
+        if not self.n:
+            self.m = np.full(w.shape[1], -np.inf)
+            self.s = np.zeros(w.shape[1])
+        m = np.maximum(self.m, w.max(axis=0, initial=-np.inf))
+        new = self._shift(m)
+        with np.errstate(invalid="ignore", over="ignore"):
+            # s was relative to the old maximum (0 where there was none: then s = 0 and the
+            # factor exp(-inf) = 0; an old +inf or NaN maximum propagates)
+            self.s = self.s * np.exp(self.m - new) + np.exp(w - new).sum(axis=0)
+        self.m = m
+        self.n += w.shape[0]
+
+    def result(self) -> np.ndarray:
+        """log(sum exp(w)) over everything added, per example."""
+        if not self.n:
+            raise ValueError("no log-weights were added")
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return self._shift(self.m) + np.log(self.s)
+
+
+# -- the skeleton -----------------------------------------------------------------------------
+class BackendBase:
+    """The `harness.api.Backend` protocol, once, over framework primitives.
+
+    Subclasses set `name` (a key of `harness.api.FRAMEWORK_MODES`) and implement the
+    primitives; they do not override the public methods. Construction validates the runtime
+    (dtype float32|float64, device cpu|gpu|auto, the framework's modes or "compiled",
+    threads >= 0: ValueError naming the argument otherwise), then calls `_setup()`, then
+    `_build_step()` and `_build_log_weights()`.
+    """
+
+    name: ClassVar[str]
+    spec: ModelSpec
+    optim: OptimSpec
+    runtime: RuntimeSpec
+    #: the framework's dtype object for `runtime.dtype` (set by `_setup`)
+    dtype: Any
+
+    def __init__(self, spec: ModelSpec, optim: OptimSpec, runtime: RuntimeSpec) -> None:
+        self.runtime = check_runtime(self.name, runtime)
+        self.spec, self.optim = spec, optim
+        self.np_dtype: np.dtype = np.dtype(self.runtime.dtype)
+        self.compiled: bool = self.runtime.mode != "eager"
+        self._param_shapes = spec.param_shapes()
+        # traces/compilations, by function: incremented by the frameworks' `_compile`
+        self._compiles: dict[str, int] = {"step": 0, "log_likelihood": 0}
+        self._setup()
+        self._step_drawn, self._step_given = self._build_step()
+        self._log_weights = self._build_log_weights()
+
+    # -- parameters ---------------------------------------------------------------------------
+    def set_params(self, params: Mapping[str, np.ndarray]) -> None:
+        """Load canonical weights (`encoder.<i>.weight` in x out, ...): every canonical name,
+        nothing else, in the canonical shape (ValueError otherwise). Resets the optimizer
+        state to zero (step 0)."""
+        self._set_params(check_params(params, self._param_shapes, self.runtime.dtype))
+
+    def get_params(self) -> dict[str, np.ndarray]:
+        """Host copies of the weights, canonical names and order, in the backend's dtype."""
+        got = self._get_params()
+        return {k: got[k] for k in self._param_shapes}
+
+    # -- optimizer state ----------------------------------------------------------------------
+    def get_state(self) -> dict[str, np.ndarray]:
+        """The optimizer state under canonical names (see `harness.api.Backend.get_state`)."""
+        got = self._get_state()
+        return {k: got[k] for k in state_shapes(self.spec, self.optim)}
+
+    def set_state(self, state: Mapping[str, np.ndarray]) -> None:
+        """Load a canonical optimizer state (see `harness.api.Backend.set_state`); validated
+        first, so a rejected state changes nothing. Never recompiles the step."""
+        self._set_state(check_state(state, state_shapes(self.spec, self.optim), self.runtime.dtype))
+
+    # -- data ---------------------------------------------------------------------------------
+    def put(self, x: Any) -> Any:
+        """Stage `x` on the device in the backend's dtype. A NumPy array (or anything
+        `np.asarray` takes) must be numeric (bool, int or float) and is cast; a framework
+        tensor must already have the backend's dtype and is returned as is. ValueError
+        otherwise, naming both dtypes."""
+        got = self._tensor_dtype(x)
+        if got is not None:
+            if got is not self.dtype and got != self.dtype:  # dtypes are singletons: `is` first (fast)
+                raise ValueError(
+                    f"put got a {self.name} tensor of dtype {dtype_name(got)}, but this backend's dtype "
+                    f"is {self.runtime.dtype} (pass a NumPy array to have it cast)"
+                )
+            return x
+        try:
+            a = np.asarray(x)
+        except ValueError as exc:  # ragged nested sequences
+            raise ValueError(f"put needs a regular numeric array: {exc}") from exc
+        if a.dtype.kind not in "biuf":
+            raise ValueError(f"put needs a numeric array (bool, int or float), got dtype {a.dtype}")
+        return self._to_device(np.asarray(a, dtype=self.np_dtype))
+
+    def sync(self) -> None:
+        """Block until every queued device computation of this backend has finished."""
+        raise NotImplementedError
+
+    # -- measurement --------------------------------------------------------------------------
+    def terms(self, x: Any, eps: np.ndarray) -> Terms:
+        """Per-example `recon`, `kl` and `loss = recon + kl = -ELBO` (each shape (B,)) for
+        noise `eps` of shape (B, latent) or (K, B, latent) (recon then averaged over K)."""
+        with self._scope():
+            recon, kl = self._loss_terms(self.put(x), self.put(eps))
+        return Terms(recon=recon, kl=kl)
+
+    def grads(self, x: Any, eps: np.ndarray, term: Term) -> dict[str, np.ndarray]:
+        """Gradient of the batch mean of `term` ("loss", "recon" or "kl"; ValueError
+        otherwise) w.r.t. every canonical parameter, as host arrays in canonical order:
+        zeros where no gradient flows (a frozen block, a detached z, the decoder for "kl")."""
+        term = check_term(term)
+        with self._scope():
+            gs = self._grads(self.put(x), self.put(eps), term)
+        out: dict[str, np.ndarray] = {}
+        for k, shape in self._param_shapes.items():
+            g = gs.get(k)
+            out[k] = np.zeros(shape, dtype=self.np_dtype) if g is None else g
+        return out
+
+    def log_likelihood(self, x: Any, k: int, seed: int) -> np.ndarray:
+        """IWAE-k lower bound on log p(x), per example (float64, shape (B,)).
+
+        The k samples per example are drawn by the framework's own RNG seeded with `seed`
+        (the same seed gives the same numbers), in chunks of at most `IWAE_CHUNK`, whose
+        log-weights are reduced on the host by a streaming float64 log-sum-exp: device
+        memory does not grow with k. The per-chunk log-weights are computed by a compiled
+        function in every compiled mode (eager in eager mode). ValueError unless k is an
+        int >= 1."""
+        k = check_k(k)
+        with self._scope():
+            xd = self.put(x)
+            rng = self._iwae_rng(int(seed))
+            acc = StreamingLogSumExp()
+            for start in range(0, k, IWAE_CHUNK):
+                w, rng = self._iwae_log_weights(xd, min(IWAE_CHUNK, k - start), rng)
+                acc.add(w)
+        return acc.result() - math.log(k)
+
+    # -- training -----------------------------------------------------------------------------
+    def train_step(self, x: Any, eps: np.ndarray | None = None) -> Any:
+        """One optimizer step on the batch mean of -ELBO. The noise comes from the backend's
+        own device RNG (seeded with `runtime.seed`) when `eps` is None, else `eps` (B, latent)
+        is used. Returns the step's loss as a device scalar without a host sync (`float()`
+        of it syncs)."""
+        if eps is None:
+            return self._step_drawn(self.put(x))
+        return self._step_given(self.put(x), self.put(eps))
+
+    def compile_count(self) -> int:
+        """How many times the training step has been traced/compiled so far (0 in eager
+        mode). `log_likelihood`'s compiled function is counted apart: `compile_counts()`."""
+        return self.compile_counts()["step"]
+
+    def compile_counts(self) -> dict[str, int]:
+        """Traces/compilations so far of each compiled function: "step" (both step paths)
+        and "log_likelihood" (the per-chunk log-weights); zeros in eager mode."""
+        if not self.compiled:
+            return {what: 0 for what in self._compiles}
+        return {what: self._compile_count(what) for what in self._compiles}
+
+    def _compile_count(self, what: str) -> int:
+        """Compilations of `what` (a key of `_compiles`); JAX adds its jit cache entries."""
+        return self._compiles[what]
+
+    def _counting(self, fn: F, what: str) -> F:
+        """`fn`, counting a trace of `what` each time it runs: under tf.function or jax.jit
+        that is once per trace, never per call."""
+
+        @functools.wraps(fn)
+        def counted(*args: Any) -> Any:
+            self._compiles[what] += 1
+            return fn(*args)
+
+        return counted  # type: ignore[return-value]
+
+    # -- record -------------------------------------------------------------------------------
+    def version(self) -> dict[str, Any]:
+        """Framework version, device, threads and numeric settings for the record's env:
+        the keys of `VERSION_KEYS` in every backend, then framework-specific extras (never
+        one of the common keys, never "platform", which the env keeps for the OS)."""
+        common = self._version_common()
+        info: dict[str, Any] = {
+            "framework": self.name,
+            "framework_version": common["framework_version"],
+            "mode": self.runtime.mode,
+            "dtype": self.runtime.dtype,
+            "device": str(common["device"]),
+            "device_name": str(common["device_name"]),
+            "device_count": int(common["device_count"]),
+            "device_kind": str(common["device_kind"]),
+            "threads": int(common["threads"]),
+            "matmul_precision": str(common["matmul_precision"]),
+            "allow_tf32": bool(common["allow_tf32"]),
+        }
+        extra = self._version_extra()
+        clash = sorted((set(extra) & set(info)) | (set(extra) & RESERVED_VERSION_KEYS))
+        if clash:
+            raise RuntimeError(f"{self.name} version() extras reuse reserved key(s) {clash}")
+        info.update(extra)
+        return info
+
+    # == primitives: each framework overrides these ============================================
+    def _setup(self) -> None:
+        """Pick the device; create parameters (zeros), the training RNG and the optimizer."""
+        raise NotImplementedError
+
+    def _scope(self) -> contextlib.AbstractContextManager[Any]:
+        """Context for the methods off the hot path (terms, grads, log_likelihood): the
+        backend's device and numeric settings, where the framework keeps them in a context.
+        `train_step` does not enter it: `_build_step`'s functions carry what they need."""
+        return contextlib.nullcontext()
+
+    def _to_device(self, a: np.ndarray) -> Any:
+        """A device tensor holding `a` (already in the backend's dtype)."""
+        raise NotImplementedError
+
+    def _tensor_dtype(self, x: Any) -> Any:
+        """The framework dtype of a framework tensor (compared with `self.dtype`); None if
+        `x` is not one. On the hot path of `train_step`: keep it to an isinstance check."""
+        raise NotImplementedError
+
+    def _from_device(self, t: Any) -> np.ndarray:
+        """A host NumPy copy of a device tensor."""
+        raise NotImplementedError
+
+    def _set_params(self, params: dict[str, np.ndarray]) -> None:
+        """Write validated host weights (fresh copies) into the model; zero the optimizer state."""
+        raise NotImplementedError
+
+    def _get_params(self) -> dict[str, np.ndarray]:
+        """Host copies of the weights under canonical names."""
+        raise NotImplementedError
+
+    def _get_state(self) -> dict[str, np.ndarray]:
+        """The optimizer state under canonical names (step int64, moments in our dtype)."""
+        raise NotImplementedError
+
+    def _set_state(self, state: dict[str, np.ndarray]) -> None:
+        """Write a validated canonical state (host arrays) into the optimizer, no recompile."""
+        raise NotImplementedError
+
+    def _loss_terms(self, x: Any, eps: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Per-example (recon, kl) as host arrays, no gradient."""
+        raise NotImplementedError
+
+    def _grads(self, x: Any, eps: Any, term: Term) -> dict[str, np.ndarray | None]:
+        """Gradient of the batch mean of `pick_term(term, recon, kl)` per canonical
+        parameter, as host arrays; None for a parameter the value does not depend on."""
+        raise NotImplementedError
+
+    def _iwae_rng(self, seed: int) -> Any:
+        """A fresh framework RNG (generator or key) seeded with `seed`, for one log_likelihood."""
+        raise NotImplementedError
+
+    def _iwae_log_weights(self, x: Any, kk: int, rng: Any) -> tuple[np.ndarray, Any]:
+        """Draw (kk, B, latent) standard normals from `rng` (the framework's own kernels),
+        evaluate `self._log_weights` on them; returns the (kk, B) log-weights as NumPy and
+        the RNG to draw the next chunk from (the same object where the RNG is stateful)."""
+        raise NotImplementedError
+
+    def _build_step(self) -> tuple[StepDrawn, StepGiven]:
+        """(step_drawn(x), step_given(x, eps)), each doing one optimizer step on device
+        tensors and returning the loss as a device scalar: plain functions in eager mode,
+        `_compile`d otherwise. step_drawn draws the noise from the training RNG."""
+        raise NotImplementedError
+
+    def _build_log_weights(self) -> Callable[..., Any]:
+        """The per-chunk IWAE log-weights function on device tensors, `_compile`d in every
+        compiled mode ("log_likelihood" counter), plain in eager mode."""
+        raise NotImplementedError
+
+    def _compile(self, fn: F, what: str) -> F:
+        """`fn` compiled the framework's way for this mode (counting into `_compiles[what]`);
+        `fn` itself in eager mode."""
+        raise NotImplementedError
+
+    def _version_common(self) -> VersionCommon:
+        """The framework's values for the common `version()` keys."""
+        raise NotImplementedError
+
+    def _version_extra(self) -> dict[str, Any]:
+        """Framework-specific `version()` keys (versions of companion libraries, flags)."""
+        return {}

@@ -1,0 +1,159 @@
+"""A plain, hand-written JAX training loop of the same step as JaxBackend, and the
+device-level probes the throughput measure needs (matmul rate, peak memory).
+
+`PlainStep` is what a JAX user would write: the same canonical initial weights and model
+functions (`impls.jax.model.loss_terms`), one `jax.jit` of the whole step (noise drawn with
+jax.random inside, value_and_grad, optax update) with params, optimizer state and key
+donated; in eager mode the same function un-jitted. It is called bare: no per-call context
+managers. The one exception is a GPU run without TF32, where full-precision float32 matmuls
+need `jax.default_matmul_precision("highest")` around the call (as the backend has), so both
+compute the same thing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Mapping
+from typing import Any
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from harness.api import ModelSpec, OptimSpec  # noqa: E402
+from harness.timing import CPU_PEAK, time_steps  # noqa: E402
+from impls.jax import model  # noqa: E402
+
+DTYPES = {"float32": np.float32, "float64": np.float64}
+
+
+def resolve_device(device: str) -> Any:
+    """"cpu" | "gpu" | "auto" -> the jax device (same rule as JaxBackend)."""
+    try:
+        gpus = jax.devices("gpu")
+    except RuntimeError:
+        gpus = []
+    if device == "gpu" and not gpus:
+        raise RuntimeError("device=gpu asked for, but jax sees no GPU (is jax[cuda] installed?)")
+    if device in ("gpu", "auto") and gpus:
+        return gpus[0]
+    return jax.devices("cpu")[0]
+
+
+class PlainStep:
+    """One Adam (or SGD) step on the batch mean of -ELBO, written the plain way."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        optim: OptimSpec,
+        params: Mapping[str, np.ndarray],
+        *,
+        dtype: str = "float32",
+        mode: str = "eager",
+        device: str = "cpu",
+        seed: int = 0,
+        allow_tf32: bool = False,
+        compile_mode: str = "default",  # torch.compile's mode (torch only)
+    ) -> None:
+        if mode not in ("eager", "jit"):
+            raise ValueError(f"jax has no mode {mode!r}")
+        self.spec, self.mode = spec, mode
+        self.device = resolve_device(device)
+        self.dtype = DTYPES[dtype]
+        self._precision: Any = (
+            jax.default_matmul_precision("highest")
+            if self.device.platform == "gpu" and not allow_tf32
+            else None
+        )
+        self.params = {k: jax.device_put(np.array(v, dtype=self.dtype), self.device) for k, v in params.items()}
+        if optim.name == "adam":
+            opt = optax.adam(learning_rate=optim.lr, b1=optim.beta1, b2=optim.beta2, eps=optim.eps)
+        else:
+            opt = optax.sgd(learning_rate=optim.lr, momentum=optim.momentum or None)
+        self.opt_state = jax.device_put(opt.init(self.params), self.device)
+        self.key = jax.device_put(jax.random.key(seed), self.device)
+        latent, dt = spec.latent, self.dtype
+
+        def loss_fn(params: dict[str, jax.Array], x: jax.Array, eps: jax.Array) -> jax.Array:
+            recon, kl = model.loss_terms(params, x, eps, spec)
+            return jnp.mean(recon + kl)
+
+        def train_step(params: Any, opt_state: Any, key: jax.Array, x: jax.Array) -> tuple[Any, Any, jax.Array, jax.Array]:
+            key, sub = jax.random.split(key)
+            eps = jax.random.normal(sub, (x.shape[0], latent), dtype=dt)
+            loss, grads = jax.value_and_grad(loss_fn)(params, x, eps)
+            updates, opt_state = opt.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, key, loss
+
+        self._fn = jax.jit(train_step, donate_argnums=(0, 1, 2)) if mode == "jit" else train_step
+
+    def put(self, x: Any) -> jax.Array:
+        return jax.device_put(np.asarray(x, dtype=self.dtype), self.device)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        ctx = self._precision if self._precision is not None else contextlib.nullcontext()
+        with ctx:
+            self.params, self.opt_state, self.key, loss = self._fn(self.params, self.opt_state, self.key, x)
+        return loss
+
+    def sync(self) -> None:
+        jax.block_until_ready(self.params)
+
+    def compile_count(self) -> int:
+        """Executables in the jitted step's cache (0 in eager mode)."""
+        size = getattr(self._fn, "_cache_size", None)
+        return int(size()) if self.mode == "jit" and callable(size) else 0
+
+
+def matmul_rate(dtype: str, device: str, n: int, *, repeats: int = 10, warmup: int = 2, allow_tf32: bool = False) -> float:
+    """FLOP/s of a dense n x n @ n x n matmul (2 n^3 FLOP), jitted, median over `repeats`
+    single matmuls timed with the shared timing core (block_until_ready before every clock
+    read). Full float32 precision unless TF32 is allowed."""
+    dev = resolve_device(device)
+    precision = jax.lax.Precision.DEFAULT if allow_tf32 else jax.lax.Precision.HIGHEST
+    rng = np.random.default_rng(0)
+    a = jax.device_put(rng.standard_normal((n, n)).astype(DTYPES[dtype]), dev)
+    b = jax.device_put(rng.standard_normal((n, n)).astype(DTYPES[dtype]), dev)
+    mm = jax.jit(lambda a, b: jnp.matmul(a, b, precision=precision))
+    out: list[jax.Array] = [a]
+
+    def step() -> None:
+        out[0] = mm(a, b)
+
+    res = time_steps(step, lambda: jax.block_until_ready(out[0]), repeats, 1, warmup)
+    return 2.0 * n**3 / res.median
+
+
+def reset_peak_memory(device: str) -> None:
+    """GPU: nothing to reset (JAX keeps a process-lifetime peak; see peak_memory_bytes).
+    CPU: start the process's RSS-peak window."""
+    if resolve_device(device).platform == "cpu":
+        CPU_PEAK.reset()
+
+
+def peak_memory_bytes(device: str) -> int | None:
+    """GPU: the device's `memory_stats()["peak_bytes_in_use"]`, a process-lifetime peak that
+    JAX cannot reset (so measure in increasing order of size). CPU: harness.timing.CPU_PEAK."""
+    dev = resolve_device(device)
+    if dev.platform == "cpu":
+        return CPU_PEAK.peak_bytes()
+    stats = dev.memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else int(peak)
+
+
+def peak_memory_method(device: str) -> str:
+    if resolve_device(device).platform == "cpu":
+        return f"cpu-rss-{CPU_PEAK.method}"
+    return "jax peak_bytes_in_use (process lifetime)"
+
+
+def reset_compile_state() -> None:
+    """Drop JAX's in-memory compilation caches (jit executables, eager primitives), so the
+    next call compiles as in a fresh process."""
+    jax.clear_caches()

@@ -1,0 +1,166 @@
+"""A plain, hand-written TensorFlow training loop of the same step as TensorFlowBackend, and
+the device-level probes the throughput measure needs (matmul rate, peak memory).
+
+`PlainStep` is what a TensorFlow user would write: the same canonical initial weights and
+model functions (`impls.tensorflow.model.loss_terms`), Keras Adam with Python-float
+hyperparameters, noise from a `tf.random.Generator` drawn inside the step, one function
+for the whole step: `tf.function(jit_compile=True)` in xla mode (the noise inside the XLA
+cluster), `tf.function` in function mode, plain eager otherwise. It is called bare, with no
+per-call device scope, unless the CPU is asked for while a GPU is visible.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Mapping
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from harness.api import ModelSpec, OptimSpec  # noqa: E402
+from harness.timing import CPU_PEAK, time_steps  # noqa: E402
+from impls.tensorflow import model  # noqa: E402
+
+DTYPES = {"float32": tf.float32, "float64": tf.float64}
+
+
+def resolve_device(device: str) -> str:
+    """"cpu" | "gpu" | "auto" -> "/CPU:0" or "/GPU:0" (same rule as TensorFlowBackend)."""
+    gpus = tf.config.list_physical_devices("GPU")
+    want_gpu = device == "gpu" or (device == "auto" and bool(gpus))
+    if want_gpu and not gpus:
+        raise RuntimeError("device=gpu asked for, but tensorflow sees no GPU")
+    return "/GPU:0" if want_gpu else "/CPU:0"
+
+
+class PlainStep:
+    """One Adam (or SGD) step on the batch mean of -ELBO, written the plain way."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        optim: OptimSpec,
+        params: Mapping[str, np.ndarray],
+        *,
+        dtype: str = "float32",
+        mode: str = "eager",
+        device: str = "cpu",
+        seed: int = 0,
+        allow_tf32: bool = False,
+        compile_mode: str = "default",  # torch.compile's mode (torch only)
+    ) -> None:
+        if mode not in ("eager", "function", "xla"):
+            raise ValueError(f"tensorflow has no mode {mode!r}")
+        self.spec, self.mode = spec, mode
+        self.device = resolve_device(device)
+        self.dtype = DTYPES[dtype]
+        tf.config.experimental.enable_tensor_float_32_execution(allow_tf32)
+        # a device scope per call only where default placement would pick the wrong device
+        self._scope = self.device == "/CPU:0" and bool(tf.config.list_physical_devices("GPU"))
+        with tf.device(self.device):
+            self.params = {k: tf.Variable(np.asarray(v), dtype=self.dtype, name=k) for k, v in params.items()}
+            self.generator = tf.random.Generator.from_seed(seed)
+            if optim.name == "adam":
+                self.opt = tf.keras.optimizers.Adam(
+                    learning_rate=optim.lr, beta_1=optim.beta1, beta_2=optim.beta2, epsilon=optim.eps
+                )
+            else:
+                self.opt = tf.keras.optimizers.SGD(learning_rate=optim.lr, momentum=optim.momentum)
+            variables = list(self.params.values())
+            self.opt.build(variables)
+        latent, dt, generator, opt, ps = spec.latent, self.dtype, self.generator, self.opt, self.params
+
+        def train_step(x: tf.Tensor) -> tf.Tensor:
+            eps = generator.normal((tf.shape(x)[0], latent), dtype=dt)
+            with tf.GradientTape() as tape:
+                recon, kl = model.loss_terms(ps, x, eps, spec)
+                loss = tf.reduce_mean(recon + kl)
+            grads = tape.gradient(loss, variables)
+            opt.apply_gradients(zip(grads, variables))
+            return loss
+
+        if mode == "eager":
+            self._fn: Any = train_step
+        else:
+            self._fn = tf.function(train_step, jit_compile=mode == "xla")
+
+    def put(self, x: Any) -> tf.Tensor:
+        with tf.device(self.device):
+            return tf.identity(tf.constant(np.asarray(x), dtype=self.dtype))
+
+    def __call__(self, x: tf.Tensor) -> tf.Tensor:
+        if self._scope:
+            with tf.device(self.device):
+                return self._fn(x)
+        return self._fn(x)
+
+    def sync(self) -> None:
+        tf.test.experimental.sync_devices()
+
+    def compile_count(self) -> int:
+        """Traces of the step's tf.function (0 in eager mode)."""
+        if self.mode == "eager":
+            return 0
+        return int(self._fn.experimental_get_tracing_count())
+
+
+def matmul_rate(dtype: str, device: str, n: int, *, repeats: int = 10, warmup: int = 2, allow_tf32: bool = False) -> float:
+    """FLOP/s of a dense n x n @ n x n matmul (2 n^3 FLOP), median over `repeats` single
+    eager tf.matmul calls timed with the shared timing core (sync before every clock read)."""
+    dev = resolve_device(device)
+    old = tf.config.experimental.tensor_float_32_execution_enabled()
+    tf.config.experimental.enable_tensor_float_32_execution(allow_tf32)
+    try:
+        rng = np.random.default_rng(0)
+        with tf.device(dev):
+            a = tf.identity(tf.constant(rng.standard_normal((n, n)), dtype=DTYPES[dtype]))
+            b = tf.identity(tf.constant(rng.standard_normal((n, n)), dtype=DTYPES[dtype]))
+            out: list[tf.Tensor] = [a]
+
+            def step() -> None:
+                out[0] = tf.matmul(a, b)
+
+            res = time_steps(step, tf.test.experimental.sync_devices, repeats, 1, warmup)
+    finally:
+        tf.config.experimental.enable_tensor_float_32_execution(old)
+    return 2.0 * n**3 / res.median
+
+
+def _gpu_name(device: str) -> str:
+    return device.lstrip("/")  # "/GPU:0" -> "GPU:0", the name the memory-info API takes
+
+
+def reset_peak_memory(device: str) -> None:
+    """GPU: reset TF's allocator peak; CPU: start the process's RSS-peak window."""
+    dev = resolve_device(device)
+    if dev.startswith("/GPU"):
+        tf.test.experimental.sync_devices()
+        with contextlib.suppress(ValueError, AttributeError):  # older TF: no reset
+            tf.config.experimental.reset_memory_stats(_gpu_name(dev))
+    else:
+        CPU_PEAK.reset()
+
+
+def peak_memory_bytes(device: str) -> int | None:
+    """GPU: `tf.config.experimental.get_memory_info("GPU:0")["peak"]` since the reset (TF's
+    allocator, variables included). CPU: harness.timing.CPU_PEAK."""
+    dev = resolve_device(device)
+    if dev.startswith("/GPU"):
+        tf.test.experimental.sync_devices()
+        return int(tf.config.experimental.get_memory_info(_gpu_name(dev))["peak"])
+    return CPU_PEAK.peak_bytes()
+
+
+def peak_memory_method(device: str) -> str:
+    if resolve_device(device).startswith("/GPU"):
+        return "tf get_memory_info peak"
+    return f"cpu-rss-{CPU_PEAK.method}"
+
+
+def reset_compile_state() -> None:
+    """Nothing to drop: every PlainStep/backend builds its own tf.functions, which trace and
+    compile on their first call."""

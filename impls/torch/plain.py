@@ -1,0 +1,160 @@
+"""A plain, hand-written PyTorch training loop of the same step as TorchBackend, and the
+device-level probes the throughput measure needs (matmul rate, peak memory).
+
+`PlainStep` is what a PyTorch user would write: the same canonical initial weights and the
+same model functions (`impls.torch.model.loss_terms`), torch.optim's Adam with its defaults
+for everything the config does not set (foreach: torch's choice), noise from torch.randn,
+and in compiled mode `torch.compile` of the loss function and of `opt.step` with default
+options. The throughput measure times it beside the harness step to measure the harness's
+overhead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from harness.api import ModelSpec, OptimSpec
+from harness.timing import CPU_PEAK, time_steps
+from impls.torch import model
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def resolve_device(device: str) -> torch.device:
+    """"cpu" | "gpu" | "auto" -> the torch device (same rule as TorchBackend)."""
+    want_gpu = device == "gpu" or (device == "auto" and torch.cuda.is_available())
+    if want_gpu and not torch.cuda.is_available():
+        raise RuntimeError("device=gpu asked for, but torch sees no CUDA device")
+    return torch.device("cuda" if want_gpu else "cpu")
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+class PlainStep:
+    """One Adam (or SGD) step on the batch mean of -ELBO, written the plain way."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        optim: OptimSpec,
+        params: Mapping[str, np.ndarray],
+        *,
+        dtype: str = "float32",
+        mode: str = "eager",
+        device: str = "cpu",
+        seed: int = 0,
+        allow_tf32: bool = False,
+        compile_mode: str = "default",  # torch.compile's mode (torch only)
+    ) -> None:
+        if mode not in ("eager", "compiled"):
+            raise ValueError(f"torch has no mode {mode!r}")
+        self.spec, self.mode = spec, mode
+        self.device = resolve_device(device)
+        self.dtype = DTYPES[dtype]
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+        torch.backends.cudnn.allow_tf32 = allow_tf32
+        self.params = {
+            k: torch.tensor(np.asarray(v), dtype=self.dtype, device=self.device, requires_grad=True)
+            for k, v in params.items()
+        }
+        ps = list(self.params.values())
+        if optim.name == "adam":
+            self.opt: torch.optim.Optimizer = torch.optim.Adam(ps, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps)
+        else:
+            self.opt = torch.optim.SGD(ps, lr=optim.lr, momentum=optim.momentum)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed)
+
+        def loss_fn(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+            recon, kl = model.loss_terms(self.params, x, eps, spec)
+            return (recon + kl).mean()
+
+        if mode == "compiled":
+            self._loss = torch.compile(loss_fn, mode=compile_mode)
+            self._opt_step = torch.compile(self.opt.step, mode=compile_mode)
+        else:
+            self._loss, self._opt_step = loss_fn, self.opt.step
+
+    def put(self, x: Any) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(x), dtype=self.dtype, device=self.device)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        eps = torch.randn((x.shape[0], self.spec.latent), generator=self.generator, dtype=self.dtype, device=self.device)
+        self.opt.zero_grad(set_to_none=True)
+        loss = self._loss(x, eps)
+        loss.backward()
+        self._opt_step()
+        return loss.detach()
+
+    def sync(self) -> None:
+        _sync(self.device)
+
+    def compile_count(self) -> int:
+        """Graphs torch.compile has built in this process (dynamo's own counter; process-wide,
+        so it also moves when another compiled function in the process recompiles)."""
+        if self.mode == "eager":
+            return 0
+        from torch._dynamo.utils import counters
+
+        return int(counters["stats"]["unique_graphs"])
+
+
+def matmul_rate(dtype: str, device: str, n: int, *, repeats: int = 10, warmup: int = 2, allow_tf32: bool = False) -> float:
+    """FLOP/s of a dense n x n @ n x n matmul (2 n^3 FLOP), median over `repeats` single
+    matmuls timed with the shared timing core (sync before every clock read)."""
+    dev = resolve_device(device)
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    try:
+        g = torch.Generator(device=dev)
+        g.manual_seed(0)
+        a = torch.randn((n, n), generator=g, dtype=DTYPES[dtype], device=dev)
+        b = torch.randn((n, n), generator=g, dtype=DTYPES[dtype], device=dev)
+        out = torch.empty((n, n), dtype=DTYPES[dtype], device=dev)
+        res = time_steps(lambda: torch.matmul(a, b, out=out), lambda: _sync(dev), repeats, 1, warmup)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    return 2.0 * n**3 / res.median
+
+
+def reset_peak_memory(device: str) -> None:
+    """Start a peak-memory window: GPU: torch's allocator peak; CPU: the process's RSS peak."""
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+    else:
+        CPU_PEAK.reset()
+
+
+def peak_memory_bytes(device: str) -> int | None:
+    """GPU: torch.cuda.max_memory_allocated since the reset (tensors held by torch's caching
+    allocator, parameters and optimizer state included). CPU: harness.timing.CPU_PEAK (the
+    process's RSS peak above its level at the reset)."""
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        return int(torch.cuda.max_memory_allocated(dev))
+    return CPU_PEAK.peak_bytes()
+
+
+def peak_memory_method(device: str) -> str:
+    if resolve_device(device).type == "cuda":
+        return "torch.cuda.max_memory_allocated"
+    return f"cpu-rss-{CPU_PEAK.method}"
+
+
+def reset_compile_state() -> None:
+    """Forget every compiled graph in this process (dynamo's caches and counters), so that
+    the next torch.compile'd call traces and compiles as in a fresh process. Inductor's
+    on-disk cache is not touched (the worker gives every job an empty one)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()

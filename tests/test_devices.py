@@ -1,0 +1,80 @@
+"""GPU paths that can be checked without a GPU: a requested GPU that is absent is a clear
+error (an `unavailable` record inside a run), and torch.compile's mode reaches inductor."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from harness import ModelSpec, OptimSpec, load_backend
+from harness.api import DeviceUnavailable
+from harness.records import write_record
+from harness.worker import Job, run_in_process
+from tests.conftest import make_config
+
+SPEC = ModelSpec(x_dim=12, hidden=(10,), latent=3)
+
+
+def _has_gpu(framework: str) -> bool:
+    if framework == "torch":
+        import torch
+
+        return bool(torch.cuda.is_available())
+    if framework == "jax":
+        import jax
+
+        try:
+            return bool(jax.devices("gpu"))
+        except RuntimeError:
+            return False
+    import tensorflow as tf
+
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+@pytest.mark.parametrize("framework", ["torch", "tensorflow", "jax"])
+def test_absent_gpu_is_a_clear_error(framework: str) -> None:
+    if _has_gpu(framework):
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(DeviceUnavailable, match="device=gpu asked for"):
+        load_backend(framework, SPEC, device="gpu")
+    b = load_backend(framework, SPEC, device="auto")  # auto falls back to the CPU
+    assert b.version()["device_kind"] == "cpu"
+
+
+def test_absent_gpu_gives_an_unavailable_record(tmp_path: Path) -> None:
+    if _has_gpu("torch"):
+        pytest.skip("this machine has a GPU")
+    c = make_config(framework={"name": "torch", "device": "gpu"}, measure={"names": ["identity"]})
+    resolved = OmegaConf.to_container(OmegaConf.structured(c))
+    path = tmp_path / "identity-torch.json"
+    rec = run_in_process(Job("t", "identity", "torch", "eager", resolved, str(path)))  # type: ignore[arg-type]
+    write_record(path, rec)
+    assert rec["status"] == "unavailable" and "no CUDA device" in rec["error"]
+
+
+@pytest.mark.slow
+def test_torch_compile_mode_reaches_inductor(monkeypatch: pytest.MonkeyPatch) -> None:
+    """framework.compile_mode=reduce-overhead hands inductor the mode's options (CUDA graphs;
+    on a CPU inductor has no graphs to capture and the step is the same)."""
+    import torch._inductor.compile_fx as cfx
+
+    seen: list[object] = []
+    real = cfx.compile_fx
+
+    def spy(gm, inputs, config_patches=None, **kw):  # type: ignore[no-untyped-def]
+        seen.append(config_patches)
+        return real(gm, inputs, config_patches=config_patches, **kw)
+
+    monkeypatch.setattr(cfx, "compile_fx", spy)
+    x = (np.random.default_rng(0).uniform(size=(8, 12)) > 0.5).astype(float)
+    eps = np.random.default_rng(1).standard_normal((8, 3))
+    b = load_backend("torch", SPEC, OptimSpec(lr=0.01), mode="compiled", compile_mode="reduce-overhead")
+    eager = load_backend("torch", SPEC, OptimSpec(lr=0.01), mode="eager")
+    assert float(b.train_step(x, eps)) == pytest.approx(float(eager.train_step(x, eps)), rel=1e-6)
+    # each graph the backend hands inductor carries the options (inductor recurses without them)
+    assert seen.count({"triton.cudagraphs": True}) == b.compile_count() >= 1
+    assert b.version()["compile_mode"] == "reduce-overhead"
