@@ -17,11 +17,12 @@ against `lockstep_tol` (nats per example).
 Recorded per seed:
 - the training loss (-ELBO, batch mean, nats per example) of every step (`record_steps`: the
   first N only);
-- an evaluation at step 0, every `eval_every` steps and at the end of every epoch (eval_every=0:
-  epoch ends only): step, cumulative training wall time (evaluation excluded; `sync()` before
-  every clock read) and the test ELBO, averaged over `elbo_samples` harness noise draws per
-  example (the same draws at every evaluation and in every framework);
-- per epoch: the mean training ELBO over its steps, and the evaluation at its end;
+- an evaluation at step 0, every `eval_every` steps (0: once per epoch) and at the last step:
+  step, cumulative training wall time (`sync()` before every clock read; the clock stops at
+  every evaluation and epoch end, so evaluation and reading the losses are not counted) and the
+  test ELBO, averaged over `elbo_samples` harness noise draws per example (the same draws at
+  every evaluation and in every framework);
+- per epoch: the mean training ELBO over its steps, and the test ELBO if evaluated at its end;
 - at the end: the IWAE-k test log-likelihood (`iwae_k`, 1000 by default; the test set in row
   chunks, the backend chunks the samples) with its standard error, the gap IWAE minus final
   test ELBO (paired per example, with its standard error), and posterior-collapse diagnostics
@@ -35,7 +36,8 @@ Recorded per seed:
 
 Time to target: the first evaluation whose test ELBO reaches `target_elbo`, or, when it is
 None, the best final test ELBO among the frameworks compared minus `target_margin` (decided in
-`summarize`, across records). Reported as training wall time and step.
+`summarize`, across records; "final" is the last evaluation). Reported as training wall time
+(also without the first step, which includes tracing and compilation) and as the step.
 
 Failure: a NaN or inf training loss (or test ELBO) stops the job with status `diverged` and the
 step where it happened; what was measured up to there stays in the record.
@@ -190,8 +192,8 @@ class Evaluator:
     def __call__(self, b: Any, step: int, wall: float) -> tuple[dict[str, Any], np.ndarray]:
         per_example = self.elbo(b)
         e: dict[str, Any] = {"step": step, "wall_s": wall, "test_elbo": float(per_example.mean())}
-        if self.optimum is not None:
-            p = params64(b)
+        p = params64(b) if self.optimum is not None else {}
+        if self.optimum is not None and all(np.isfinite(v).all() for v in p.values()):
             s, L = self.spec.obs_sigma, self.spec.latent
             e["test_log_px"] = float(log_px(p, self.x_test, s).mean())
             e["gap_to_optimum"] = self.optimum_test - e["test_log_px"]

@@ -1,0 +1,249 @@
+"""The convergence measure: pPCA closed form against numerical optimisation, collapse
+diagnostics on a hand-made case, the time-to-target rule and seed aggregation on synthetic
+records, lockstep and divergence on real backends, and a summary that survives failures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from scipy.optimize import minimize
+
+from harness import ppca
+from harness.api import ModelSpec
+from harness.config import AppConfig, validate
+from harness.job import Job
+from harness.measures import convergence as cv
+from harness.measures.identity import elbo, kl_to_posterior, log_px
+from harness.schema import ConfigError
+from tests.conftest import ROOT, make_config
+
+# --- pPCA with fixed sigma -------------------------------------------------------------------
+
+
+def _data(sigma_signal: tuple[float, ...], n: int = 80, d: int = 3, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    basis, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    z = rng.normal(size=(n, d)) * np.array(sigma_signal)
+    return z @ basis.T + 0.3
+
+
+def _numerical_max(x: np.ndarray, latent: int, sigma: float, starts: int = 4) -> tuple[float, np.ndarray]:
+    """Maximise the exact mean log-likelihood over W and c by BFGS from several starts."""
+    d = x.shape[1]
+    rng = np.random.default_rng(1)
+
+    def neg(theta: np.ndarray) -> float:
+        p = {"decoder.0.weight": theta[: latent * d].reshape(latent, d), "decoder.0.bias": theta[latent * d :]}
+        return -float(log_px(p, x, sigma).mean())
+
+    best = min((minimize(neg, rng.normal(size=latent * d + d), method="BFGS", options={"gtol": 1e-10}) for _ in range(starts)),
+               key=lambda r: r.fun)
+    W = best.x[: latent * d].reshape(latent, d)
+    return -float(best.fun), W.T @ W
+
+
+@pytest.mark.parametrize(("signal", "sigma", "kept"), [((2.0, 1.2, 0.3), 0.5, 2), ((2.0, 0.4, 0.3), 0.7, 1)])
+def test_ppca_closed_form_is_the_numerical_maximum(signal: tuple[float, ...], sigma: float, kept: int) -> None:
+    """Second case: the second eigenvalue is below sigma^2, so its column is clipped to zero."""
+    x = _data(signal)
+    fit = ppca.fit(x, 2, sigma)
+    assert int(np.sum(fit.eigenvalues[:2] > sigma**2)) == kept
+    assert np.count_nonzero(np.linalg.norm(fit.W, axis=1) > 0) == kept
+    value, cov = _numerical_max(x, 2, sigma)
+    assert fit.train_log_px == pytest.approx(value, rel=1e-9, abs=1e-9)
+    np.testing.assert_allclose(fit.W.T @ fit.W, cov, atol=1e-5)  # W is identified up to rotation
+    params = fit.params()
+    np.testing.assert_allclose(log_px(params, x, sigma).mean(), fit.train_log_px, rtol=1e-12)
+    # the ELBO's optimum coincides: with the exact-posterior encoder the bound is tight
+    np.testing.assert_allclose(elbo(params, x, sigma, 2), log_px(params, x, sigma), rtol=1e-12)
+    assert np.max(np.abs(kl_to_posterior(params, x, sigma, 2))) < 1e-12
+
+
+# --- pure pieces ------------------------------------------------------------------------------
+
+
+def test_collapse_diagnostics_on_a_hand_made_case() -> None:
+    mu = np.array([[1.0, 0.5, 0.0], [-1.0, 0.5, 0.1], [1.0, 0.5, 0.0], [-1.0, 0.5, 0.1]])  # activities 1, 0, 0.0025
+    logvar = np.array([[0.0, 0.0, np.log(0.5)]] * 4)
+    d = cv.collapse_diagnostics(mu, logvar, threshold=0.01)
+    assert d["activity"] == pytest.approx([1.0, 0.0, 0.0025])
+    assert d["active_units"] == 1 and d["latent"] == 3
+    kl2 = 0.5 * (0.5 - 1.0 - np.log(0.5)) + 0.5 * np.mean(np.array([0.0, 0.1, 0.0, 0.1]) ** 2)
+    assert d["kl_per_dim"] == pytest.approx([0.5, 0.125, kl2])
+
+
+def test_mean_std_and_max_spread() -> None:
+    assert cv.mean_std([-10.0, -12.0, -14.0]) == (pytest.approx(-12.0), pytest.approx(2.0))
+    assert cv.mean_std([3.0]) == (3.0, None)
+    dev, step = cv.max_spread([[1.0, 2.0, 3.0, 9.0], [1.0, 2.5, 3.1], [1.0, 2.0, 2.9, 0.0]], steps=50)
+    assert dev == pytest.approx(0.5) and step == 2  # compared over the 3 common steps
+    assert cv.max_spread([[1.0]], steps=50)[1] == 0
+
+
+def _run(seed: int, finals: float, curve: list[tuple[int, float, float]], **final: Any) -> dict[str, Any]:
+    evals = [{"step": s, "wall_s": w, "test_elbo": e} for s, w, e in curve]
+    evals[-1]["test_elbo"] = finals
+    return {"seed": seed, "status": "ok", "error": None, "steps": evals[-1]["step"], "step_loss": [], "evals": evals,
+            "epochs": [], "first_step_s": 0.1, "train_wall_s": evals[-1]["wall_s"],
+            "final": {"test_elbo": finals, "iwae_k": 10, "test_log_likelihood": finals + 1.0, "test_log_likelihood_se": 0.1,
+                      "gap": 1.0, "kl_per_dim": [1.0, 0.0], "activity": [1.0, 0.0], "active_units": 1, "latent": 2, **final}}
+
+
+def _record(framework: str, runs: list[dict[str, Any]], status: str = "ok", error: str | None = None, **metrics: Any) -> dict[str, Any]:
+    return {"measure": "convergence", "framework": framework, "mode": "eager", "status": status, "error": error,
+            "config": {}, "metrics": {"runs": runs, **metrics}}
+
+
+CURVE = [(0, 0.0, -50.0), (10, 1.0, -30.0), (20, 2.0, -20.8), (30, 3.0, -20.0)]
+
+
+def test_time_to_target_default_rule_and_explicit_target() -> None:
+    a = _record("torch", [_run(0, -20.0, CURVE)])
+    slow = [(0, 0.0, -50.0), (10, 4.0, -40.0), (20, 8.0, -22.0), (30, 12.0, -20.5)]
+    b = _record("jax", [_run(0, -20.5, slow)])
+    target, how = cv.resolve_target([a, b])
+    assert target == pytest.approx(-21.0) and "torch" in how  # best final (-20.0) minus 1 nat
+    assert cv.first_reaching(a["metrics"]["runs"][0]["evals"], target)["step"] == 20
+    rows = {r["framework"]: r for r in cv.summarize([a, b]).rows}
+    assert rows["torch"]["time to target (s)"] == "2.00" and rows["torch"]["step at target"] == "20"
+    assert rows["jax"]["time to target (s)"] == "12.00" and rows["jax"]["step at target"] == "30"
+    # an explicit target overrides the rule; one nobody reaches is said so
+    a["metrics"]["target_elbo"] = b["metrics"]["target_elbo"] = -10.0
+    assert cv.resolve_target([a, b])[0] == -10.0
+    assert {r["time to target (s)"] for r in cv.summarize([a, b]).rows} == {"not reached"}
+
+
+def test_seed_aggregation_mean_and_std() -> None:
+    runs = [_run(s, f, CURVE, test_log_likelihood=f + 1.0) for s, f in ((0, -10.0), (1, -12.0), (2, -14.0))]
+    s = cv.summarize([_record("torch", runs)])
+    row = s.rows[0]
+    assert row["seeds"] == "0,1,2"
+    assert row["test ELBO"] == "-12.000 ± 2.000"
+    assert row["test log p(x) (IWAE-10)"] == "-11.000 ± 2.000"
+    assert row["active units"] == "1 ± 0 / 2"
+    assert any("3 seeds" in n for n in s.notes) and s.ok
+    # the compatibility keys are the means over seeds
+    for r in runs:
+        r["epochs"] = [{"epoch": 1, "train_elbo": r["final"]["test_elbo"], "test_elbo": r["final"]["test_elbo"], "wall_s": 3.0}]
+        r["time_to_target_s"] = None
+    m = cv.seed_means(runs)
+    assert m["epochs"][0]["test_elbo"] == pytest.approx(-12.0) and m["time_to_target_s"] is None
+    assert m["test_log_likelihood"] == pytest.approx(-11.0)
+
+
+def test_agreement_check_fails_when_frameworks_disagree() -> None:
+    a, b = _record("torch", [_run(0, -20.0, CURVE)]), _record("jax", [_run(0, -21.5, CURVE)])
+    s = cv.summarize([a, b])
+    assert not s.ok and any("spread across frameworks: 1.500" in n and "FAIL" in n for n in s.notes)
+
+
+def test_summarize_and_plots_survive_failed_records(tmp_path: Path) -> None:
+    ok = _record("torch", [_run(0, -20.0, CURVE)])
+    partial = _run(0, -20.0, CURVE)
+    del partial["final"]
+    partial.update(status="diverged", error="training loss nan (NaN or inf) at step 12, seed 0")
+    diverged = _record("tensorflow", [partial], status="diverged", error=partial["error"])
+    failed = {"measure": "convergence", "framework": "jax", "mode": "eager", "status": "failed", "error": "killed", "config": {},
+              "metrics": {}}
+    unavailable = {**failed, "status": "unavailable", "metrics": None, "mode": "jit"}
+    for recs in ([ok, diverged, failed, unavailable], [failed], [diverged, unavailable]):
+        s = cv.summarize(recs)
+        assert not s.ok
+        assert len({tuple(r) for r in s.rows}) == 1  # one set of columns (CSV needs it)
+        assert any("step 12" in n for n in s.notes) or diverged not in recs
+        for name, plot in cv.PLOTS.items():
+            plot(recs, tmp_path / name)
+    assert (tmp_path / "convergence.png").exists()
+
+
+def test_older_records_still_summarize() -> None:
+    recs = [json.loads(p.read_text()) for p in sorted((ROOT / "results/reference/cpu-2core").glob("convergence-*.json"))]
+    if not recs:
+        pytest.skip("no reference records")
+    s = cv.summarize(recs)
+    assert len(s.rows) == len(recs) and all(r["test ELBO"] != "-" for r in s.rows)
+
+
+def test_validate_cross_field_rules() -> None:
+    with pytest.raises(ConfigError, match="measure.convergence.seeds"):
+        validate(make_config(measure={"names": ["convergence"], "convergence": {"seeds": [0, 1, 0]}}))
+    with pytest.raises(ConfigError, match="measure.convergence.record_steps"):
+        validate(make_config(measure={"names": ["convergence"], "convergence": {"shared_noise": True, "record_steps": 10}}))
+
+
+# --- on real backends -------------------------------------------------------------------------
+
+
+def _config(data: dict[str, Any] | None = None, optim: dict[str, Any] | None = None, **convergence: Any) -> AppConfig:
+    conv = {"epochs": 1, "iwae_k": 10, "elbo_samples": 2, **convergence}
+    return make_config(measure={"names": ["convergence"], "convergence": conv}, data=data or {}, optim=optim or {},
+                       model={"hidden": [32]})
+
+
+def _job(framework: str, tmp_path: Path) -> Job:
+    return Job("r", "convergence", framework, "eager", {}, str(tmp_path / f"{framework}.json"))
+
+
+def _as_record(framework: str, res: Any) -> dict[str, Any]:
+    return {"measure": "convergence", "framework": framework, "mode": "eager", "status": res.status, "error": res.error,
+            "config": {}, "metrics": res.metrics}
+
+
+LINEAR = {"kind": "linear", "hidden": [], "latent": 4, "likelihood": "gaussian", "obs_sigma": 0.5}
+
+
+def test_diverged_run_stops_and_keeps_what_it_measured(tmp_path: Path) -> None:
+    """A planted blow-up (SGD with lr 1e30): status diverged at step 2, the next seed never runs."""
+    c = make_config(model=LINEAR, data={"source": "synthetic", "n_train": 128, "n_test": 32, "batch_size": 32},
+                    optim={"name": "sgd", "lr": 1e30},
+                    measure={"names": ["convergence"], "convergence": {"epochs": 3, "seeds": [0, 1], "eval_every": 2}})
+    res = cv.run(c, _job("torch", tmp_path))
+    assert res.status == "diverged"
+    assert "nan or inf" in res.error.lower() and "step 2" in res.error and "seed 0" in res.error
+    runs = res.metrics["runs"]
+    assert len(runs) == 1  # the next seed does not start
+    run = runs[0]
+    assert run["status"] == "diverged" and np.isfinite(run["step_loss"][0]) and not np.isfinite(run["step_loss"][1])
+    assert run["evals"][0]["step"] == 0 and np.isfinite(run["evals"][0]["test_elbo"]) and "final" not in run
+    s = cv.summarize([_as_record("torch", res)])
+    assert not s.ok and s.rows[0]["status"] == "diverged"
+
+
+@pytest.mark.slow
+def test_lockstep_two_frameworks_agree_per_step(tmp_path: Path) -> None:
+    """Same weights, batches and noise: torch and TensorFlow give the same per-step losses."""
+    c = _config(shared_noise=True, eval_every=10)
+    records = [_as_record(fw, cv.run(c, _job(fw, tmp_path))) for fw in ("torch", "tensorflow")]
+    assert all(r["status"] == "ok" for r in records)
+    losses = [r["metrics"]["runs"][0]["step_loss"] for r in records]
+    assert len(losses[0]) == 1500 // 64 == len(losses[1])
+    assert np.max(np.abs(np.subtract(*losses))) < 1e-4  # float32 rounding only
+    run = records[0]["metrics"]["runs"][0]
+    assert [e["step"] for e in run["evals"]] == [0, 10, 20, 23]  # every 10 steps and at the epoch end
+    assert run["evals"][-1]["wall_s"] == run["train_wall_s"] and run["final"]["active_units"] <= 8
+    s = cv.summarize(records)
+    assert s.ok, s.notes
+    assert any(n.startswith("lockstep") and "pass" in n for n in s.notes)
+
+
+def test_linear_evaluator_at_the_optimum(tmp_path: Path) -> None:
+    """Backend (float64) set to the pPCA optimum: the gaps vanish, and the backend's Monte Carlo
+    test ELBO (sampled reconstruction, closed-form KL) matches the optimum's exact test
+    log-likelihood within its standard error (the bound is tight at the exact posterior)."""
+    c = make_config(model=LINEAR, data={"source": "synthetic", "n_train": 500, "n_test": 100},
+                    framework={"precision": "float64"}, measure={"names": ["convergence"]})
+    ds = cv.dataset(c)
+    spec = cv.model_spec(c, ds.x_dim)
+    assert spec == ModelSpec(x_dim=16, hidden=(), latent=4, likelihood="gaussian", obs_sigma=0.5)
+    ev = cv.Evaluator(c, ds, spec)
+    assert ev.optimum is not None
+    b = cv.backend(c, "torch", spec=spec, params=ev.optimum.params())
+    e, per_example = ev(b, 0, 0.0)
+    assert abs(e["gap_to_optimum"]) < 1e-10 and abs(e["train_gap_to_optimum"]) < 1e-10 and e["posterior_gap"] < 1e-10
+    noise = per_example - log_px(ev.optimum.params(), ds.x_test, 0.5)  # Monte Carlo error alone
+    assert e["test_elbo"] == pytest.approx(ev.optimum_test + noise.mean(), abs=1e-9)
+    assert abs(noise.mean()) < 4 * noise.std(ddof=1) / np.sqrt(len(noise))
