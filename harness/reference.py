@@ -17,12 +17,7 @@ LOG_2PI = float(np.log(2.0 * np.pi))
 
 
 def _mlp(params: Mapping[str, np.ndarray], block: str, h: np.ndarray, spec: ModelSpec) -> np.ndarray:
-    n = spec.n_layers(block)
-    for i in range(n):
-        h = h @ params[f"{block}.{i}.weight"] + params[f"{block}.{i}.bias"]
-        if i < n - 1:
-            h = np.maximum(h, 0.0) if spec.activation == "relu" else np.tanh(h)
-    return h
+    return _forward(params, block, h, spec)[0]
 
 
 def encode(params: Mapping[str, np.ndarray], x: np.ndarray, spec: ModelSpec) -> tuple[np.ndarray, np.ndarray]:
@@ -57,20 +52,11 @@ def terms(params: Mapping[str, np.ndarray], x: np.ndarray, eps: np.ndarray, spec
 def activation_pattern(params: Mapping[str, np.ndarray], x: np.ndarray, eps: np.ndarray, spec: ModelSpec) -> np.ndarray:
     """Signs of every hidden pre-activation (encoder and decoder) as one flat boolean array.
     Two parameter points with the same pattern lie on the same smooth piece of a ReLU net."""
-    signs = []
-
-    def walk(block: str, h: np.ndarray) -> np.ndarray:
-        n = spec.n_layers(block)
-        for i in range(n):
-            h = h @ params[f"{block}.{i}.weight"] + params[f"{block}.{i}.bias"]
-            if i < n - 1:
-                signs.append((h > 0).ravel())
-                h = np.maximum(h, 0.0) if spec.activation == "relu" else np.tanh(h)
-        return h
-
-    out = walk("encoder", x)
+    # a hidden layer's activation (relu or tanh) is > 0 exactly where its pre-activation is
+    out, enc_inputs = _forward(params, "encoder", x, spec)
     mu, logvar = out[..., : spec.latent], out[..., spec.latent :]
-    walk("decoder", mu + np.exp(0.5 * logvar) * eps)
+    _, dec_inputs = _forward(params, "decoder", mu + np.exp(0.5 * logvar) * eps, spec)
+    signs = [(h > 0).ravel() for h in enc_inputs[1:] + dec_inputs[1:]]
     return np.concatenate(signs) if signs else np.zeros(0, dtype=bool)
 
 
