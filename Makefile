@@ -32,7 +32,9 @@ lint: $(STAMP) ## ruff and mypy
 	$(VENV)/bin/ruff check harness impls tests
 	$(VENV)/bin/mypy harness impls
 
-BENCH_FAIL ?= median:25%
+# two back-to-back `make bench` runs on the 2-core reference machine moved medians by -45% to +47%
+# (torch eager, tensorflow function): a slowdown must exceed that to be more than noise
+BENCH_FAIL ?= median:60%
 
 bench: $(STAMP) ## time one training step per framework x mode (pytest-benchmark); saves the run in .benchmarks/
 	$(PY) -m pytest tests/bench --benchmark-enable --benchmark-autosave -q
