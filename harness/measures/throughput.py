@@ -287,6 +287,10 @@ def run_batches(
                       threads=threads, allow_tf32=allow_tf32, compile_mode=compile_mode)
         env = row.pop("_version")
         rows.append(row)
+        if progress is not None:  # a line per combination as it finishes
+            ratio = f", {row['overhead_ratio']:.2f} x the plain loop's time" if "overhead_ratio" in row else ""
+            progress(f"  batch {batch}: first call {row['first_call_s']:.2f} s, {row['step_s_median'] * 1e3:.3f} ms/step, "
+                     f"{row['samples_per_s']:.4g} samples/s{ratio}")
     pl = plain_module(framework)
     rate = float(pl.matmul_rate(dtype, device, cfg.matmul_n, repeats=cfg.matmul_repeats, allow_tf32=allow_tf32))
     for row in rows:
