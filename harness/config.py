@@ -11,6 +11,7 @@ error names its key in one line.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from harness.data import DIGITS_TRAIN
 from harness.measures import MEASURES
 from harness.schema import ConfigError, check, setting
 from harness.spec import (
@@ -148,6 +150,11 @@ def validate(cfg: DictConfig | AppConfig) -> AppConfig:
             raise ConfigError("data.path", f"data={d.source} needs data.path=<.npz file or folder of IDX files>")
         if not Path(d.path).expanduser().exists():
             raise ConfigError("data.path", f"no such file or folder: {d.path}")
+    n_train = {"digits": DIGITS_TRAIN, "synthetic": d.n_train}.get(d.source)  # mnist: known once read
+    if n_train is not None and d.batch_size > n_train:
+        raise ConfigError("data.batch_size", f"{d.batch_size} is more than the {n_train} training examples of data={d.source}")
+    if not _writable(Path(c.out_dir)):
+        raise ConfigError("out_dir", f"cannot create or write {c.out_dir}")
     if d.source == "synthetic" and m.likelihood == "bernoulli":
         raise ConfigError(
             "model.likelihood", "bernoulli needs data in [0, 1]; synthetic data is real-valued: use model=linear"
@@ -157,6 +164,14 @@ def validate(cfg: DictConfig | AppConfig) -> AppConfig:
         if rule is not None:
             rule(c)
     return c
+
+
+def _writable(path: Path) -> bool:
+    """Whether `path` exists as a writable folder, or could be created under one."""
+    p = path.expanduser().absolute()
+    while not p.exists():
+        p = p.parent
+    return p.is_dir() and os.access(p, os.W_OK | os.X_OK) and not str(p).startswith("/proc")
 
 
 def record_config(resolved: dict[str, Any]) -> dict[str, Any]:

@@ -20,6 +20,7 @@ import numpy as np
 
 SOURCES = ("digits", "synthetic", "mnist", "fashion_mnist")
 DIGITS_TEST = 297
+DIGITS_TRAIN = 1797 - DIGITS_TEST  # scikit-learn ships 1,797 digits
 SPLIT_SEED = 0
 
 

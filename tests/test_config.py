@@ -64,6 +64,11 @@ MALFORMED = [
     ("measure.names=[speed]", "measure.names[0]"),
     ("model.hidden=[64,-1]", "model.hidden[1]"),
     ("data=synthetic", "model.likelihood"),  # bernoulli on real-valued data
+    ("seed=-1", "seed"),
+    ("seed=99999999999999999999", "seed"),
+    ("data.batch_size=100000", "data.batch_size"),  # more than the 1,500 digits
+    ("data=synthetic model=linear data.n_train=10 data.batch_size=64", "data.batch_size"),
+    ("out_dir=/proc/nope", "out_dir"),
 ]
 
 

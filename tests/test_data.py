@@ -13,7 +13,7 @@ from harness import data
 
 def test_digits_shapes_ranges_determinism() -> None:
     a, b = data.load("digits"), data.load("digits")
-    assert a.x_train.shape == (1500, 64) and a.x_test.shape == (297, 64)
+    assert a.x_train.shape == (data.DIGITS_TRAIN, 64) == (1500, 64) and a.x_test.shape == (297, 64)
     assert set(np.unique(a.x_train)) == {0.0, 1.0}
     np.testing.assert_array_equal(a.x_train, b.x_train)
     grey = data.load("digits", binarize=False)
