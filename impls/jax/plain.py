@@ -12,7 +12,9 @@ compute the same thing.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Mapping
 from typing import Any
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -20,8 +22,11 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import optax  # noqa: E402
 
+from harness.api import ModelSpec, OptimSpec  # noqa: E402
 from harness.timing import CPU_PEAK, time_steps  # noqa: E402
+from impls.jax import model  # noqa: E402
 
 DTYPES = {"float32": np.float32, "float64": np.float64}
 
@@ -31,6 +36,72 @@ def resolve_device(device: str) -> Any:
     from impls.jax.backend import JaxBackend
 
     return JaxBackend._pick_device(device)
+
+
+class PlainStep:
+    """One Adam (or SGD) step on the batch mean of -ELBO, written the plain way."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        optim: OptimSpec,
+        params: Mapping[str, np.ndarray],
+        *,
+        dtype: str = "float32",
+        mode: str = "eager",
+        device: str = "cpu",
+        seed: int = 0,
+        allow_tf32: bool = False,
+        compile_mode: str = "default",  # torch.compile's mode (torch only)
+    ) -> None:
+        if mode not in ("eager", "jit"):
+            raise ValueError(f"jax has no mode {mode!r}")
+        self.spec, self.mode = spec, mode
+        self.device = resolve_device(device)
+        self.dtype = DTYPES[dtype]
+        self._precision: Any = (
+            jax.default_matmul_precision("highest")
+            if self.device.platform == "gpu" and not allow_tf32
+            else None
+        )
+        self.params = {k: jax.device_put(np.array(v, dtype=self.dtype), self.device) for k, v in params.items()}
+        if optim.name == "adam":
+            opt = optax.adam(learning_rate=optim.lr, b1=optim.beta1, b2=optim.beta2, eps=optim.eps)
+        else:
+            opt = optax.sgd(learning_rate=optim.lr, momentum=optim.momentum or None)
+        self.opt_state = jax.device_put(opt.init(self.params), self.device)
+        self.key = jax.device_put(jax.random.key(seed), self.device)
+        latent, dt = spec.latent, self.dtype
+
+        def loss_fn(params: dict[str, jax.Array], x: jax.Array, eps: jax.Array) -> jax.Array:
+            recon, kl = model.loss_terms(params, x, eps, spec)
+            return jnp.mean(recon + kl)
+
+        def train_step(params: Any, opt_state: Any, key: jax.Array, x: jax.Array) -> tuple[Any, Any, jax.Array, jax.Array]:
+            key, sub = jax.random.split(key)
+            eps = jax.random.normal(sub, (x.shape[0], latent), dtype=dt)
+            loss, grads = jax.value_and_grad(loss_fn)(params, x, eps)
+            updates, opt_state = opt.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, key, loss
+
+        self._fn = jax.jit(train_step, donate_argnums=(0, 1, 2)) if mode == "jit" else train_step
+
+    def put(self, x: Any) -> jax.Array:
+        return jax.device_put(np.asarray(x, dtype=self.dtype), self.device)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        ctx = self._precision if self._precision is not None else contextlib.nullcontext()
+        with ctx:
+            self.params, self.opt_state, self.key, loss = self._fn(self.params, self.opt_state, self.key, x)
+        return loss
+
+    def sync(self) -> None:
+        jax.block_until_ready(self.params)
+
+    def compile_count(self) -> int:
+        """Executables in the jitted step's cache (0 in eager mode)."""
+        size = getattr(self._fn, "_cache_size", None)
+        return int(size()) if self.mode == "jit" and callable(size) else 0
 
 
 def matmul_rate(dtype: str, device: str, n: int, *, repeats: int = 10, warmup: int = 2, allow_tf32: bool = False) -> float:
