@@ -194,6 +194,11 @@ def _cpu_model(text: str | None = None) -> str:
     return model or platform.processor() or platform.machine()
 
 
+def compile_cache_state() -> str:
+    """"cold" when the worker gave this job an empty compile cache (worker.run_job), else "default"."""
+    return "cold" if "vaebench-compile-cache-" in os.environ.get("TORCHINDUCTOR_CACHE_DIR", "") else "default"
+
+
 def host_env() -> dict[str, Any]:
     """The framework-neutral part of the environment fingerprint."""
     status = _git("status", "--porcelain", "--untracked-files=no")
@@ -209,6 +214,6 @@ def host_env() -> dict[str, Any]:
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": None if status is None else bool(status),
         "thread_env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "XLA_FLAGS") if k in os.environ},
-        "compile_cache": "cold" if "vaebench-compile-cache-" in os.environ.get("TORCHINDUCTOR_CACHE_DIR", "") else "default",
+        "compile_cache": compile_cache_state(),
         "isa_env": isa_env(),
     }

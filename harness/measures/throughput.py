@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ from harness.init import init_params
 from harness.job import Job, Result
 from harness.measures.common import Summary, by_framework, fmt, optim_spec
 from harness.plots import COLORS, pyplot, save_png
+from harness.records import compile_cache_state
 from harness.schema import check, setting
 from harness.timing import Contender, first_call, median, time_interleaved, warm_up
 
@@ -174,11 +174,6 @@ def harness_contender(b: Any, x: Any) -> Contender:
 
 def plain_contender(p: Any, x: Any) -> Contender:
     return Contender(step=lambda: p(x), sync=p.sync, compile_count=p.compile_count)
-
-
-def compile_cache_state() -> str:
-    """As harness.records.host_env: "cold" when the worker gave this job an empty cache."""
-    return "cold" if "vaebench-compile-cache-" in os.environ.get("TORCHINDUCTOR_CACHE_DIR", "") else "default"
 
 
 def run_one(
