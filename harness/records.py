@@ -94,14 +94,39 @@ def write_record(path: Path, record: dict[str, Any]) -> Path:
     return path
 
 
-def read_record(path: Path) -> dict[str, Any]:
-    try:
-        rec = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise RecordError(f"{path}: not a readable record ({exc})") from None
+#: the type of each top-level field of a record (schema version SCHEMA_VERSION)
+FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "schema_version": int, "run_id": str, "created_at": str, "measure": str, "framework": str, "mode": str,
+    "status": str, "error": (str, type(None)), "config": dict, "env": dict, "metrics": dict,
+}
+
+
+def schema_problem(rec: Any) -> str | None:
+    """Why `rec` is not a record of this schema, or None when it is one."""
+    if not isinstance(rec, dict):
+        return f"holds a JSON {type(rec).__name__}, not an object"
     missing = [k for k in REQUIRED if k not in rec]
     if missing:
-        raise RecordError(f"{path}: record lacks {missing}")
+        return f"lacks {', '.join(missing)}"
+    if rec["schema_version"] != SCHEMA_VERSION:
+        return f"has schema_version {rec['schema_version']!r}; this vaebench reads {SCHEMA_VERSION}"
+    for key, typ in FIELD_TYPES.items():
+        if not isinstance(rec[key], typ) or (typ is int and isinstance(rec[key], bool)):
+            return f"field {key!r} is a {type(rec[key]).__name__}"
+    if rec["status"] not in STATUSES:
+        return f"status {rec['status']!r} is not one of {', '.join(STATUSES)}"
+    return None
+
+
+def read_record(path: Path) -> dict[str, Any]:
+    """One record, checked against the schema (JSON only: nothing is evaluated)."""
+    try:
+        rec = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RecordError(f"{path}: not a readable record ({exc})") from None
+    problem = schema_problem(rec)
+    if problem:
+        raise RecordError(f"{path}: not a vaebench record: it {problem}")
     return {**rec, "_file": str(Path(path).resolve())}  # where it was read from (not stored)
 
 
@@ -110,8 +135,8 @@ def read_records(folder: Path | Iterable[Path]) -> list[dict[str, Any]]:
     files = sorted(Path(folder).rglob("*.json")) if isinstance(folder, str | Path) else list(folder)
     records = []
     for f in files:
-        if f.name.startswith(".") or ".hydra" in f.parts:
-            continue
+        if f.name.startswith(".") or ".hydra" in f.parts or f.name.endswith(".partial.json"):
+            continue  # temp files of atomic writes, Hydra's own, a running job's checkpoint
         try:
             records.append(read_record(f))
         except RecordError as exc:
@@ -119,6 +144,37 @@ def read_records(folder: Path | Iterable[Path]) -> list[dict[str, Any]]:
                 continue  # job specs, not records
             print(f"warning: skipped {exc}", file=sys.stderr)
     return sorted(records, key=lambda r: (r["created_at"], r["measure"], r["framework"]))
+
+
+#: config keys that never tell two measurements apart (where results go, how progress shows)
+NEUTRAL_KEYS = ("out_dir", "progress", "resume", "parallel_throughput", "framework.name", "framework.mode",
+                "framework.timeout_s", "framework.memory_limit_mb", "measure.names")
+
+
+def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config as {"a.b.c": value}; lists as compact JSON text."""
+    if not isinstance(d, dict):
+        return {prefix.rstrip("."): json.dumps(d) if isinstance(d, list) else d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(flat(v, f"{prefix}{k}."))
+    return out
+
+
+def measured_config(rec: dict[str, Any]) -> dict[str, Any]:
+    """The flattened config keys that can change what `rec`'s measure measures (no neutral
+    keys, no other measure's section)."""
+    own = f"measure.{rec['measure']}."
+    return {k: v for k, v in flat(rec.get("config", {})).items()
+            if k not in NEUTRAL_KEYS and (not k.startswith("measure.") or k.startswith(own))}
+
+
+def config_hash(rec: dict[str, Any]) -> str:
+    """What `resume=true` matches on: measure, framework, mode and the measured config."""
+    import hashlib
+
+    key = {"measure": rec["measure"], "framework": rec["framework"], "mode": rec["mode"], **measured_config(rec)}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _git(*args: str) -> str | None:

@@ -84,7 +84,7 @@ def test_every_measure_owns_its_parts() -> None:
         assert isinstance(module.PLOTS, dict), name
         assert (ROOT / "conf" / "measure" / f"{name}.yaml").exists(), name
     # nothing outside a measure's module names it (report, worker, config, cli iterate the table)
-    for f in ("report.py", "worker.py", "config.py", "cli.py"):
+    for f in ("report.py", "compare.py", "worker.py", "config.py", "cli.py"):
         text = (ROOT / "harness" / f).read_text()
         assert not [n for n in MEASURES if f'"{n}"' in text], f
 

@@ -37,7 +37,7 @@ def test_convergence_end_to_end_torch(cli) -> None:  # type: ignore[no-untyped-d
     # tables are rebuilt from the records alone
     again = subprocess.run([sys.executable, "-m", "harness.report", str(run_dir)], cwd=ROOT, capture_output=True, text=True)
     assert again.returncode == 0
-    assert again.stdout.split("plot:")[0].strip() == (run_dir / "summary.md").read_text().strip()
+    assert again.stdout.split("\nreport: ")[0].strip() == (run_dir / "report.md").read_text().strip()
 
 
 def test_failed_job_still_finishes_with_record(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -84,7 +84,7 @@ def test_ctrl_c_stops_the_suite_and_keeps_a_record(tmp_path: Path) -> None:
     recs = read_records(out)
     assert len(recs) == 1 and recs[0]["status"] == "failed" and "interrupted" in recs[0]["error"]
     assert "[2/3]" not in rest
-    assert (next(out.glob("*/")) / "summary.md").exists()
+    assert (next(out.glob("*/")) / "report.md").exists()
 
 
 def test_mnist_from_a_local_file(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

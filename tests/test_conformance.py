@@ -145,7 +145,7 @@ def test_three_frameworks_conform_float32_and_float64(cli) -> None:  # type: ign
 
     text, ok, _ = report.build(next(cli.out_dir.glob("*/")))
     rebuilt = text.split("### Conformance")[1].split("###")[0].strip()
-    assert ok and rebuilt == table.split("###")[0].split("\nrecords:")[0].strip()
+    assert ok and rebuilt == table.split("###")[0].split("\nrecords and report:")[0].strip()
 
 
 @pytest.mark.slow

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -26,6 +28,29 @@ class Summary:
     rows: list[dict[str, Any]]
     ok: bool
     notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Quantity:
+    """One number (or verdict) that `vaebench compare` checks between a baseline and a current
+    run, with the rule that decides whether a change is a regression:
+
+    - "same": must be equal (verdicts, sparsity patterns);
+    - "rel" / "abs": |current - baseline| <= tol (relative to |baseline| for "rel");
+    - "limit": current <= tol (a deviation that must stay under its tolerance);
+    - "band": |current - baseline| <= max(band_k * spread, tol), spread = the baseline's
+      standard deviation over seeds (float32 training is not bit-reproducible across CPUs);
+    - "speed": `samples` are per-repeat times (lower is better): a regression when a one-sided
+      Mann-Whitney test says current is slower and the median slowdown exceeds the minimum effect;
+    - "info": shown, never judged.
+    """
+
+    value: Any
+    rule: str
+    tol: float = 0.0
+    spread: float | None = None
+    samples: list[float] | None = None
+    unit: str = ""
 
 
 def model_spec(c: AppConfig, x_dim: int) -> ModelSpec:
@@ -95,7 +120,14 @@ def backend(
 
 
 def progress(it: Iterable[T], c: AppConfig, **kw: Any) -> Iterable[T]:
-    return tqdm(it, disable=not c.progress, leave=False, dynamic_ncols=True, **kw)  # type: ignore[no-any-return]
+    return tqdm(it, disable=not (c.progress and on_terminal()), leave=False, dynamic_ncols=True, **kw)  # type: ignore[no-any-return]
+
+
+def on_terminal() -> bool:
+    """Whether the run's output is a terminal (the CLI tells its workers, whose stderr is a pipe,
+    through VAEBENCH_TTY): progress bars only there, never in redirected logs."""
+    flag = os.environ.get("VAEBENCH_TTY")
+    return flag == "1" if flag is not None else sys.stderr.isatty()
 
 
 def by_framework(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -103,9 +135,38 @@ def by_framework(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(records, key=lambda r: (order.get(r["framework"], 9), r["mode"]))
 
 
-def fmt(x: Any, spec: str = ".4g") -> str:
+class Num(str):
+    """A table cell: the text shown in Markdown and LaTeX, with the unrounded number behind it
+    (`raw`, and `std` over seeds where the cell is a mean) for the tidy CSV."""
+
+    raw: float
+    std: float | None
+
+    def __new__(cls, text: str, raw: float, std: float | None = None) -> Num:
+        cell = super().__new__(cls, text)
+        cell.raw, cell.std = float(raw), None if std is None else float(std)
+        return cell
+
+
+def fmt(x: Any, spec: str = ".4g", scale: float = 1.0) -> str:
+    """`x * scale` formatted for a table ("-" for None); numbers keep their raw value (Num)."""
     if x is None:
         return "-"
-    if isinstance(x, float | int | np.floating):
-        return format(float(x), spec)
+    if isinstance(x, bool):
+        return str(x)
+    if isinstance(x, float | int | np.floating | np.integer):
+        v = float(x) * scale
+        return Num(format(v, spec), v)
     return str(x)
+
+
+def pm(values: list[float], spec: str) -> str:
+    """'mean ± std' over seeds ('mean' for one seed); the raw mean and std ride along (Num)."""
+    if not values:
+        return "-"
+    arr = np.asarray(values, dtype=float)
+    mean = float(arr.mean())
+    if len(arr) == 1:
+        return Num(format(mean, spec), mean)
+    std = float(arr.std(ddof=1))
+    return Num(f"{mean:{spec}} ± {std:{spec}}", mean, std)

@@ -45,7 +45,7 @@ from harness.spec import FRAMEWORKS, TERMS, Dtype, ModelSpec, OptimSpec, choices
 
 if TYPE_CHECKING:
     from harness.config import AppConfig
-from harness.measures.common import Summary, backend, by_framework, dataset, fmt, model_spec, optim_spec
+from harness.measures.common import Quantity, Summary, backend, by_framework, dataset, fmt, model_spec, optim_spec
 from harness.records import write_atomic
 
 #: (quantity, dtype) -> tolerance on the relative deviation (terms/grads: measured worst
@@ -473,3 +473,35 @@ def summarize(records: list[dict[str, Any]]) -> Summary:
 
 
 PLOTS: dict[str, Any] = {}  # tables only
+
+
+QUESTION = "Do the frameworks agree?"
+
+
+def answer(records: list[dict[str, Any]]) -> str:
+    """One line for the suite's summary, from the records (and their arrays files)."""
+    s = summarize(records)
+    judged = [r for r in s.rows if r["pass"] != "reported"]
+    failing = [f"{r['quantity']} {r['dtype']} ({r['worst']})" for r in judged if r["pass"] != "yes"]
+    fws = ", ".join(dict.fromkeys(r["framework"] for r in records if r["status"] == "ok"))
+    if s.ok:
+        return (f"yes: {fws} agree with each other and with NumPy in all {len(judged)} judged checks "
+                "(terms, gradients, SGD and Adam steps, float32 and float64)")
+    return f"NO: {len(failing)} of {len(judged)} judged checks fail" + (f": {'; '.join(failing)}" if failing else "") + (
+        f"; {'; '.join(s.notes[:1])}" if not judged else "")
+
+
+def compared(records: list[dict[str, Any]]) -> dict[str, Quantity]:
+    """For `vaebench compare`: each judged check passes as before and its deviation stays under
+    its tolerance (deviations are rounding-level, so their size is not compared across CPUs)."""
+    out: dict[str, Quantity] = {}
+    for row in summarize(records).rows:
+        if row["pass"] == "reported":
+            continue
+        name = f"{row['quantity']} {row['dtype']}"
+        out[f"{name} pass"] = Quantity(row["pass"], "same")
+        dev = getattr(row["max rel. deviation"], "raw", None)
+        tol = getattr(row["tolerance"], "raw", None)
+        if dev is not None and tol is not None:
+            out[f"{name} deviation"] = Quantity(dev, "limit", tol)
+    return out

@@ -57,7 +57,7 @@ from harness.schema import setting
 
 if TYPE_CHECKING:
     from harness.config import AppConfig
-from harness.measures.common import Summary, backend, by_framework, dataset, fmt, model_spec, progress
+from harness.measures.common import Quantity, Summary, backend, by_framework, dataset, fmt, model_spec, progress
 
 #: theory: does each part reach each block?
 THEORY: dict[tuple[str, str], bool] = {
@@ -344,7 +344,7 @@ def summarize(records: list[dict[str, Any]]) -> Summary:
             for blk in BLOCKS:
                 s = m["matrix"][part][blk]
                 row[f"{blk} ‖grad‖"] = fmt(s["norm"], ".3e")
-                row[f"{blk} tensors≠0"] = f"{s['nonzero_fraction']:.0%}"
+                row[f"{blk} tensors≠0"] = fmt(s["nonzero_fraction"], ".0%")
                 row[f"{blk} max abs"] = fmt(s["max_abs"], ".2e")
             expect = {c["block"]: c for c in v["checks"] if c["part"] == part}
             row["theory"] = " ".join(f"{blk}:{expect[blk]['expected']}" for blk in BLOCKS if blk in expect) or "-"
@@ -417,3 +417,36 @@ def plot_gradflow_training(records: list[dict[str, Any]], path: Path) -> Path | 
 
 
 PLOTS = {"gradflow.png": plot_gradflow, "gradflow_training.png": plot_gradflow_training}
+
+
+QUESTION = "Do gradients reach both blocks?"
+
+
+def answer(records: list[dict[str, Any]]) -> str:
+    """One line for the suite's summary, from the records."""
+    good = [r for r in records if r["status"] == "ok" and "verdict" in r["metrics"]]
+    both = [r for r in good if r["metrics"]["verdict"].get("elbo_trains_encoder") and r["metrics"]["verdict"].get("elbo_trains_decoder")]
+    theory = [r for r in good if r["metrics"]["verdict"].get("matches_theory")]
+    if good and len(both) == len(theory) == len(records):
+        return (f"yes: the ELBO's gradient reaches the encoder and the decoder in {', '.join(r['framework'] for r in both)}; "
+                "the KL term reaches only the encoder, as theory says")
+    missing = [r["framework"] + ("" if r in good else f" ({r['status']})") for r in records if r not in both or r not in theory]
+    return f"NO: not as theory says in {', '.join(missing)}"
+
+
+def compared(records: list[dict[str, Any]]) -> dict[str, Quantity]:
+    """For `vaebench compare`: the part x block pattern (which gradients are zero) and the
+    verdicts must be the same; the float64 gradient norms at initialisation agree to 1e-8."""
+    out: dict[str, Quantity] = {}
+    for r in records:
+        m, fw = r["metrics"], f"{r['framework']}/{r['mode']}"
+        if r["status"] != "ok" or "matrix" not in m:
+            continue
+        for part, blocks in m["matrix"].items():
+            for blk, s in blocks.items():
+                out[f"{fw} {part}->{blk} non-zero"] = Quantity(s["nonzero_fraction"] > 0, "same")
+                out[f"{fw} {part}->{blk} norm"] = Quantity(s["norm"], "rel", 1e-8)
+        v = m["verdict"]
+        for key in ("elbo_trains_encoder", "elbo_trains_decoder", "matches_theory", "fd_ok"):
+            out[f"{fw} {key}"] = Quantity(v.get(key), "same")
+    return out

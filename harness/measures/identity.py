@@ -28,7 +28,7 @@ from harness.schema import setting
 
 if TYPE_CHECKING:
     from harness.config import AppConfig
-from harness.measures.common import Summary, backend, by_framework, fmt
+from harness.measures.common import Quantity, Summary, backend, by_framework, fmt
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -259,3 +259,34 @@ def summarize(records: list[dict[str, Any]]) -> Summary:
 
 
 PLOTS: dict[str, Any] = {}  # tables only
+
+
+QUESTION = "Does log p(x) = ELBO + KL(q ‖ posterior) hold?"
+
+
+def answer(records: list[dict[str, Any]]) -> str:
+    """One line for the suite's summary, from the records."""
+    good = [r for r in records if r["status"] == "ok" and "residual_max" in r["metrics"]]
+    bad = [f"{r['framework']} ({r['status']})" for r in records if r not in good]
+    held = [r for r in good if all(r["metrics"].get("checks", {}).values())]
+    worst = max((r["metrics"]["residual_max"] for r in good), default=float("nan"))
+    tol = good[0]["metrics"].get("tol") if good else None
+    verdict = "yes" if good and len(held) == len(records) else "NO"
+    where = ", ".join(r["framework"] for r in held) or "no framework"
+    tail = f"; not in {', '.join(bad + [r['framework'] for r in good if r not in held])}" if verdict == "NO" else ""
+    return f"{verdict}: holds in {where}, largest |log p − ELBO − KL| {worst:.1e} nats (tolerance {tol}){tail}"
+
+
+def compared(records: list[dict[str, Any]]) -> dict[str, Quantity]:
+    """For `vaebench compare`: float64 closed forms and the backend's ELBO to 1e-9 relative
+    (CPU vendors differ at ~1e-15), the residual under its tolerance, the checks' verdicts."""
+    out: dict[str, Quantity] = {}
+    for r in records:
+        m, fw = r["metrics"], f"{r['framework']}/{r['mode']}"
+        if r["status"] != "ok" or "residual_max" not in m:
+            continue
+        for key in ("log_px_mean", "elbo_mean", "gap_mean", "mc_elbo_mean"):
+            out[f"{fw} {key}"] = Quantity(m[key], "rel", 1e-9)
+        out[f"{fw} residual_max"] = Quantity(m["residual_max"], "limit", float(m["tol"]))
+        out[f"{fw} checks"] = Quantity(",".join(k for k, v in m["checks"].items() if not v) or "all pass", "same")
+    return out

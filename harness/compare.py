@@ -1,0 +1,230 @@
+"""`vaebench compare BASELINE CURRENT`: what changed between two sets of records, and whether
+it is a regression.
+
+Each measure says what it compares (`compared(records) -> {name: Quantity}` in its module;
+the rules are in `harness.measures.common.Quantity`): numerics by tolerances that hold between
+CPUs of different vendors (float64 closed forms to 1e-9 relative, conformance verdicts and
+their tolerances, gradient sparsity patterns, float32 training ELBOs within a band derived from
+the baseline's seed spread), throughput by a one-sided Mann-Whitney test on the per-repeat step
+times plus a minimum effect size. Throughput refuses to compare different environments (device,
+framework versions, CPU, threads) unless --allow-env-mismatch is given (a measure with
+`TIMING = True` in its module).
+
+Records are matched by measure and by the config keys that vary within either set (a sweep);
+a config difference between the two sets (e.g. a changed learning rate) is reported, and its
+effect is judged like any other change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tabulate import tabulate
+
+from harness.measures import MEASURES
+from harness.measures.common import Quantity, by_framework
+from harness.records import flat, write_atomic
+from harness.report import load, variant_keys, variant_of
+
+#: what must agree between the environments of two throughput measurements
+ENV_KEYS = ("device_name", "framework_version", "cpu_model", "cpu_cores", "threads", "allow_tf32", "dtype")
+#: a band of this many baseline seed standard deviations
+BAND_K = 4.0
+
+
+class EnvMismatch(Exception):
+    pass
+
+
+@dataclass
+class Change:
+    measure: str
+    variant: str
+    name: str
+    baseline: Any
+    current: Any
+    rule: str
+    verdict: str  # "ok", "REGRESSION", "faster", "new", "changed"
+
+    @property
+    def regression(self) -> bool:
+        return self.verdict == "REGRESSION"
+
+
+def _num(x: Any) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.6g}"
+    return str(x)
+
+
+def mann_whitney_slower(base: Sequence[float], cur: Sequence[float]) -> float:
+    """One-sided p-value that `cur` times are stochastically larger than `base` times."""
+    from scipy.stats import mannwhitneyu
+
+    distinct = len(set(base) | set(cur)) == len(base) + len(cur)
+    method = "exact" if distinct and len(base) + len(cur) <= 200 else "asymptotic"  # exact needs no ties
+    return float(mannwhitneyu(cur, base, alternative="greater", method=method).pvalue)
+
+
+def judge(name: str, b: Quantity | None, c: Quantity | None, min_effect: float, alpha: float) -> tuple[str, str, Any, Any]:
+    """(verdict, rule, baseline shown, current shown) for one quantity."""
+    if c is None:
+        return "REGRESSION", "missing", _num(b.value if b else None), "missing"
+    if b is None:
+        return "new", c.rule, "-", _num(c.value)
+    rule = c.rule
+    if rule == "speed":
+        assert b.samples and c.samples
+        bm, cm = sorted(b.samples)[len(b.samples) // 2], sorted(c.samples)[len(c.samples) // 2]
+        ratio = cm / bm
+        p = mann_whitney_slower(b.samples, c.samples)
+        p_fast = mann_whitney_slower(c.samples, b.samples)
+        shown = f"{_num(cm)} ({ratio - 1:+.1%}, p={p:.2g})"
+        if ratio - 1 > min_effect and p < alpha:
+            return "REGRESSION", f"slower by > {min_effect:.0%}, p < {alpha}", _num(bm), shown
+        if 1 - ratio > min_effect and p_fast < alpha:
+            return "faster", "speed", _num(bm), shown
+        return "ok", "speed", _num(bm), shown
+    if rule == "info":
+        return ("ok" if b.value == c.value else "changed"), rule, _num(b.value), _num(c.value)
+    if rule == "same":
+        return ("ok" if b.value == c.value else "REGRESSION"), rule, _num(b.value), _num(c.value)
+    bv, cv = float(b.value), float(c.value)
+    if not (math.isfinite(bv) and math.isfinite(cv)):
+        good = bv == cv or (math.isnan(bv) and math.isnan(cv))
+        return ("ok" if good else "REGRESSION"), rule, _num(bv), _num(cv)
+    if rule == "limit":
+        return ("ok" if cv <= c.tol else "REGRESSION"), f"≤ {c.tol:g}", _num(bv), _num(cv)
+    if rule == "rel":
+        good = abs(cv - bv) <= c.tol * abs(bv) or cv == bv
+        return ("ok" if good else "REGRESSION"), f"rel {c.tol:g}", _num(bv), _num(cv)
+    if rule == "abs":
+        return ("ok" if abs(cv - bv) <= c.tol else "REGRESSION"), f"abs {c.tol:g}", _num(bv), _num(cv)
+    if rule == "band":
+        width = max(BAND_K * (b.spread or 0.0), c.tol)
+        return ("ok" if abs(cv - bv) <= width else "REGRESSION"), f"± {width:.3g}", _num(bv), _num(cv)
+    raise ValueError(f"{name}: unknown comparison rule {rule!r}")
+
+
+def _groups(records: list[dict[str, Any]], keys: list[str]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        label = ", ".join(f"{k}={v}" for k, v in variant_of(r, keys).items()) or "-"
+        out.setdefault(label, []).append(r)
+    return out
+
+
+def env_differences(base: list[dict[str, Any]], cur: list[dict[str, Any]]) -> list[str]:
+    """What differs between the environments of matched records (per framework)."""
+    diffs = []
+    for fw in dict.fromkeys(r["framework"] for r in base):
+        be = [r.get("env") or {} for r in base if r["framework"] == fw]
+        ce = [r.get("env") or {} for r in cur if r["framework"] == fw]
+        if not be or not ce:
+            continue
+        for k in ENV_KEYS:
+            bv, cv = be[0].get(k), ce[0].get(k)
+            if bv != cv:
+                diffs.append(f"{fw} {k}: {bv} -> {cv}")
+    return diffs
+
+
+def config_differences(base: list[dict[str, Any]], cur: list[dict[str, Any]]) -> list[str]:
+    b, c = flat(base[0].get("config", {})), flat(cur[0].get("config", {}))
+    skip = ("out_dir", "progress", "resume", "measure.names")
+    return [f"{k}: {b.get(k)} -> {c.get(k)}" for k in sorted(set(b) | set(c)) if k not in skip and b.get(k) != c.get(k)]
+
+
+def compare(base: list[dict[str, Any]], cur: list[dict[str, Any]], *, min_effect: float = 0.10, alpha: float = 0.01,
+            allow_env_mismatch: bool = False) -> tuple[list[Change], list[str]]:
+    """Every quantity of every measure both sets hold; notes say what could not be matched."""
+    changes: list[Change] = []
+    notes: list[str] = []
+    for measure, module in MEASURES.items():
+        mb = [r for r in base if r["measure"] == measure]
+        mc = [r for r in cur if r["measure"] == measure]
+        if not mb or not mc:
+            if mb or mc:
+                notes.append(f"{measure}: only in the {'baseline' if mb else 'current'} records; not compared")
+            continue
+        fn = getattr(module, "compared", None)
+        if fn is None:
+            notes.append(f"{measure}: the measure defines no comparison")
+            continue
+        keys = sorted(set(variant_keys(mb)) | set(variant_keys(mc)))
+        gb, gc = _groups(mb, keys), _groups(mc, keys)
+        for label in dict.fromkeys([*gb, *gc]):
+            if label not in gb or label not in gc:
+                notes.append(f"{measure} [{label}]: only in the {'baseline' if label in gb else 'current'} records")
+                continue
+            rb, rc = by_framework(gb[label]), by_framework(gc[label])
+            if getattr(module, "TIMING", False):  # timings compare only within one environment
+                diffs = env_differences(rb, rc)
+                if diffs and not allow_env_mismatch:
+                    raise EnvMismatch(f"{measure} records come from different environments ({'; '.join(diffs)}); "
+                                      "timings compare only on the same machine and versions: pass --allow-env-mismatch to compare anyway")
+                notes.extend(f"{measure} [{label}]: environment differs: {d}" for d in diffs)
+            notes.extend(f"{measure} [{label}]: config differs: {d}" for d in config_differences(rb, rc))
+            qb, qc = fn(rb), fn(rc)
+            for name in dict.fromkeys([*qb, *qc]):
+                verdict, rule, shown_b, shown_c = judge(name, qb.get(name), qc.get(name), min_effect, alpha)
+                changes.append(Change(measure, label, name, shown_b, shown_c, rule, verdict))
+    return changes, notes
+
+
+def table(changes: list[Change], only_changed: bool) -> str:
+    rows = [{"measure": c.measure, "variant": c.variant, "quantity": c.name, "baseline": c.baseline, "current": c.current,
+             "rule": c.rule, "verdict": c.verdict} for c in changes if not only_changed or c.verdict != "ok" or (c.rule != "speed" and c.baseline != c.current)]
+    return tabulate(rows, headers="keys", tablefmt="github", disable_numparse=True) if rows else "(no differences)"
+
+
+def main(argv: list[str] | None = None, prog: str = "vaebench compare") -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
+                                 epilog="Exit codes: 0 no regression, 1 a regression, 2 bad input or mismatched environments.")
+    ap.add_argument("baseline", type=Path, metavar="BASELINE", help="folder (or record file) of the baseline records")
+    ap.add_argument("current", type=Path, metavar="CURRENT", help="folder (or record file) of the records to check")
+    ap.add_argument("--min-effect", type=float, default=0.10, help="smallest throughput slowdown that counts (default 0.10)")
+    ap.add_argument("--alpha", type=float, default=0.01, help="significance level of the throughput test (default 0.01)")
+    ap.add_argument("--allow-env-mismatch", action="store_true", help="compare throughput across different environments")
+    ap.add_argument("-o", "--out", type=Path, help="Markdown file for the full table (default: CURRENT/compare.md)")
+    a = ap.parse_args(argv)
+    for p in (a.baseline, a.current):
+        if not p.exists():
+            print(f"{prog}: no such folder or file: {p}", file=sys.stderr)
+            return 2
+    base, cur = load([a.baseline]), load([a.current])
+    for p, recs in ((a.baseline, base), (a.current, cur)):
+        if not recs:
+            print(f"{prog}: no records under {p}", file=sys.stderr)
+            return 2
+    try:
+        changes, notes = compare(base, cur, min_effect=a.min_effect, alpha=a.alpha, allow_env_mismatch=a.allow_env_mismatch)
+    except EnvMismatch as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
+    bad = [c for c in changes if c.regression]
+    head = f"compare {a.baseline} -> {a.current}: {len(changes)} quantities, {len(bad)} regression(s)"
+    out = a.out or ((a.current if a.current.is_dir() else a.current.parent) / "compare.md")
+    full = "\n".join([f"# {head}", "", table(changes, only_changed=False), "", *[f"- {n}" for n in notes], ""])
+    write_atomic(out, full.encode())
+    print(table(changes, only_changed=True))
+    for n in notes:
+        print(f"note: {n}")
+    print(head)
+    print(f"table: {out}")
+    if not changes:
+        print(f"{prog}: nothing in common to compare", file=sys.stderr)
+        return 2
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(prog="python -m harness.compare"))

@@ -1,0 +1,174 @@
+"""`vaebench compare BASELINE CURRENT`: exit 1 on a regression, 0 otherwise, 2 on bad input or
+mismatched throughput environments."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from harness import compare
+from harness.measures.common import Quantity
+from harness.records import read_records, write_record
+from tests.conftest import ROOT
+
+REF = ROOT / "results" / "reference" / "cpu-2core"
+
+
+def _copy(tmp_path: Path, name: str) -> Path:
+    out = tmp_path / name
+    shutil.copytree(REF, out, ignore=shutil.ignore_patterns("*.md", "*.html", "*.csv", "*.tex", "*.png", "jobs", "cli.log"))
+    return out
+
+
+def _edit(run: Path, measure: str, fn: Any, framework: str | None = None) -> None:
+    for r in read_records(run):
+        if r["measure"] == measure and framework in (None, r["framework"]):
+            rec = copy.deepcopy(r)
+            fn(rec)
+            write_record(Path(r["_file"]), rec)
+
+
+def _cmp(base: Path, cur: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "harness.cli", "compare", str(base), str(cur), *extra],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_a_run_against_itself_passes(tmp_path: Path) -> None:
+    cur = _copy(tmp_path, "cur")
+    r = _cmp(REF, cur)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert "0 regression(s)" in r.stdout and (cur / "compare.md").exists()
+    changes, _ = compare.compare(read_records(REF), read_records(cur))
+    assert {c.measure for c in changes} >= {"identity", "gradflow", "conformance", "convergence", "throughput"}
+    assert all(c.verdict == "ok" for c in changes)
+
+
+def _slower(factor: float) -> Any:
+    def edit(rec: dict[str, Any]) -> None:
+        for b in rec["metrics"]["batches"]:
+            b["step_s_samples"] = [s * factor for s in b["step_s_samples"]]
+            b["step_s_median"] *= factor
+    return edit
+
+
+def test_a_planted_20_percent_throughput_drop_fails(tmp_path: Path) -> None:
+    cur = _copy(tmp_path, "cur")
+    _edit(cur, "throughput", _slower(1 / 0.8), framework="jax")  # 20% fewer samples/s = 25% longer steps
+    r = _cmp(REF, cur)
+    assert r.returncode == 1, r.stdout[-3000:]
+    bad = [ln for ln in r.stdout.splitlines() if "REGRESSION" in ln]
+    assert bad and all("throughput" in ln and "jax/" in ln for ln in bad)
+    # a 5% change is below the minimum effect (10%): not a regression, even if significant
+    small = _copy(tmp_path, "small")
+    _edit(small, "throughput", _slower(1.05), framework="jax")
+    assert _cmp(REF, small).returncode == 0
+
+
+def test_mann_whitney_against_its_closed_form() -> None:
+    """Fully separated samples of 10 and 10: P(U >= 100) = 1 / C(20, 10) under the null."""
+    base = list(np.linspace(1.0, 1.1, 10))
+    assert compare.mann_whitney_slower(base, [x + 1 for x in base]) == pytest.approx(1 / math.comb(20, 10), rel=1e-9)
+    assert compare.mann_whitney_slower([x + 1 for x in base], base) == pytest.approx(1.0)
+
+
+def test_throughput_refuses_a_different_environment(tmp_path: Path) -> None:
+    cur = _copy(tmp_path, "cur")
+
+    def other_version(rec: dict[str, Any]) -> None:
+        rec["env"]["framework_version"] = "0.0.0-other"
+    _edit(cur, "throughput", other_version, framework="torch")
+    r = _cmp(REF, cur)
+    assert r.returncode == 2 and "framework_version" in r.stderr and "--allow-env-mismatch" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert _cmp(REF, cur, "--allow-env-mismatch").returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("measure", "edit", "regression"),
+    [
+        # float64 closed forms: a rounding-level change (another CPU vendor) passes, a real one fails
+        ("identity", lambda r: r["metrics"].__setitem__("elbo_mean", r["metrics"]["elbo_mean"] * (1 + 1e-13)), False),
+        ("identity", lambda r: r["metrics"].__setitem__("elbo_mean", r["metrics"]["elbo_mean"] * (1 + 1e-6)), True),
+        ("identity", lambda r: r["metrics"].__setitem__("residual_max", 1.0), True),
+        ("gradflow", lambda r: r["metrics"]["matrix"]["loss"]["encoder"].__setitem__(
+            "norm", r["metrics"]["matrix"]["loss"]["encoder"]["norm"] * (1 + 1e-12)), False),
+        ("gradflow", lambda r: r["metrics"]["matrix"]["kl"]["decoder"].__setitem__("nonzero_fraction", 0.5), True),
+        ("gradflow", lambda r: r["metrics"]["verdict"].__setitem__("elbo_trains_encoder", False), True),
+        ("convergence", lambda r: r["metrics"]["runs"].__setitem__(slice(1, None), []), True),  # seeds lost
+        ("convergence", lambda r: r.update(status="failed", metrics={**r["metrics"], "runs": []}), True),
+    ],
+    ids=["identity-ulp", "identity-1e-6", "identity-residual", "gradflow-ulp", "gradflow-pattern", "gradflow-verdict",
+         "convergence-seeds", "convergence-failed"],
+)
+def test_numeric_tolerances(tmp_path: Path, measure: str, edit: Any, regression: bool) -> None:
+    cur = _copy(tmp_path, "cur")
+    _edit(cur, measure, edit, framework="tensorflow")
+    changes, _ = compare.compare(read_records(REF), read_records(cur))
+    bad = [c for c in changes if c.regression]
+    assert bool(bad) is regression, [c.__dict__ for c in bad]
+    assert all(c.measure == measure and c.name.startswith("tensorflow") for c in bad)
+
+
+def test_convergence_band_comes_from_the_seed_spread() -> None:
+    spread = 0.2
+    base = Quantity(-22.0, "band", 0.05, spread=spread)
+    inside = Quantity(-22.0 + 0.9 * compare.BAND_K * spread, "band", 0.05, spread=0.01)
+    outside = Quantity(-22.0 - 1.1 * compare.BAND_K * spread, "band", 0.05, spread=0.01)
+    assert compare.judge("x", base, inside, 0.1, 0.01)[0] == "ok"
+    assert compare.judge("x", base, outside, 0.1, 0.01)[0] == "REGRESSION"
+    # with one seed (no spread) the floor still allows rounding-level changes only
+    one = Quantity(-22.0, "band", 0.05)
+    assert compare.judge("x", one, Quantity(-22.04, "band", 0.05), 0.1, 0.01)[0] == "ok"
+    assert compare.judge("x", one, Quantity(-22.2, "band", 0.05), 0.1, 0.01)[0] == "REGRESSION"
+
+
+def test_conformance_check_that_now_fails_is_a_regression(tmp_path: Path) -> None:
+    cur = _copy(tmp_path, "cur")
+    rec = next(r for r in read_records(cur) if r["measure"] == "conformance" and r["framework"] == "jax")
+    arrays = Path(rec["_file"]).parent / rec["metrics"]["arrays"]
+    with np.load(arrays) as f:
+        data = {k: f[k] for k in f.files}
+    key = next(k for k in data if k.startswith("float64/terms/"))
+    data[key] = data[key] * (1 + 1e-6)  # a real disagreement in the float64 terms
+    np.savez(arrays, **data)
+    changes, _ = compare.compare(read_records(REF), read_records(cur))
+    bad = {c.name for c in changes if c.regression}
+    assert bad and all("float64" in n and n.startswith("terms") for n in bad), bad
+
+
+@pytest.mark.slow
+def test_a_changed_learning_rate_fails_on_the_elbo(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Real runs: the same config twice passes; a changed learning rate fails on the ELBO."""
+    common = ("framework=torch", "measure=convergence", "measure.convergence.epochs=3", "measure.convergence.iwae_k=50",
+              "measure.convergence.seeds=[0,1,2]")
+    runs = {}
+    for name, extra in (("base", ()), ("again", ()), ("lr", ("optim.lr=0.003",))):
+        r = cli(*common, *extra, f"hydra.run.dir={tmp_path / name}")
+        assert r.returncode == 0, r.stderr[-2000:]
+        runs[name] = tmp_path / name
+    assert _cmp(runs["base"], runs["again"]).returncode == 0
+    r = _cmp(runs["base"], runs["lr"])
+    assert r.returncode == 1, r.stdout
+    assert "optim.lr: 0.001 -> 0.003" in r.stdout
+    assert any("REGRESSION" in ln and "test ELBO" in ln for ln in r.stdout.splitlines())
+
+
+def test_bad_input(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    r = _cmp(REF, tmp_path / "nope")
+    assert r.returncode == 2 and "no such folder" in r.stderr
+    r = _cmp(REF, tmp_path / "empty")
+    assert r.returncode == 2 and "no records" in r.stderr
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "x.json").write_text(json.dumps({"hello": 1}))
+    r = _cmp(REF, tmp_path / "junk")
+    assert r.returncode == 2 and "x.json" in r.stderr

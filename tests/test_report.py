@@ -1,0 +1,218 @@
+"""`vaebench report`: tables, tidy CSV, report.md/html from records alone; combined runs, seeds,
+failed and malformed records."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from harness import report
+from harness.measures import MEASURES
+from harness.records import read_records, write_record
+from tests.conftest import ROOT
+
+REF = ROOT / "results" / "reference" / "cpu-2core"
+OUTPUTS = ("report.md", "report.html")
+
+
+def _copy_ref(tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(REF, run, ignore=shutil.ignore_patterns("*.md", "*.html", "*.csv", "*.tex", "*.png", "jobs"))
+    return run
+
+
+def _outputs(run: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in run.iterdir() if p.suffix in (".md", ".csv", ".tex", ".html")}
+
+
+def test_reference_holds_every_suite_measure() -> None:
+    measures = {r["measure"] for r in read_records(REF)}
+    assert {"conformance", "gradflow", "identity", "throughput", "convergence"} <= measures
+
+
+def test_rebuilt_report_is_the_same(tmp_path: Path) -> None:
+    """Delete a run's report and rebuild it from the records: the same tables come out."""
+    run = _copy_ref(tmp_path)
+    report.build(run)
+    first = _outputs(run)
+    assert {f"{m}.{ext}" for m in ("identity", "gradflow", "conformance", "convergence", "throughput")
+            for ext in ("md", "csv", "tex")} | set(OUTPUTS) <= set(first)
+    for name in first:
+        (run / name).unlink()
+    report.build(run)
+    assert _outputs(run) == first
+
+
+def test_tidy_csv_holds_raw_numbers(tmp_path: Path) -> None:
+    run = _copy_ref(tmp_path)
+    report.build(run)
+    recs = {r["framework"]: r for r in read_records(run) if r["measure"] == "identity"}
+    ident = pd.read_csv(run / "identity.csv")
+    torch_row = ident[ident["framework"] == "torch"].iloc[0]
+    assert torch_row["ELBO"] == recs["torch"]["metrics"]["elbo_mean"]  # exact: not the 4-digit text
+    conv = pd.read_csv(run / "convergence.csv")
+    crec = next(r for r in read_records(run) if r["measure"] == "convergence" and r["framework"] == "jax")
+    elbos = [x["evals"][-1]["test_elbo"] for x in crec["metrics"]["runs"]]
+    row = conv[conv["framework"] == "jax"].iloc[0]
+    assert row["test ELBO"] == pytest.approx(np.mean(elbos), rel=1e-12)
+    if len(elbos) > 1:
+        assert row["test ELBO std"] == pytest.approx(np.std(elbos, ddof=1), rel=1e-12)
+    thr = pd.read_csv(run / "throughput.csv")
+    assert thr["samples/s"].dtype.kind == "f" and (thr["samples/s"] > 0).all()
+    for m in MEASURES:
+        if (run / f"{m}.csv").exists():
+            assert len(pd.read_csv(run / f"{m}.csv")) > 0
+
+
+def _fail(rec: dict[str, Any], partial: bool) -> dict[str, Any]:
+    bad = copy.deepcopy(rec)
+    bad["status"], bad["error"] = "failed", "worker died of SIGKILL"
+    if not partial:
+        bad["metrics"] = {}
+    else:  # a killed job keeps what it reached: drop the finished parts, keep some keys
+        bad["metrics"] = {k: v for i, (k, v) in enumerate(bad["metrics"].items()) if i % 2 == 0}
+    return bad
+
+
+@pytest.mark.parametrize("partial", [False, True], ids=["no metrics", "partial metrics"])
+def test_one_failed_job_in_every_measure_renders(tmp_path: Path, partial: bool) -> None:
+    """A run where one job of every measure failed: a report with empty cells, never a crash."""
+    run = _copy_ref(tmp_path)
+    victims = {}
+    for r in read_records(run):
+        if r["framework"] == "tensorflow":
+            victims[r["measure"]] = r
+            write_record(Path(r["_file"]), _fail(r, partial))
+    text, ok, _ = report.build(run)
+    assert not ok
+    assert "could not summarize" not in text  # the measures handle it themselves
+    for m in victims:
+        assert (run / f"{m}.md").exists()
+        tidy = pd.read_csv(run / f"{m}.csv")
+        assert len(tidy) > 0
+    ident = pd.read_csv(run / "identity.csv")
+    assert np.isnan(ident[ident["framework"] == "tensorflow"].iloc[0].get("ELBO", np.nan))
+    assert "tensorflow" in (run / "report.html").read_text()
+
+
+def test_malformed_records_are_skipped_by_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = _copy_ref(tmp_path)
+    good = len(read_records(run))
+    capsys.readouterr()
+    rec = json.loads(next(run.glob("identity-torch-*.json")).read_text())
+    (run / "truncated.json").write_text(json.dumps(rec)[:200])
+    (run / "a-list.json").write_text("[1, 2]")
+    (run / "future.json").write_text(json.dumps({**rec, "schema_version": 99}))
+    (run / "bad-status.json").write_text(json.dumps({**rec, "status": "great"}))
+    (run / "bad-type.json").write_text(json.dumps({**rec, "metrics": "pickle:..."}))
+    assert len(read_records(run)) == good
+    err = capsys.readouterr().err
+    for name in ("truncated.json", "a-list.json", "future.json", "bad-status.json", "bad-type.json"):
+        assert re.search(rf"warning: skipped .*{name}", err), name
+    assert report.main([str(run)]) == 0
+
+
+def _variant(rec: dict[str, Any], latent: int, seed: int, shift: float) -> dict[str, Any]:
+    r = copy.deepcopy(rec)
+    r["config"]["model"]["latent"] = latent
+    r["config"]["seed"] = seed
+    r["metrics"]["elbo_mean"] += shift
+    r["run_id"] = f"sweep-{latent}-{seed}"
+    return r
+
+
+def test_combined_runs_carry_differing_keys_and_aggregate_seeds(tmp_path: Path) -> None:
+    """Records from a sweep over model.latent x seed: rows name the latent size; seeds
+    aggregate to mean ± std (checked against NumPy)."""
+    base = {r["framework"]: r for r in read_records(REF) if r["measure"] == "identity"}
+    shifts = {(2, 0): 0.0, (2, 1): 0.5, (2, 2): 1.5, (8, 0): -1.0, (8, 1): -3.0, (8, 2): -2.0}
+    for (latent, seed), shift in shifts.items():
+        for fw, rec in base.items():
+            write_record(tmp_path / f"run-{latent}-{seed}" / f"identity-{fw}.json", _variant(rec, latent, seed, shift))
+    out = tmp_path / "combined"
+    assert report.main([str(p) for p in sorted(tmp_path.glob("run-*"))] + ["-o", str(out)]) == 0
+    tidy = pd.read_csv(out / "identity.csv")
+    assert len(tidy) == 2 * len(base)
+    assert set(tidy["model.latent"]) == {2, 8} and (tidy["seeds"] == 3).all()
+    for latent in (2, 8):
+        vals = [base["torch"]["metrics"]["elbo_mean"] + shifts[(latent, s)] for s in range(3)]
+        row = tidy[(tidy["model.latent"] == latent) & (tidy["framework"] == "torch")].iloc[0]
+        assert row["ELBO"] == pytest.approx(np.mean(vals), rel=1e-12)
+        assert row["ELBO std"] == pytest.approx(np.std(vals, ddof=1), rel=1e-12)
+    md = (out / "identity.md").read_text()
+    assert "model.latent" in md and "±" in md and md.count("| torch") == 2
+
+
+def test_report_html_is_self_contained(tmp_path: Path) -> None:
+    run = _copy_ref(tmp_path)
+    report.build(run)
+    page = (run / "report.html").read_text()
+    assert "<script" not in page and not re.search(r"""(src|href)=["']?(https?:|//|file:)""", page)
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(images) == len(list(run.glob("*.png"))) > 0
+    assert all(base64.b64decode(b)[:8] == b"\x89PNG\r\n\x1a\n" for b in images)
+    env = read_records(run)[0]["env"]
+    for fact in (env["framework_version"], env["cpu_model"], env["git_commit"][:10]):
+        assert fact in page
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+PROBE = """<pre id="vaebench-probe"></pre><script>
+const errors = [];
+window.addEventListener('error', e => errors.push(String(e.message || e.target.src || 'error')), true);
+window.addEventListener('load', () => {
+  const imgs = [...document.images].map(i => i.complete && i.naturalWidth > 0 && i.naturalHeight > 0);
+  document.getElementById('vaebench-probe').textContent = JSON.stringify({
+    errors, imgs, tables: document.querySelectorAll('table').length,
+    rows: document.querySelectorAll('tr').length, title: document.title});
+});
+</script>"""
+
+
+def _browse(page: Path) -> dict[str, Any]:
+    assert CHROMIUM is not None
+    probe = page.with_name("probe.html")
+    probe.write_text(page.read_text().replace("<body>", "<body>" + PROBE, 1))
+    r = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", "--virtual-time-budget=10000",
+                        probe.as_uri()], capture_output=True, text=True, timeout=120)
+    found = re.search(r'<pre id="vaebench-probe">(.*?)</pre>', r.stdout, re.S)
+    assert found and found.group(1), r.stderr[-2000:]
+    return json.loads(found.group(1).replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">"))
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium installed (.ci/run installs Debian's chromium)")
+def test_report_html_in_a_real_browser(tmp_path: Path) -> None:
+    """Headless Chromium loads report.html without errors, every image decodes, the tables are
+    there; a broken image is caught (negative control)."""
+    run = _copy_ref(tmp_path)
+    report.build(run)
+    seen = _browse(run / "report.html")
+    assert seen["errors"] == [] and seen["title"] == "vaebench report"
+    assert len(seen["imgs"]) == len(list(run.glob("*.png"))) > 0 and all(seen["imgs"])
+    n_tables = len(report.tables(read_records(run))) + 1  # + environments
+    assert seen["tables"] == n_tables and seen["rows"] > 3 * n_tables
+    broken = run / "broken.html"
+    broken.write_text((run / "report.html").read_text().replace("data:image/png;base64,iVBOR", "data:image/png;base64,AAAA", 1))
+    assert not all(_browse(broken)["imgs"])
+
+
+def test_report_subcommand_and_errors(tmp_path: Path) -> None:
+    run = _copy_ref(tmp_path)
+    r = subprocess.run([sys.executable, "-m", "harness.cli", "report", str(run)], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (run / "report.html").exists() and "report:" in r.stdout
+    for args, msg in (([str(tmp_path / "nope")], "no such folder"), ([str(tmp_path / "empty")], "no records")):
+        (tmp_path / "empty").mkdir(exist_ok=True)
+        r = subprocess.run([sys.executable, "-m", "harness.cli", "report", *args], cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1
