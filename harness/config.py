@@ -19,7 +19,9 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from harness.data import DIGITS_TRAIN
+from harness.data import DIGITS_TRAIN, DataError
+from harness.data import FORMATS as DATA_FORMATS
+from harness.data import inspect as inspect_data
 from harness.measures import MEASURES
 from harness.schema import ConfigError, check, setting
 from harness.spec import (
@@ -49,7 +51,12 @@ class FrameworkConfig:
     threads: int = setting(0, ge=0)  # 0: framework default
     allow_tf32: bool = False
     compile_mode: str = setting("default", choices=choices(TorchCompileMode))  # torch.compile's mode (torch only)
-    timeout_s: int = setting(900, gt=0)  # per job, enforced by the parent process
+    # per job, enforced by the parent process; the clock starts with the job's process, so it
+    # counts importing the framework and compiling (seconds of each), not only the measure
+    timeout_s: int = setting(900, gt=0)
+    # cap on the job's process memory (data segment, MiB; 0: none): over it a job fails
+    # "out of memory" instead of swapping or meeting the kernel's OOM killer
+    memory_limit_mb: int = setting(0, ge=0)
 
 
 @dataclass
@@ -110,7 +117,9 @@ class AppConfig:
     measure: Any = field(default_factory=MeasureConfig)  # MeasureConfig (built from the registry)
     seed: int = setting(0, ge=0, lt=2**32)  # NumPy and every framework's RNG take it
     out_dir: str = "results/runs"
-    progress: bool = True
+    progress: bool = True  # progress bars (shown only when the output is a terminal)
+    resume: bool = False  # skip jobs that already have an `ok` record of the same config under out_dir
+    parallel_throughput: bool = False  # allow throughput under a parallel launcher (its timings then mean little)
 
 
 def register() -> None:
@@ -145,12 +154,16 @@ def validate(cfg: DictConfig | AppConfig) -> AppConfig:
             raise ConfigError("framework.mode", str(exc)) from None
     if m.kind == "linear" and m.hidden:
         raise ConfigError("model.hidden", "the linear model has no hidden layers; set model.hidden=[]")
+    n_train = {"digits": DIGITS_TRAIN, "synthetic": d.n_train}.get(d.source)
     if d.source in ("mnist", "fashion_mnist"):
         if not d.path:
             raise ConfigError("data.path", f"data={d.source} needs data.path=<.npz file or folder of IDX files>")
         if not Path(d.path).expanduser().exists():
-            raise ConfigError("data.path", f"no such file or folder: {d.path}")
-    n_train = {"digits": DIGITS_TRAIN, "synthetic": d.n_train}.get(d.source)  # mnist: known once read
+            raise ConfigError("data.path", f"no such file or folder: {d.path}; {DATA_FORMATS}")
+        try:  # headers and sizes, not the whole file (harness.data.inspect)
+            n_train = inspect_data(d.path).n_train
+        except DataError as exc:
+            raise ConfigError("data.path", " ".join(str(exc).split())) from None
     if n_train is not None and d.batch_size > n_train:
         raise ConfigError("data.batch_size", f"{d.batch_size} is more than the {n_train} training examples of data={d.source}")
     if not _writable(Path(c.out_dir)):

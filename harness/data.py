@@ -5,12 +5,17 @@
 - `synthetic`: drawn from a known linear-Gaussian model, x = z W + b + sigma * noise, so that
   log p(x) is exact; any size and dimension.
 - `mnist` / `fashion_mnist`: read from local IDX files (gzip or raw) or a .npz file at `path`.
+  `inspect(path)` checks such a file cheaply (headers, sizes, and finiteness of float arrays)
+  without loading it, so that `harness.config.validate` rejects a bad file before any job runs.
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
+import os
 import struct
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +31,17 @@ SPLIT_SEED = 0
 
 class DataError(ValueError):
     """A data set could not be read; the message names the file and the problem."""
+
+
+#: what a data.path for mnist / fashion_mnist must be (every file-format error ends with it)
+FORMATS = (
+    "expected a .npz file with numeric arrays x_train and x_test (N x H x W or N x D, the same image size, "
+    "finite values) or a folder holding train-images-idx3-ubyte[.gz] and t10k-images-idx3-ubyte[.gz]"
+)
+
+
+def _bad(message: str) -> DataError:
+    return DataError(f"{message}; {FORMATS}")
 
 
 @dataclass
@@ -141,17 +157,57 @@ def read_idx(path: Path) -> np.ndarray:
         raise DataError(f"data file not found: {path}") from None
     except OSError as exc:
         raise DataError(f"cannot read {path}: {exc}") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise DataError(f"{path} is not an unsigned-byte IDX file (bad magic number)")
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DataError(f"{path} is truncated (header)")
-    shape = struct.unpack(f">{ndim}I", raw[4:header])
+    shape = _idx_shape(path, raw[:1024], images=False)
+    header = 4 + 4 * len(shape)
     size = int(np.prod(shape))
     if len(raw) - header != size:
-        raise DataError(f"{path} holds {len(raw) - header} bytes of data, its header declares {size}")
+        raise _bad(f"{path} holds {len(raw) - header} bytes of data, its header declares {size}")
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def _idx_shape(path: Path, head: bytes, images: bool = True) -> tuple[int, ...]:
+    """The shape an IDX file's header declares (`head`: its first bytes); checks the magic
+    number (unsigned bytes) and, with `images`, that it holds images (at least 2 dimensions,
+    none empty)."""
+    if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] != 0x08:
+        raise _bad(f"{path} is not an unsigned-byte IDX file (bad magic number)")
+    ndim = head[3]
+    header = 4 + 4 * ndim
+    if len(head) < header:
+        raise _bad(f"{path} is truncated (header)")
+    shape = tuple(int(n) for n in struct.unpack(f">{ndim}I", head[4:header]))
+    if images and (ndim < 2 or 0 in shape):
+        raise _bad(f"{path} declares shape {shape}: not a set of images (labels file?)")
+    return shape
+
+
+def _idx_header(path: Path) -> tuple[int, ...]:
+    """An IDX file's declared shape, its size checked against it, without reading its data
+    (gzip: the uncompressed size from the gzip trailer)."""
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path) as f:
+                head = f.read(4 + 4 * 255)
+            with open(path, "rb") as raw:
+                raw.seek(-4, os.SEEK_END)
+                total = struct.unpack("<I", raw.read(4))[0]  # ISIZE: the uncompressed size mod 2**32
+        else:
+            with open(path, "rb") as f:
+                head = f.read(4 + 4 * 255)
+            total = path.stat().st_size
+    except FileNotFoundError:
+        raise DataError(f"data file not found: {path}") from None
+    except (OSError, EOFError) as exc:
+        raise _bad(f"cannot read {path}: {exc}") from None
+    shape = _idx_shape(path, head)
+    header = 4 + 4 * len(shape)
+    size = int(np.prod(shape))
+    held = total - header
+    if path.suffix == ".gz":  # ISIZE is the size mod 2**32
+        held, size = held % 2**32, size % 2**32
+    if held != size:
+        raise _bad(f"{path} holds {total - header} bytes of data, its header declares {size}")
+    return shape
 
 
 def _find_idx(folder: Path, split: str) -> Path:
@@ -161,7 +217,101 @@ def _find_idx(folder: Path, split: str) -> Path:
             if p.exists():
                 return p
     names = " or ".join(f"{s}[.gz]" for s in _IDX_NAMES[split])
-    raise DataError(f"no {split} images in {folder}: expected {names}")
+    raise _bad(f"no {split} images in {folder} (looked for {names})")
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """What `inspect` learns about a data file without loading it."""
+
+    path: str
+    format: str  # "npz" | "idx"
+    n_train: int
+    n_test: int
+    x_dim: int  # pixels per image
+
+
+def inspect(path: str | Path) -> FileInfo:
+    """Check an mnist-like data path cheaply (the file is not loaded: headers, declared sizes,
+    and for float arrays a streamed finiteness scan); raise DataError naming the path and the
+    expected formats. Cached per (path, size, modification time)."""
+    p = Path(path).expanduser()
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise DataError(f"data file not found: {p}") from None
+    except OSError as exc:
+        raise _bad(f"cannot read {p}: {exc}") from None
+    return _inspect(str(p.absolute()), st.st_size, st.st_mtime_ns, p.is_dir())
+
+
+@functools.lru_cache(maxsize=32)
+def _inspect(path_s: str, size: int, mtime_ns: int, is_dir: bool) -> FileInfo:
+    path = Path(path_s)
+    if is_dir:
+        shapes = [_idx_header(_find_idx(path, s)) for s in ("train", "test")]
+        fmt = "idx"
+    elif path.suffix == ".npz":
+        shapes = _npz_shapes(path)
+        fmt = "npz"
+    else:
+        raise _bad(f"{path} is neither a .npz file nor a folder")
+    (train, test) = shapes
+    _same_image_size(path, train, test)
+    return FileInfo(str(path), fmt, train[0], test[0], int(np.prod(train[1:])))
+
+
+def _same_image_size(path: Path, train: tuple[int, ...], test: tuple[int, ...]) -> None:
+    if int(np.prod(train[1:])) != int(np.prod(test[1:])):
+        raise _bad(f"{path}: training images are {'x'.join(map(str, train[1:]))} but test images are "
+                   f"{'x'.join(map(str, test[1:]))}")
+
+
+#: bytes of a float array read at a time by the finiteness scan
+_SCAN_BYTES = 1 << 24
+
+
+def _npz_shapes(path: Path) -> list[tuple[int, ...]]:
+    """Shapes of x_train and x_test in a .npz file, from the .npy headers inside it; float
+    arrays are scanned (streamed, not loaded whole) for NaN and inf."""
+    shapes = []
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = {n.removesuffix(".npy") for n in z.namelist()}
+            missing = sorted({"x_train", "x_test"} - names)
+            if missing:
+                raise _bad(f"{path} lacks arrays {missing} (has {sorted(names)})")
+            for name in ("x_train", "x_test"):
+                with z.open(name + ".npy") as f:
+                    version = np.lib.format.read_magic(f)
+                    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                    shape, fortran, dtype = read_header(f)
+                    if dtype.kind not in "buif":
+                        raise _bad(f"{path}: {name} has dtype {dtype}, not numbers")
+                    if len(shape) < 2 or 0 in shape:
+                        raise _bad(f"{path}: {name} has shape {shape}: not a set of images")
+                    if dtype.kind == "f":
+                        _scan_finite(path, name, f, dtype, int(np.prod(shape)))
+                    shapes.append(tuple(int(n) for n in shape))
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        raise _bad(f"{path} is not a readable .npz file: {exc}") from None
+    return shapes
+
+
+def _scan_finite(path: Path, name: str, f: Any, dtype: np.dtype[Any], count: int) -> None:
+    step = max(1, _SCAN_BYTES // dtype.itemsize)
+    done = 0
+    while done < count:
+        n = min(step, count - done)
+        chunk = np.frombuffer(f.read(n * dtype.itemsize), dtype=dtype)
+        if len(chunk) < n:
+            raise _bad(f"{path}: {name} is truncated ({done + len(chunk)} of {count} values)")
+        if not np.isfinite(chunk).all():
+            bad = int(np.count_nonzero(~np.isfinite(chunk)))
+            raise _bad(f"{path}: {name} holds non-finite values (NaN or inf; {bad} in values {done}..{done + n - 1})")
+        done += n
 
 
 def _mnist_like(source: str, path: Path, binarize: bool, threshold: float) -> Dataset:
@@ -174,20 +324,25 @@ def _mnist_like(source: str, path: Path, binarize: bool, threshold: float) -> Da
             with np.load(path) as f:
                 missing = {"x_train", "x_test"} - set(f.files)
                 if missing:
-                    raise DataError(f"{path} lacks arrays {sorted(missing)} (has {sorted(f.files)})")
+                    raise _bad(f"{path} lacks arrays {sorted(missing)} (has {sorted(f.files)})")
                 x_train, x_test = f["x_train"], f["x_test"]
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
             if isinstance(exc, DataError):
                 raise
-            raise DataError(f"{path} is not a readable .npz file: {exc}") from None
+            raise _bad(f"{path} is not a readable .npz file: {exc}") from None
     else:
-        raise DataError(f"{path}: expected a .npz file or a folder of IDX files")
+        raise _bad(f"{path} is neither a .npz file nor a folder")
     out = []
-    for x in (x_train, x_test):
-        if x.ndim < 2:
-            raise DataError(f"{path}: images must have at least 2 dimensions, got shape {x.shape}")
+    for name, x in (("x_train", x_train), ("x_test", x_test)):
+        if x.dtype.kind not in "buif":
+            raise _bad(f"{path}: {name} has dtype {x.dtype}, not numbers")
+        if x.ndim < 2 or x.size == 0:
+            raise _bad(f"{path}: {name} has shape {x.shape}: not a set of images")
         x = x.reshape(len(x), -1).astype(np.float64)
+        if not np.isfinite(x).all():
+            raise _bad(f"{path}: {name} holds non-finite values (NaN or inf)")
         out.append(_binarize(x / 255.0 if x.max() > 1.0 else x, binarize, threshold))
+    _same_image_size(path, x_train.shape, x_test.shape)
     return Dataset(source, out[0], out[1], binary=binarize, info={"path": str(path)})
 
 

@@ -1,10 +1,23 @@
-"""A job and what a measure's `run` returns: the leaf that measures, worker and CLI share."""
+"""A job and what a measure's `run` returns: the leaf that measures, worker and CLI share.
+
+Partial metrics: a measure calls `checkpoint(job, metrics)` as it goes (convergence after an
+evaluation or epoch, throughput after each batch size). The metrics reached so far are written
+atomically beside the record (`partial_path`); if the job then dies (killed, out of memory,
+timed out, interrupted, an exception), its `failed` record keeps them, marked
+`metrics["partial"] = true` (`harness.worker`). A finished job's record replaces them.
+"""
 
 from __future__ import annotations
 
+import json
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+#: suffix of the partial-metrics file beside a record (not `.json`, so a folder's records never include it)
+PARTIAL_SUFFIX = ".partial"
 
 
 @dataclass
@@ -29,3 +42,51 @@ class Result:
     status: str = "ok"
     error: str | None = None
     backend_env: dict[str, Any] = field(default_factory=dict)
+
+
+def partial_path(record_path: str | Path) -> Path:
+    """Where the job with this record keeps its partial metrics: `<record>.json.partial`."""
+    p = Path(record_path)
+    return p.with_name(p.name + PARTIAL_SUFFIX)
+
+
+def _plain(o: Any) -> Any:
+    """JSON fallback for NumPy scalars and arrays (`tolist`); anything else as its repr."""
+    return o.tolist() if hasattr(o, "tolist") else repr(o)
+
+
+def checkpoint(job: Job, metrics: dict[str, Any]) -> None:
+    """Save the metrics reached so far (atomically): what a `failed` record keeps if the job
+    dies before it returns. NaN and inf are kept (the record writer turns them into JSON)."""
+    from harness.records import write_atomic  # here, so that this module stays a leaf
+
+    write_atomic(partial_path(job.record_path), json.dumps(metrics, default=_plain).encode())
+
+
+def read_partial(record_path: str | Path) -> dict[str, Any] | None:
+    """The partial metrics saved for this record, or None (none saved, or unreadable)."""
+    try:
+        m = json.loads(partial_path(record_path).read_text())
+    except (OSError, ValueError):
+        return None
+    return m if isinstance(m, dict) else None
+
+
+class Checkpointer:
+    """`checkpoint` at most every `every_s` seconds, and at most 5% of the time (a write that
+    took d seconds waits 20 d before the next), so a run with many short epochs or large
+    metrics does not spend its time writing; the first call always writes. `metrics` is a
+    function building them, called only when a write is due; `force=True` writes regardless."""
+
+    def __init__(self, job: Job, every_s: float = 1.0) -> None:
+        self.job, self.every_s = job, every_s
+        self.next = -float("inf")
+
+    def __call__(self, metrics: Callable[[], dict[str, Any]], force: bool = False) -> bool:
+        t = time.monotonic()
+        if not force and t < self.next:
+            return False
+        checkpoint(self.job, metrics())
+        done = time.monotonic()
+        self.next = done + max(self.every_s, 20 * (done - t))
+        return True

@@ -3,14 +3,30 @@
 The parent (`run_job`) sets the environment before the child imports any framework, enforces
 the timeout, and turns a crash, a kill or a timeout into a `failed` record, so a job never
 ends without one.
+
+Faults, and what the record says:
+- killed, timed out (`framework.timeout_s`, counted from the start of the worker process, so
+  it includes the framework's import and compilation), interrupted, or an exception: `failed`
+  with the reason; the metrics the measure had saved with `harness.job.checkpoint` are kept,
+  marked `partial: true`;
+- out of memory (a MemoryError, or a framework's allocation failure): `failed`, the reason
+  starts with "out of memory". `framework.memory_limit_mb` caps the job's process with
+  RLIMIT_DATA (set before any framework is imported; RLIMIT_AS would count the virtual memory
+  TensorFlow and JAX reserve, and breaks them);
+- the framework not installed: `unavailable`, with the command that installs it;
+- a non-finite loss: `diverged` (the measure says where).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import json
 import os
+import re
+import resource
+import shlex
 import shutil
 import signal
 import subprocess
@@ -27,11 +43,13 @@ from omegaconf import OmegaConf
 from harness.api import FRAMEWORK_MODULES, DeviceUnavailable, FrameworkUnavailable
 from harness.config import AppConfig, to_app_config
 from harness.fingerprint import framework_isa
-from harness.job import Job, Result
+from harness.job import Job, Result, partial_path, read_partial
 from harness.measures import MEASURES, precision
-from harness.records import REPO_ROOT, host_env, make_record, read_record, write_atomic, write_record
+from harness.records import REPO_ROOT, RecordError, host_env, make_record, read_record, write_atomic, write_record
 
 WORKER_CMD = [sys.executable, "-m", "harness.worker"]
+#: environment variable naming the worker's parent process (see `_exit_with_parent`)
+PARENT_ENV = "VAEBENCH_PARENT_PID"
 
 
 def app_config(job: Job) -> AppConfig:
@@ -56,6 +74,45 @@ def child_env(c: AppConfig, measure: str) -> dict[str, str]:
     return env
 
 
+def install_command(framework: str) -> str:
+    """The exact command that installs `framework` (the package's extra) into this Python."""
+    py = shlex.quote(sys.executable)
+    if (REPO_ROOT / "pyproject.toml").exists():  # a source checkout
+        return f"{py} -m pip install -e {shlex.quote(f'{REPO_ROOT}[{framework}]')}"
+    return f"{py} -m pip install 'vaebench[{framework}]'"
+
+
+#: what frameworks say when an allocation fails (torch: RuntimeError "can't allocate memory",
+#: "CUDA out of memory"; TensorFlow: ResourceExhaustedError "OOM when allocating"; JAX:
+#: "RESOURCE_EXHAUSTED: Out of memory"; NumPy: MemoryError "Unable to allocate")
+_OOM = re.compile(r"out of memory|can't allocate memory|cannot allocate memory|unable to allocate|"
+                  r"oom when allocating|resource_exhausted|resourceexhausted|bad_alloc", re.IGNORECASE)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, MemoryError) or bool(_OOM.search(f"{type(exc).__name__}: {exc}"))
+
+
+def set_memory_limit(mb: int) -> None:
+    """Cap this process's data segment (heap and private writable mappings) at `mb` MiB
+    (0: no cap). RLIMIT_DATA, not RLIMIT_AS: address space that TensorFlow and JAX reserve
+    without writing it does not count, so they still start."""
+    if mb > 0:
+        limit = mb * 2**20
+        _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+        if hard != resource.RLIM_INFINITY:
+            limit = min(limit, hard)
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
+
+
+def _with_partial(job: Job, metrics: dict[str, Any]) -> dict[str, Any]:
+    """`metrics`, or the partial metrics the job saved if it returned none."""
+    if metrics:
+        return metrics
+    saved = read_partial(job.record_path)
+    return {**saved, "partial": True} if saved else {}
+
+
 def run_in_process(job: Job) -> dict[str, Any]:
     """Run the job here (the child's body). Always returns a record."""
     env = host_env()
@@ -71,18 +128,36 @@ def run_in_process(job: Job) -> dict[str, Any]:
         env["cpu_affinity"] = sorted(os.sched_getaffinity(0))
         if importlib.util.find_spec(FRAMEWORK_MODULES[job.framework]) is None:
             raise FrameworkUnavailable(
-                f"framework {job.framework!r} is not installed (pip install 'vaebench[{job.framework}]')"
+                f"framework {job.framework!r} is not installed; install it with: {install_command(job.framework)}"
             )
         result: Result = MEASURES[job.measure].run(c, job)
         status, error, metrics = result.status, result.error, result.metrics
         env.update(result.backend_env)
         env["framework_isa"] = framework_isa(job.framework)  # what decides float32 results here
-    except (FrameworkUnavailable, DeviceUnavailable) as exc:
+    except FrameworkUnavailable as exc:
+        status, error = "unavailable", str(exc)
+        if "install it with" not in error:  # importable module missing (e.g. optax): the same command fixes it
+            error += f"; install it with: {install_command(job.framework)}"
+    except DeviceUnavailable as exc:
         status, error = "unavailable", str(exc)
     except Exception as exc:  # the record must say what went wrong, in one line
         traceback.print_exc()
         status, error = "failed", f"{type(exc).__name__}: {exc}".splitlines()[0]
+        if is_out_of_memory(exc):
+            error = f"out of memory{_limit_note(job.config)}: {error}"
+        elif _memory_limit_mb(job.config):  # allocations failing under a cap surface as odd errors too
+            error += f" (under framework.memory_limit_mb={_memory_limit_mb(job.config)}: out of memory?)"
+        metrics = _with_partial(job, metrics)
     return job_record(job, status, error, env, metrics)
+
+
+def _memory_limit_mb(config: dict[str, Any]) -> int:
+    return int((config.get("framework") or {}).get("memory_limit_mb") or 0)
+
+
+def _limit_note(config: dict[str, Any]) -> str:
+    mb = _memory_limit_mb(config)
+    return f" (framework.memory_limit_mb={mb})" if mb else ""
 
 
 def job_record(job: Job, status: str, error: str | None, env: dict[str, Any],
@@ -91,28 +166,64 @@ def job_record(job: Job, status: str, error: str | None, env: dict[str, Any],
                        status=status, error=error, config=job.config, env=env, metrics=metrics)
 
 
+def _exit_with_parent(poll_s: float = 1.0) -> None:
+    """End this job (and its process group) when the process that started it dies: a killed
+    `vaebench` leaves no worker computing on. Its partial metrics stay beside the record.
+    The parent is the one `run_job` names (so a parent that died while this process started
+    counts too), else whoever started this process."""
+    parent = int(os.environ.get(PARENT_ENV) or os.getppid())
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent:  # our own group only when we lead it (run_job starts a new session)
+                if os.getpgrp() == os.getpid():
+                    os.killpg(os.getpgrp(), signal.SIGKILL)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         print("usage: python -m harness.worker JOB.json", file=sys.stderr)
         return 2
     job = Job(**json.loads(Path(argv[0]).read_text()))
+    _exit_with_parent()
+    set_memory_limit(_memory_limit_mb(job.config))  # before any framework is imported
     write_record(Path(job.record_path), run_in_process(job))
+    partial_path(job.record_path).unlink(missing_ok=True)  # the record holds the final metrics now
     return 0
 
 
 # --- parent side ------------------------------------------------------------------------
 
 
-def _describe_exit(code: int) -> str:
+def _describe_exit(code: int, config: dict[str, Any] | None = None) -> str:
+    limit = _memory_limit_mb(config or {})
     if code < 0:
         try:
             name = signal.Signals(-code).name
         except ValueError:
             name = f"signal {-code}"
-        hint = " (killed: out of memory?)" if -code == signal.SIGKILL else ""
+        hint = ""
+        if limit and -code in (signal.SIGKILL, signal.SIGABRT, signal.SIGSEGV, signal.SIGBUS):
+            hint = f" (out of memory? framework.memory_limit_mb={limit})"
+        elif -code == signal.SIGKILL:
+            hint = " (killed: by a user, or by the kernel when out of memory)"
         return f"worker died of {name}{hint}"
     return f"worker exited with code {code}"
+
+
+def _kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def timeout_message(timeout_s: int) -> str:
+    return (f"timed out after {timeout_s} s (framework.timeout_s, counted from the worker's start: "
+            "it includes importing the framework and compiling)")
 
 
 def run_job(job: Job, c: AppConfig, jobs_dir: Path) -> dict[str, Any]:
@@ -122,6 +233,7 @@ def run_job(job: Job, c: AppConfig, jobs_dir: Path) -> dict[str, Any]:
     write_atomic(spec, json.dumps(job.__dict__, indent=1).encode())
     record_path = Path(job.record_path)
     record_path.unlink(missing_ok=True)
+    partial_path(record_path).unlink(missing_ok=True)  # an earlier attempt's
     tail: list[bytes] = []
     # compile caches start empty for every job, so compile times are cold, not a leftover
     # of an earlier run (torch.compile keeps an on-disk cache across processes by default)
@@ -129,6 +241,7 @@ def run_job(job: Job, c: AppConfig, jobs_dir: Path) -> dict[str, Any]:
     env = child_env(c, job.measure)
     env["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
     env["TRITON_CACHE_DIR"] = os.path.join(cache_dir, "triton")
+    env[PARENT_ENV] = str(os.getpid())  # the worker ends itself if this process dies
 
     proc = subprocess.Popen(
         [*WORKER_CMD, str(spec)],
@@ -153,11 +266,12 @@ def run_job(job: Job, c: AppConfig, jobs_dir: Path) -> dict[str, Any]:
     try:
         code = proc.wait(timeout=c.framework.timeout_s)
         if code != 0:
-            error = _describe_exit(code)
+            error = _describe_exit(code, job.config)
+            _kill_group(proc.pid)  # what the worker started (compile workers) dies with it
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        error = f"timed out after {c.framework.timeout_s} s (framework.timeout_s)"
+        error = timeout_message(c.framework.timeout_s)
     except KeyboardInterrupt:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -165,13 +279,21 @@ def run_job(job: Job, c: AppConfig, jobs_dir: Path) -> dict[str, Any]:
     reader.join(timeout=5)
     shutil.rmtree(cache_dir, ignore_errors=True)
     if error is None and record_path.exists():
-        return read_record(record_path)
+        try:
+            rec = read_record(record_path)
+        except RecordError as exc:
+            error = f"worker wrote an unreadable record ({exc})"
+        else:
+            partial_path(record_path).unlink(missing_ok=True)
+            return rec
     last = b"".join(tail).decode(errors="replace").strip().splitlines()
     reason = error or "worker wrote no record"
     if last:
         reason += f"; last output: {last[-1][:300]}"
-    rec = job_record(job, "failed", reason, {**host_env(), "wall_s": round(time.monotonic() - start, 3)})
+    metrics = _with_partial(job, {})  # what the job had reached when it died
+    rec = job_record(job, "failed", reason, {**host_env(), "wall_s": round(time.monotonic() - start, 3)}, metrics)
     write_record(record_path, rec)
+    partial_path(record_path).unlink(missing_ok=True)
     if interrupted:
         raise KeyboardInterrupt  # the record is written; the caller stops the suite
     return rec

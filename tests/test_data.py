@@ -37,6 +37,115 @@ def _idx_bytes(arr: np.ndarray) -> bytes:
     return bytes([0, 0, 8, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.astype(np.uint8).tobytes()
 
 
+def write_data_files(folder: Path) -> dict[str, Path]:
+    """A good .npz and IDX folder and one file (or folder) per malformation the harness must
+    reject before any job runs; shared with tests/test_config.py and tests/test_faults.py."""
+    rng = np.random.default_rng(0)
+    img = lambda n, side=8: rng.integers(0, 256, (n, side, side), dtype=np.uint8)  # noqa: E731
+    folder.mkdir(parents=True, exist_ok=True)
+    out: dict[str, Path] = {}
+
+    def npz(name: str, **arrays: np.ndarray) -> None:
+        out[name] = folder / f"{name}.npz"
+        np.savez(out[name], **arrays)
+
+    def idx(name: str, train: bytes, test: bytes, gz: bool = False) -> None:
+        d = out[name] = folder / name
+        d.mkdir(exist_ok=True)
+        for stem, raw in (("train-images-idx3-ubyte", train), ("t10k-images-idx3-ubyte", test)):
+            (d / (stem + (".gz" if gz else ""))).write_bytes(gzip.compress(raw) if gz else raw)
+
+    npz("good", x_train=img(96), x_test=img(32))
+    npz("good_float", x_train=rng.random((96, 64)), x_test=rng.random((32, 64)))
+    npz("no_arrays", images=img(4))
+    npz("one_array", x_train=img(4))
+    npz("sizes", x_train=img(16, 8), x_test=img(8, 7))  # 8x8 training images, 7x7 test images
+    npz("all_nan", x_train=np.full((16, 64), np.nan), x_test=np.full((8, 64), np.nan))
+    planted = rng.random((16, 64))
+    planted[3, 5] = np.inf
+    npz("inf", x_train=planted, x_test=rng.random((8, 64)))
+    npz("strings", x_train=np.array([["a", "b"], ["c", "d"]]), x_test=np.array([["a", "b"]]))
+    npz("flat", x_train=np.arange(10.0), x_test=np.arange(10.0))  # 1-D: not images
+    npz("empty", x_train=np.zeros((0, 8, 8)), x_test=np.zeros((0, 8, 8)))
+    out["junk"] = folder / "junk.npz"
+    out["junk"].write_bytes(b"PK\x03\x04 this is not a zip archive")
+    out["text"] = folder / "images.txt"
+    out["text"].write_text("0 1 0 1\n")
+    idx("idx_good", _idx_bytes(img(96)), _idx_bytes(img(32)))
+    idx("idx_good_gz", _idx_bytes(img(96)), _idx_bytes(img(32)), gz=True)
+    idx("idx_magic", b"\x01\x02\x03\x04" + bytes(100), _idx_bytes(img(4)))
+    idx("idx_size", _idx_bytes(img(16))[:-10], _idx_bytes(img(4)))  # header declares 10 more bytes than it holds
+    idx("idx_size_gz", _idx_bytes(img(16)) + b"extra", _idx_bytes(img(4)), gz=True)
+    idx("idx_sizes", _idx_bytes(img(16, 8)), _idx_bytes(img(4, 6)))
+    idx("idx_labels", bytes([0, 0, 8, 1]) + struct.pack(">I", 16) + bytes(16), _idx_bytes(img(4)))
+    out["idx_no_test"] = folder / "idx_no_test"
+    out["idx_no_test"].mkdir(exist_ok=True)
+    (out["idx_no_test"] / "train-images-idx3-ubyte").write_bytes(_idx_bytes(img(4)))
+    out["empty_folder"] = folder / "empty_folder"
+    out["empty_folder"].mkdir(exist_ok=True)
+    return out
+
+
+#: malformed data files: (name in write_data_files, what the message says)
+BAD_FILES = [
+    ("no_arrays", "lacks arrays ['x_test', 'x_train']"),
+    ("one_array", "lacks arrays ['x_test']"),
+    ("sizes", "training images are 8x8 but test images are 7x7"),
+    ("all_nan", "non-finite"),
+    ("inf", "non-finite"),
+    ("strings", "not numbers"),
+    ("flat", "not a set of images"),
+    ("empty", "not a set of images"),
+    ("junk", "not a readable .npz"),
+    ("text", "neither a .npz file nor a folder"),
+    ("idx_magic", "bad magic number"),
+    ("idx_size", "holds 1014 bytes of data, its header declares 1024"),
+    ("idx_size_gz", "holds 1029 bytes of data, its header declares 1024"),
+    ("idx_sizes", "training images are 8x8 but test images are 6x6"),
+    ("idx_labels", "not a set of images"),
+    ("idx_no_test", "no test images"),
+    ("empty_folder", "no train images"),
+]
+
+
+@pytest.fixture(scope="module")
+def data_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return write_data_files(tmp_path_factory.mktemp("data"))
+
+
+@pytest.mark.parametrize("name,says", BAD_FILES)
+def test_malformed_file_rejected_by_inspect_and_load(data_files: dict[str, Path], name: str, says: str) -> None:
+    """The cheap check (headers only) and the loader reject the same files, each message naming
+    the path, the problem and the formats expected."""
+    path = data_files[name]
+    for check in (lambda: data.inspect(path), lambda: data.load("mnist", path=str(path))):
+        with pytest.raises(data.DataError) as info:
+            check()
+        msg = str(info.value)
+        assert str(path) in msg and says in msg and data.FORMATS in msg, msg
+
+
+@pytest.mark.parametrize("name", ["good", "good_float", "idx_good", "idx_good_gz"])
+def test_inspect_good_files(data_files: dict[str, Path], name: str) -> None:
+    info = data.inspect(data_files[name])
+    ds = data.load("mnist", path=str(data_files[name]))
+    assert (info.n_train, info.n_test, info.x_dim) == (*map(len, (ds.x_train, ds.x_test)), ds.x_dim) == (96, 32, 64)
+    assert info.format == ("idx" if name.startswith("idx") else "npz")
+
+
+def test_inspect_streams_large_float_arrays(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The finiteness scan reads float arrays in chunks: a NaN in a later chunk is found and placed."""
+    monkeypatch.setattr(data, "_SCAN_BYTES", 8 * 100)  # 100 float64 values per chunk
+    x = np.zeros((50, 64))
+    x[40, 3] = np.nan  # value 2563: chunk 25
+    p = tmp_path / "late_nan.npz"
+    np.savez_compressed(p, x_train=x, x_test=np.zeros((5, 64)))
+    with pytest.raises(data.DataError, match=r"x_train holds non-finite values \(NaN or inf; 1 in values 2500..2599\)"):
+        data.inspect(p)
+    np.savez_compressed(p, x_train=np.zeros((50, 64)), x_test=np.zeros((5, 64)))
+    assert data.inspect(p).n_train == 50  # re-checked: the cache key has the file's size and time
+
+
 @pytest.mark.parametrize("compress", [False, True])
 def test_idx_folder(tmp_path: Path, compress: bool) -> None:
     rng = np.random.default_rng(0)

@@ -40,7 +40,11 @@ None, the best final test ELBO among the frameworks compared minus `target_margi
 (also without the first step, which includes tracing and compilation) and as the step.
 
 Failure: a NaN or inf training loss (or test ELBO) stops the job with status `diverged` and the
-step where it happened; what was measured up to there stays in the record.
+step where it happened; what was measured up to there stays in the record. A job that dies
+(killed, timed out, out of memory, interrupted) keeps what it had reached too: the metrics are
+saved beside the record after evaluations and epochs (at most once a second, and always before
+the final IWAE evaluation; `harness.job.checkpoint`), the seed in progress as a run with status
+`incomplete`, and its `failed` record carries them with `partial: true`.
 
 Checks in `summarize` (PASS/FAIL): every job ok; the final test ELBOs (mean over seeds) of the
 frameworks lie within `agree_nats` of each other; with shared noise, the lockstep spread is at
@@ -57,6 +61,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -67,14 +72,14 @@ from harness import data as data_mod
 from harness import ppca, reference
 from harness.api import ModelSpec
 from harness.init import init_params
-from harness.job import Job, Result
+from harness.job import Checkpointer, Job, Result
 from harness.measures.identity import kl_to_posterior, log_px
 from harness.plots import COLORS, pyplot, save_png
 from harness.schema import ConfigError, setting
 
 if TYPE_CHECKING:
     from harness.config import AppConfig
-from harness.measures.common import Summary, backend, by_framework, dataset, fmt, model_spec, progress
+from harness.measures.common import Quantity, Summary, backend, by_framework, dataset, model_spec, pm, progress
 
 EVAL_NOISE_SEED = 1234
 #: decoded rows (samples x examples) per evaluation call: bounds memory at any test-set size
@@ -212,10 +217,13 @@ def iwae(b: Any, x: np.ndarray, k: int) -> np.ndarray:
     return np.concatenate([b.log_likelihood(x[i : i + rows], k, seed=EVAL_NOISE_SEED + i) for i in range(0, len(x), rows)])
 
 
-def train_seed(c: AppConfig, job: Job, ds: data_mod.Dataset, spec: ModelSpec, seed: int, evaluate: Evaluator) -> dict[str, Any]:
+def train_seed(c: AppConfig, job: Job, ds: data_mod.Dataset, spec: ModelSpec, seed: int, evaluate: Evaluator,
+               save: Callable[[dict[str, Any], bool], Any] | None = None) -> dict[str, Any]:
     """Train one seed; returns its run dict (status "ok" or "diverged"): `step_loss` (every
     step), `evals`, `epochs`, timings, `time_to_target_s`/`step_to_target` (explicit target
-    only) and `final` (see `final_evaluation`)."""
+    only) and `final` (see `final_evaluation`). `save(run, force)` is called with the run so
+    far after every evaluation and epoch (with the training clock stopped), to keep partial
+    metrics."""
     cc, bs = c.measure.convergence, c.data.batch_size
     b = backend(dataclasses.replace(c, seed=seed), job.framework, spec=spec, params=init_params(spec, seed))
     steps_per_epoch = len(ds.x_train) // bs
@@ -246,6 +254,8 @@ def train_seed(c: AppConfig, job: Job, ds: data_mod.Dataset, spec: ModelSpec, se
             if not math.isfinite(e["test_elbo"]):
                 run.update(status="diverged", error=f"test ELBO {e['test_elbo']} (NaN or inf) at step {step}, seed {seed}")
                 return False
+            if save is not None:
+                save(run, False)
         eval_s += time.perf_counter() - t
         return True
 
@@ -277,6 +287,10 @@ def train_seed(c: AppConfig, job: Job, ds: data_mod.Dataset, spec: ModelSpec, se
             epoch_loss = 0.0
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(test=f"{last['test_elbo']:.2f}")
+            if save is not None:
+                save(run, False)
+    if save is not None:
+        save(run, True)  # every epoch reached, before the (possibly long) final evaluation
     run.update(steps=step, first_step_s=first_step_s, train_wall_s=wall, eval_s=eval_s, compile_count=b.compile_count())
     if cc.target_elbo is not None:
         hit = first_reaching(run["evals"], cc.target_elbo)
@@ -332,8 +346,10 @@ def run(c: AppConfig, job: Job) -> Result:
         metrics["optimum"] = {"obs_sigma": spec.obs_sigma, "train_log_px": evaluate.optimum.train_log_px,
                               "test_log_px": evaluate.optimum_test, "eigenvalues": evaluate.optimum.eigenvalues.tolist()}
     status, error, env = "ok", None, {}
+    saver = Checkpointer(job)
     for seed in seeds_of(c):
-        r = train_seed(c, job, ds, spec, seed, evaluate)
+        r = train_seed(c, job, ds, spec, seed, evaluate,
+                       save=lambda current, force: saver(lambda: partial_metrics(metrics, current), force))
         env = r.pop("backend_env")
         metrics["runs"].append(r)
         if r["status"] != "ok":
@@ -342,6 +358,18 @@ def run(c: AppConfig, job: Job) -> Result:
     metrics.update(seed_means([r for r in metrics["runs"] if r["status"] == "ok"]))
     metrics["compile_count"] = sum(r["compile_count"] for r in metrics["runs"])
     return Result(metrics=metrics, status=status, error=error, backend_env=env)
+
+
+def partial_metrics(metrics: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
+    """The record's metrics while seed `current` trains: the finished seeds, the current one as
+    a run with status `incomplete`, and the compatibility means over the finished seeds (the
+    current seed's epochs while none has finished)."""
+    finished = [r for r in metrics["runs"] if r["status"] == "ok"]
+    out = {**metrics, "runs": [*metrics["runs"], {**current, "status": "incomplete"}], **seed_means(finished)}
+    if not finished:
+        out["epochs"] = [{k: e[k] for k in ("epoch", "train_elbo", "test_elbo", "wall_s")} for e in current["epochs"]]
+        out["train_wall_s"] = current["epochs"][-1]["wall_s"] if current["epochs"] else None
+    return out
 
 
 def seed_means(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -420,12 +448,9 @@ def resolve_target(records: list[dict[str, Any]]) -> tuple[float | None, str]:
     return target, f"test ELBO ≥ {target:.3f}: best final test ELBO ({final_elbo(best):.3f}, {best['framework']}/{best['mode']}) minus {margin:g} nat"
 
 
-def pm(values: list[float], spec: str) -> str:
-    """'mean ± std' over seeds ('mean' for one seed)."""
-    if not values:
-        return "-"
-    mean, std = mean_std(values)
-    return fmt(mean, spec) + ("" if std is None else f" ± {fmt(std, spec)}")
+def _with(cell: str, suffix: str) -> str:
+    """`cell` followed by `suffix` (a bare number stays a number when there is no suffix)."""
+    return cell + suffix if suffix else cell
 
 
 def lockstep(records: list[dict[str, Any]]) -> tuple[float, str] | None:
@@ -462,7 +487,9 @@ def summarize(records: list[dict[str, Any]]) -> Summary:
         rows.append(row)
         if r["status"] != "ok":
             ok = False
-            notes.append(f"{r['framework']}/{r['mode']}: {r['status']}: {r.get('error')}")
+            partial = [x for x in runs_of(r) if x.get("epochs")] if (r.get("metrics") or {}).get("partial") else []
+            kept = f" (kept {sum(len(x['epochs']) for x in partial)} finished epoch(s))" if partial else ""
+            notes.append(f"{r['framework']}/{r['mode']}: {r['status']}: {r.get('error')}{kept}")
         runs = done(r)
         if not runs:
             continue
@@ -476,10 +503,10 @@ def summarize(records: list[dict[str, Any]]) -> Summary:
             "test ELBO": pm([x["evals"][-1]["test_elbo"] for x in runs], ".3f"),
             f"test log p(x) (IWAE-{k})": pm([f["test_log_likelihood"] for f in fin], ".3f"),
             "log p − ELBO": pm([f["gap"] for f in fin], ".3f"),
-            "time to target (s)": pm([h["wall_s"] for h in reached], ".2f") + of if reached else "not reached",
-            "… after first step (s)": pm([h["wall_s"] - x["first_step_s"] for h, x in zip(hits, runs) if h and x.get("first_step_s")],
-                                         ".2f") + of if reached else "-",
-            "step at target": pm([h["step"] for h in reached], ".0f") + of if reached else "-",
+            "time to target (s)": _with(pm([h["wall_s"] for h in reached], ".2f"), of) if reached else "not reached",
+            "… after first step (s)": _with(pm([h["wall_s"] - x["first_step_s"] for h, x in zip(hits, runs) if h and x.get("first_step_s")],
+                                         ".2f"), of) if reached else "-",
+            "step at target": _with(pm([h["step"] for h in reached], ".0f"), of) if reached else "-",
             "train time (s)": pm([x["train_wall_s"] for x in runs], ".2f"),
             "first step (s)": pm([x["first_step_s"] for x in runs], ".3f"),
         })
@@ -679,3 +706,42 @@ PLOTS = {
     "convergence_optimum.png": plot_optimum,
     "convergence_lockstep.png": plot_lockstep,
 }
+
+
+QUESTION = "Which framework reaches the best ELBO?"
+
+
+def answer(records: list[dict[str, Any]]) -> str:
+    """One line for the suite's summary, from the records."""
+    finals = {f"{r['framework']}/{r['mode']}": final_elbo(r) for r in records if done(r)}
+    if not finals:
+        return "no framework finished training"
+    best = max(finals, key=lambda k: finals[k])
+    others = ", ".join(f"{k} {v:.2f}" for k, v in finals.items() if k != best)
+    spread, tol = max(finals.values()) - min(finals.values()), judged(records, "agree_nats")
+    steps = done(next(r for r in records if done(r)))[0]["evals"][-1]["step"]
+    verdict = "within" if spread <= tol else "OUTSIDE"
+    return (f"{best}: test ELBO {finals[best]:.2f} nats after {steps} steps" + (f" ({others})" if others else "") + "; "
+            f"spread {spread:.2f} nats, {verdict} the {tol:g}-nat agreement tolerance")
+
+
+#: the narrowest band `vaebench compare` allows around a final ELBO, in nats per example
+BAND_FLOOR = 0.05
+
+
+def compared(records: list[dict[str, Any]]) -> dict[str, Quantity]:
+    """For `vaebench compare`: the final test ELBO and IWAE log-likelihood (mean over seeds)
+    within a band of the baseline's spread over seeds (float32 training is not bit-reproducible
+    across CPUs), and the number of completed seeds."""
+    out: dict[str, Quantity] = {}
+    for r in records:
+        fw, runs = f"{r['framework']}/{r['mode']}", done(r)
+        out[f"{fw} seeds completed"] = Quantity(len(runs), "same")
+        if not runs:
+            continue
+        steps = runs[0]["evals"][-1]["step"]
+        for key, vals in (("test ELBO", [x["evals"][-1]["test_elbo"] for x in runs]),
+                          ("test log p(x)", [x["final"]["test_log_likelihood"] for x in runs])):
+            mean, std = mean_std(vals)
+            out[f"{fw} {key} at step {steps}"] = Quantity(mean, "band", BAND_FLOOR, spread=std, unit="nats")
+    return out

@@ -24,6 +24,8 @@ Timing follows DESIGN.md section 7 through the one timing core, `harness.timing`
 - After the batch sizes: a dense matmul_n x matmul_n matmul rate in the same framework on the
   same device and dtype (measured last, so its buffers do not raise the memory peaks);
   `roofline_fraction = achieved FLOP/s / matmul rate`.
+- After each batch size the rows so far are saved beside the record (`harness.job.checkpoint`):
+  a job that dies later (killed, timed out, out of memory) keeps them in its `failed` record.
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ import numpy as np
 
 from harness.api import ModelSpec, OptimSpec, load_backend, resolve_mode
 from harness.init import init_params
-from harness.job import Job, Result
-from harness.measures.common import Summary, by_framework, fmt, optim_spec
+from harness.job import Job, Result, checkpoint
+from harness.measures.common import Quantity, Summary, by_framework, fmt, optim_spec
 from harness.plots import COLORS, pyplot, save_png
 from harness.records import compile_cache_state
 from harness.schema import check, setting
@@ -269,12 +271,37 @@ def run_batches(
     allow_tf32: bool = False,
     compile_mode: str = "default",
     progress: Callable[[str], None] | None = None,
+    save: Callable[[dict[str, Any]], Any] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Every batch size (increasing), then the matmul rate; returns (metrics, backend env)."""
+    """Every batch size (increasing), then the matmul rate; returns (metrics, backend env).
+    `save(metrics)` is called after each batch size with the metrics so far (the rows finished,
+    no roofline yet), to keep partial metrics."""
     check(cfg, "measure.throughput.")
     mode = resolve_mode(framework, mode)
     rows: list[dict[str, Any]] = []
     env: dict[str, Any] = {}
+    opt = optim or OptimSpec()
+    spec = cfg.model()
+    settings_metrics: dict[str, Any] = {
+        "matmul_n": cfg.matmul_n,
+        # step_flops(B) = matmul_flops_per_example * B + optimizer_flops (the roofline's curve)
+        "matmul_flops_per_example": matmul_flops(spec, 1),
+        "optimizer_flops": optimizer_flops(spec, opt.name, opt.momentum),
+        "model": {"x_dim": spec.x_dim, "hidden": list(spec.hidden), "latent": spec.latent,
+                  "likelihood": spec.likelihood, "activation": spec.activation,
+                  "params": sum(math.prod(s) for s in spec.param_shapes().values())},
+        "optimizer": opt.name,
+        "settings": dataclasses.asdict(cfg),
+        "repeats": cfg.repeats,
+        "steps": cfg.steps,
+        "warmup": cfg.warmup,
+        "precision": dtype,
+        "device": device,
+        "threads": threads,
+        "allow_tf32": allow_tf32,
+        "compile_mode": compile_mode,
+        "compile_cache": compile_cache_state(),
+    }
     for batch in sorted({int(b) for b in cfg.batch_sizes}):
         if progress is not None:
             progress(f"throughput {framework}/{mode} batch {batch}")
@@ -286,33 +313,17 @@ def run_batches(
             ratio = f", {row['overhead_ratio']:.2f} x the plain loop's time" if "overhead_ratio" in row else ""
             progress(f"  batch {batch}: first call {row['first_call_s']:.2f} s, {row['step_s_median'] * 1e3:.3f} ms/step, "
                      f"{row['samples_per_s']:.4g} samples/s{ratio}")
+        if save is not None:
+            save({"batches": rows, "batch_sizes": [r["batch"] for r in rows], **settings_metrics})
     pl = plain_module(framework)
     rate = float(pl.matmul_rate(dtype, device, cfg.matmul_n, repeats=cfg.matmul_repeats, allow_tf32=allow_tf32))
     for row in rows:
         row["roofline_fraction"] = row["achieved_flops"] / rate
-    spec = cfg.model()
     metrics: dict[str, Any] = {
         "batches": rows,
         "matmul_flops_per_s": rate,
-        "matmul_n": cfg.matmul_n,
-        # step_flops(B) = matmul_flops_per_example * B + optimizer_flops (the roofline's curve)
-        "matmul_flops_per_example": matmul_flops(cfg.model(), 1),
-        "optimizer_flops": optimizer_flops(cfg.model(), (optim or OptimSpec()).name, (optim or OptimSpec()).momentum),
-        "model": {"x_dim": spec.x_dim, "hidden": list(spec.hidden), "latent": spec.latent,
-                  "likelihood": spec.likelihood, "activation": spec.activation,
-                  "params": sum(math.prod(s) for s in spec.param_shapes().values())},
-        "optimizer": (optim or OptimSpec()).name,
-        "settings": dataclasses.asdict(cfg),
         "batch_sizes": [r["batch"] for r in rows],
-        "repeats": cfg.repeats,
-        "steps": cfg.steps,
-        "warmup": cfg.warmup,
-        "precision": dtype,
-        "device": device,
-        "threads": threads,
-        "allow_tf32": allow_tf32,
-        "compile_mode": compile_mode,
-        "compile_cache": compile_cache_state(),
+        **settings_metrics,
     }
     return metrics, env
 
@@ -328,7 +339,7 @@ def run(c: AppConfig, job: Job) -> Result:
 
     metrics, env = run_batches(job.framework, job.mode, cfg, optim=optim_spec(c), dtype=dtype, device=f.device,
                                seed=c.seed, threads=f.threads, allow_tf32=f.allow_tf32,
-                               compile_mode=f.compile_mode, progress=say)
+                               compile_mode=f.compile_mode, progress=say, save=lambda m: checkpoint(job, m))
     status, error = "ok", None
     bad = [r["batch"] for r in metrics["batches"] if not math.isfinite(r["loss_after"])]
     if bad:
@@ -349,11 +360,11 @@ def _device_name(r: dict[str, Any]) -> str:
 
 
 def _mib(b: Any) -> str:
-    return "-" if b is None else f"{b / 2**20:.1f}"
+    return fmt(b, ".1f", scale=2**-20)
 
 
 def _ms(s: Any) -> str:
-    return "-" if s is None else f"{1e3 * s:.3f}"
+    return fmt(s, ".3f", scale=1e3)
 
 
 def summarize(records: list[dict[str, Any]]) -> Summary:
@@ -371,10 +382,13 @@ def summarize(records: list[dict[str, Any]]) -> Summary:
         batches = m.get("batches") if isinstance(m, dict) else None
         if r.get("status") != "ok" or not batches:
             ok = False
-            notes.append(f"{label}: {r.get('status', '?')}: {r.get('error') or 'no measurements'}")
-            continue
-        devices.setdefault(_device_name(r), []).append(label)
-        good.append(r)
+            kept = f" (kept the {len(batches)} batch size(s) it finished)" if batches else ""
+            notes.append(f"{label}: {r.get('status', '?')}: {r.get('error') or 'no measurements'}{kept}")
+            if not batches:
+                continue
+        else:
+            devices.setdefault(_device_name(r), []).append(label)
+            good.append(r)
         tol = float(m.get("settings", {}).get("clock_tol", 0.05))
         for b in batches:
             cr = b.get("clock_ratio")
@@ -479,3 +493,40 @@ def plot_throughput(records: list[dict[str, Any]], path: Path) -> Path | None:
 
 
 PLOTS = {"throughput.png": plot_throughput}
+
+
+#: its numbers are timings: never run beside other jobs, compared only within one environment
+TIMING = True
+QUESTION = "Which framework is fastest?"
+
+
+def answer(records: list[dict[str, Any]]) -> str:
+    """One line for the suite's summary: at the largest batch size every record measured, the
+    fastest framework/mode by samples/s, and its speed-up over each other framework's best mode."""
+    good = [r for r in records if r["status"] == "ok" and (r.get("metrics") or {}).get("batches")]
+    if not good:
+        return "no throughput was measured"
+    batch = max(set.intersection(*({b["batch"] for b in r["metrics"]["batches"]} for r in good)), default=None)
+    if batch is None:
+        return "the records share no batch size"
+    rate = {f"{r['framework']} ({r['mode']})": next(b["samples_per_s"] for b in r["metrics"]["batches"] if b["batch"] == batch)
+            for r in good}
+    best_per_fw: dict[str, str] = {}
+    for label in sorted(rate, key=lambda k: -rate[k]):
+        best_per_fw.setdefault(label.split(" ")[0], label)
+    top = next(iter(best_per_fw.values()))
+    rest = ", ".join(f"{rate[top] / rate[lab]:.2f}x {lab}" for fw, lab in best_per_fw.items() if lab != top)
+    return (f"{top} at batch {batch}: {rate[top]:,.0f} samples/s" + (f", {rest}" if rest else "")
+            + f" (on {_device_name(good[0])}; one machine's numbers)")
+
+
+def compared(records: list[dict[str, Any]]) -> dict[str, Quantity]:
+    """For `vaebench compare`: per framework/mode/batch, the per-repeat step times (a
+    statistical test there), and the compile count (informational)."""
+    out: dict[str, Quantity] = {}
+    for r in records:
+        fw = f"{r['framework']}/{r['mode']}"
+        for b in (r.get("metrics") or {}).get("batches", []) if r["status"] == "ok" else []:
+            if b.get("step_s_samples"):
+                out[f"{fw} batch {b['batch']} step time (s)"] = Quantity(b["step_s_median"], "speed", samples=b["step_s_samples"])
+    return out
