@@ -7,7 +7,7 @@ ARGS   ?=
 PYTEST ?= -q
 
 .DEFAULT_GOAL := help
-.PHONY: help run test test-fast lint bench bench-compare report clean
+.PHONY: help run test test-fast lint bench bench-compare report regress clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -42,8 +42,17 @@ bench: $(STAMP) ## time one training step per framework x mode (pytest-benchmark
 bench-compare: $(STAMP) ## time again and fail when a median is slower than the last saved run by more than BENCH_FAIL
 	$(PY) -m pytest tests/bench --benchmark-enable --benchmark-compare --benchmark-compare-fail=$(BENCH_FAIL) -q
 
-report: $(STAMP) ## rebuild tables and plots of the latest run (or DIR=...)
-	$(PY) -m harness.report $${DIR:-$$(ls -d results/runs/*/ | tail -1)}
+report: $(STAMP) ## rebuild tables, plots, report.md and report.html of the newest run or sweep (or DIR=...)
+	$(VENV)/bin/vaebench report $${DIR:-$$(ls -td results/runs/*/ | head -1)}
+
+# the deterministic part of the default suite (no throughput: CI machines vary), compared with
+# the committed reference records of this machine class; exit 1 on a numerical regression
+REGRESS_REF ?= results/reference/cpu-2core
+REGRESS_DIR ?= results/runs/regress
+regress: $(STAMP) ## run the suite without throughput and compare it with results/reference/cpu-2core
+	rm -rf $(REGRESS_DIR)
+	$(VENV)/bin/vaebench 'measure.names=[conformance,gradflow,identity,convergence]' progress=false hydra.run.dir=$(REGRESS_DIR) $(ARGS) || true
+	$(VENV)/bin/vaebench compare $(REGRESS_REF) $(REGRESS_DIR)
 
 clean: ## remove run outputs (keeps .venv and results/reference)
 	rm -rf results/runs outputs multirun .pytest_cache

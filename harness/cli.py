@@ -1,13 +1,18 @@
 """`vaebench`: compose and validate the Hydra config, run each job in its own process, print
 the tables. See `vaebench --help`.
 
+Subcommands: `vaebench report DIR...` rebuilds tables, plots, report.md and report.html from
+records; `vaebench compare BASELINE CURRENT` checks two sets of records for regressions.
+
 Exit codes: 0 every job ran and every check passed; 1 a job failed, diverged, was unavailable
 or a check broke its tolerance; 2 the config is invalid (nothing was run).
 """
 
 from __future__ import annotations
 
+import io
 import itertools
+import os
 import re
 import sys
 import uuid
@@ -16,12 +21,19 @@ from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from harness.config import AppConfig, ConfigError, frameworks, record_config, register, validate
-from harness.records import REPO_ROOT
+from harness.records import REPO_ROOT, read_records, write_atomic
 
 CONF_DIR = REPO_ROOT / "conf"
+if not OmegaConf.has_resolver("uid"):
+    # `${uid:}` in the run and sweep folder names: two runs started in the same second (or
+    # microsecond) get different folders. Cached, so every resolution in one run gives one value
+    # (the cache travels with the config to the launchers' job processes).
+    OmegaConf.register_new_resolver("uid", lambda: uuid.uuid4().hex[:6], use_cache=True)
 _EXIT = {"code": 0}
 _NO_RUN_FLAGS = {"--help", "-h", "--hydra-help", "--version", "--info", "-i", "--cfg", "-c", "--shell-completion", "-sc"}
 
@@ -71,30 +83,114 @@ def _combinations(overrides: list[str], multirun: bool) -> list[list[str]]:
     return [list(c) for c in itertools.islice(itertools.product(*choices), 256)]
 
 
-def prevalidate(args: list[str]) -> None:
-    """Compose the config exactly as Hydra will and validate it; raise ConfigError."""
+PARALLEL_LAUNCHERS = ("joblib", "submitit_local", "submitit_slurm")
+
+
+def prevalidate(args: list[str]) -> int:
+    """Compose the config exactly as Hydra will and validate it; raise ConfigError. Returns
+    how many jobs (measure x framework) the run or sweep will start."""
     from hydra import compose, initialize_config_dir
+
+    from harness.measures import MEASURES
 
     multirun = any(a in ("-m", "--multirun") for a in args)
     overrides = [a for a in args if not a.startswith("-")]
+    launcher = next((a.split("=", 1)[1] for a in overrides if a.startswith("hydra/launcher=")), "basic")
+    total = 0
     try:
         combos = _combinations(overrides, multirun)
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
             for combo in combos:
-                validate(compose(config_name="config", overrides=combo))
+                c = validate(compose(config_name="config", overrides=combo))
+                total += len(c.measure.names) * len(frameworks(c))
+                timed = [n for n in c.measure.names if getattr(MEASURES[n], "TIMING", False)]
+                if multirun and launcher in PARALLEL_LAUNCHERS and timed and not c.parallel_throughput:
+                    raise ConfigError(
+                        "hydra/launcher",
+                        f"{launcher} runs jobs side by side, and {', '.join(timed)} timed next to other jobs means "
+                        "nothing; run it with the basic launcher, or set parallel_throughput=true to time it anyway")
     except ConfigError:
         raise
     except Exception as exc:
         raise ConfigError("config", _one_line(exc)) from exc
+    return total
 
 
 # --- running ------------------------------------------------------------------------------
 
 
-def run_suite(c: AppConfig, resolved: dict[str, Any], run_dir: Path) -> int:
+class _Tee(io.TextIOBase):
+    """A text stream that also appends what it is given to the run's log file (and a `buffer`
+    that does the same for bytes: the workers' stderr is forwarded as bytes)."""
+
+    def __init__(self, stream: Any, log: Any) -> None:
+        self.stream, self.log = stream, log
+
+    def write(self, s: str) -> int:
+        self.stream.write(s)
+        self.log.write(s)
+        return len(s)
+
+    def flush(self) -> None:
+        self.stream.flush()
+        self.log.flush()
+
+    def isatty(self) -> bool:
+        return bool(self.stream.isatty())
+
+    @property
+    def buffer(self) -> Any:
+        tee = self
+
+        class _Bytes:
+            def write(self, b: bytes) -> int:
+                tee.stream.buffer.write(b)
+                tee.log.write(b.decode(errors="replace"))
+                return len(b)
+
+            def flush(self) -> None:
+                tee.flush()
+
+        return _Bytes()
+
+
+def resume_index(out_dir: Path) -> dict[str, dict[str, Any]]:
+    """config hash -> the newest `ok` record under `out_dir`."""
+    from harness.records import config_hash
+
+    index: dict[str, dict[str, Any]] = {}
+    for r in read_records(out_dir) if out_dir.is_dir() else []:
+        if r["status"] == "ok":
+            index[config_hash(r)] = r
+    return index
+
+
+def _adopt(rec: dict[str, Any], dest: Path) -> None:
+    """Copy an earlier `ok` record (and its arrays file) into this run, unchanged."""
+    src = Path(rec["_file"])
+    if src.resolve() == dest.resolve():
+        return
+    arrays = (rec.get("metrics") or {}).get("arrays")
+    if isinstance(arrays, str) and (src.parent / arrays).exists():
+        write_atomic(dest.parent / arrays, (src.parent / arrays).read_bytes())
+    write_atomic(dest, src.read_bytes())
+
+
+def _sweep_progress(sweep_dir: Path | None) -> str:
+    """`done, failed, left` over the whole sweep, from the records on disk (any launcher)."""
+    total = int(os.environ.get("VAEBENCH_SWEEP_TOTAL", "0"))
+    if sweep_dir is None or not total:
+        return ""
+    recs = read_records(sweep_dir) if sweep_dir.is_dir() else []
+    failed = sum(r["status"] != "ok" for r in recs)
+    return f"sweep: {len(recs)} done, {failed} failed, {max(total - len(recs), 0)} left | "
+
+
+def run_suite(c: AppConfig, resolved: dict[str, Any], run_dir: Path, sweep_dir: Path | None = None) -> int:
     from harness import report
     from harness.job import Job
     from harness.measures import precision
+    from harness.records import config_hash
     from harness.spec import resolve_mode
     from harness.worker import run_job
 
@@ -105,10 +201,25 @@ def run_suite(c: AppConfig, resolved: dict[str, Any], run_dir: Path) -> int:
             mode = resolve_mode(fw, c.framework.mode)
             path = run_dir / f"{measure}-{fw}-{mode}-{precision(measure, c)}.json"
             jobs.append(Job(run_id, measure, fw, mode, record_config(resolved), str(path)))
+    if c.resume:
+        index = resume_index(Path(c.out_dir))
+        todo = []
+        for job in jobs:
+            done = index.get(config_hash({"measure": job.measure, "framework": job.framework, "mode": job.mode,
+                                          "config": job.config}))
+            if done is None:
+                todo.append(job)
+            else:
+                _adopt(done, Path(job.record_path))
+        print(f"resume: skipped {len(jobs) - len(todo)} of {len(jobs)} jobs that already have an ok record of the "
+              f"same config under {c.out_dir}; running {len(todo)}", flush=True)
+        jobs = todo
     records = []
     interrupted = False
+    n_failed = 0
     for i, job in enumerate(jobs, 1):
-        print(f"[{i}/{len(jobs)}] {job.measure}: {job.framework} ({job.mode}, {precision(job.measure, c)})", flush=True)
+        print(f"{_sweep_progress(sweep_dir)}[{i}/{len(jobs)}] {job.measure}: {job.framework} ({job.mode}, "
+              f"{precision(job.measure, c)}) | {i - 1} done, {n_failed} failed, {len(jobs) - i + 1} left", flush=True)
         try:
             rec = run_job(job, c, run_dir / "jobs")
         except KeyboardInterrupt:
@@ -116,38 +227,88 @@ def run_suite(c: AppConfig, resolved: dict[str, Any], run_dir: Path) -> int:
             interrupted = True
             break
         if rec["status"] != "ok":
+            n_failed += 1
             print(f"  -> {rec['status']}: {rec['error']}", flush=True)
         records.append(rec)
     text, ok, plots = report.build(run_dir)  # from the records on disk, as anyone can rebuild them
     print()
-    print(text)
+    print(text.split("\n## Results\n", 1)[-1].strip())
+    print()
     for p in plots:
         print(f"plot: {p}")
-    print(f"records: {run_dir}")
+    print(f"records and report: {run_dir} (report.md, report.html)")
+    lines = report.answers(read_records(run_dir))
+    if lines:
+        print("\nAnswers:")
+        for line in lines:
+            print(f"  {line}")
     if interrupted:
         return 130
     return 0 if ok and all(r["status"] == "ok" for r in records) else 1
 
 
+class SweepReport(Callback):
+    """At the end of a `-m` sweep (any launcher): one combined report over every run of the
+    sweep, written into the sweep folder, and the sweep's exit code."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from harness import report
+
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        recs = report.load([sweep_dir]) if sweep_dir.is_dir() else []
+        if not recs:
+            print(f"sweep: no records under {sweep_dir}", flush=True)
+            _EXIT["code"] = max(_EXIT["code"], 1)
+            return
+        _, ok, _ = report.build(sweep_dir, recs)
+        bad = [r for r in recs if r["status"] != "ok"]
+        print(f"\nsweep report ({len(recs)} records: {len(recs) - len(bad)} ok, {len(bad)} not ok): "
+              f"{sweep_dir / 'report.md'}, {sweep_dir / 'report.html'}", flush=True)
+        _EXIT["code"] = max(_EXIT["code"], 0 if ok and not bad else 1)
+
+
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
     c = validate(cfg)
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    sweep_dir = Path(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else None
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(resolved, dict)
-    _EXIT["code"] = max(_EXIT["code"], run_suite(c, {str(k): v for k, v in resolved.items()}, run_dir))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("VAEBENCH_TTY", "1" if sys.stderr.isatty() else "0")  # workers draw bars only on a terminal
+    with open(run_dir / "cli.log", "a", encoding="utf-8") as log:  # the run's log holds what it printed
+        out, err = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = _Tee(out, log), _Tee(err, log)
+        try:
+            code = run_suite(c, {str(k): v for k, v in resolved.items()}, run_dir, sweep_dir)
+        finally:
+            sys.stdout, sys.stderr = out, err
+    _EXIT["code"] = max(_EXIT["code"], code)
+    if code == 130:
+        raise KeyboardInterrupt  # a sweep stops too
+
+
+SUBCOMMANDS = {"report": "harness.report", "compare": "harness.compare"}
 
 
 def main() -> None:
-    register()
     args = sys.argv[1:]
+    if args and args[0] in SUBCOMMANDS:  # `vaebench report DIR...`, `vaebench compare BASE CUR`
+        import importlib
+
+        sys.exit(importlib.import_module(SUBCOMMANDS[args[0]]).main(args[1:], prog=f"vaebench {args[0]}"))
+    register()
     if not any(a in _NO_RUN_FLAGS or a.startswith("--cfg") for a in args):
         try:
-            prevalidate(args)
+            os.environ["VAEBENCH_SWEEP_TOTAL"] = str(prevalidate(args))
         except ConfigError as exc:
             print(f"vaebench: config error: {exc.message if exc.key == 'config' else exc}", file=sys.stderr)
             sys.exit(2)
-    _hydra_main()
+    try:
+        _hydra_main()
+    except KeyboardInterrupt:
+        sys.exit(130)
     sys.exit(_EXIT["code"])
 
 
