@@ -29,13 +29,17 @@ from tabulate import tabulate
 
 from harness.measures import MEASURES
 from harness.measures.common import Quantity, by_framework
-from harness.records import flat, write_atomic
+from harness.records import measured_config, write_atomic
 from harness.report import load, variant_keys, variant_of
 
 #: what must agree between the environments of two throughput measurements
 ENV_KEYS = ("device_name", "framework_version", "cpu_model", "cpu_cores", "threads", "allow_tf32", "dtype")
 #: a band of this many baseline seed standard deviations
 BAND_K = 4.0
+
+
+#: verdicts that fail the comparison: out of tolerance, slower, or no longer measured
+FAILURES = ("CHANGED", "SLOWER", "MISSING")
 
 
 class EnvMismatch(Exception):
@@ -50,11 +54,11 @@ class Change:
     baseline: Any
     current: Any
     rule: str
-    verdict: str  # "ok", "REGRESSION", "faster", "new", "changed"
+    verdict: str  # ok | faster | new | changed (info only) | and the failures in FAILURES
 
     @property
     def regression(self) -> bool:
-        return self.verdict == "REGRESSION"
+        return self.verdict in FAILURES
 
 
 def _num(x: Any) -> str:
@@ -77,7 +81,7 @@ def mann_whitney_slower(base: Sequence[float], cur: Sequence[float]) -> float:
 def judge(name: str, b: Quantity | None, c: Quantity | None, min_effect: float, alpha: float) -> tuple[str, str, Any, Any]:
     """(verdict, rule, baseline shown, current shown) for one quantity."""
     if c is None:
-        return "REGRESSION", "missing", _num(b.value if b else None), "missing"
+        return "MISSING", "missing", _num(b.value if b else None), "missing"
     if b is None:
         return "new", c.rule, "-", _num(c.value)
     rule = c.rule
@@ -89,28 +93,28 @@ def judge(name: str, b: Quantity | None, c: Quantity | None, min_effect: float, 
         p_fast = mann_whitney_slower(c.samples, b.samples)
         shown = f"{_num(cm)} ({ratio - 1:+.1%}, p={p:.2g})"
         if ratio - 1 > min_effect and p < alpha:
-            return "REGRESSION", f"slower by > {min_effect:.0%}, p < {alpha}", _num(bm), shown
+            return "SLOWER", f"slower by > {min_effect:.0%}, p < {alpha}", _num(bm), shown
         if 1 - ratio > min_effect and p_fast < alpha:
             return "faster", "speed", _num(bm), shown
         return "ok", "speed", _num(bm), shown
     if rule == "info":
         return ("ok" if b.value == c.value else "changed"), rule, _num(b.value), _num(c.value)
     if rule == "same":
-        return ("ok" if b.value == c.value else "REGRESSION"), rule, _num(b.value), _num(c.value)
+        return ("ok" if b.value == c.value else "CHANGED"), rule, _num(b.value), _num(c.value)
     bv, cv = float(b.value), float(c.value)
     if not (math.isfinite(bv) and math.isfinite(cv)):
         good = bv == cv or (math.isnan(bv) and math.isnan(cv))
-        return ("ok" if good else "REGRESSION"), rule, _num(bv), _num(cv)
+        return ("ok" if good else "CHANGED"), rule, _num(bv), _num(cv)
     if rule == "limit":
-        return ("ok" if cv <= c.tol else "REGRESSION"), f"≤ {c.tol:g}", _num(bv), _num(cv)
+        return ("ok" if cv <= c.tol else "CHANGED"), f"≤ {c.tol:g}", _num(bv), _num(cv)
     if rule == "rel":
         good = abs(cv - bv) <= c.tol * abs(bv) or cv == bv
-        return ("ok" if good else "REGRESSION"), f"rel {c.tol:g}", _num(bv), _num(cv)
+        return ("ok" if good else "CHANGED"), f"rel {c.tol:g}", _num(bv), _num(cv)
     if rule == "abs":
-        return ("ok" if abs(cv - bv) <= c.tol else "REGRESSION"), f"abs {c.tol:g}", _num(bv), _num(cv)
+        return ("ok" if abs(cv - bv) <= c.tol else "CHANGED"), f"abs {c.tol:g}", _num(bv), _num(cv)
     if rule == "band":
         width = max(BAND_K * (b.spread or 0.0), c.tol)
-        return ("ok" if abs(cv - bv) <= width else "REGRESSION"), f"± {width:.3g}", _num(bv), _num(cv)
+        return ("ok" if abs(cv - bv) <= width else "CHANGED"), f"± {width:.3g}", _num(bv), _num(cv)
     raise ValueError(f"{name}: unknown comparison rule {rule!r}")
 
 
@@ -138,9 +142,10 @@ def env_differences(base: list[dict[str, Any]], cur: list[dict[str, Any]]) -> li
 
 
 def config_differences(base: list[dict[str, Any]], cur: list[dict[str, Any]]) -> list[str]:
-    b, c = flat(base[0].get("config", {})), flat(cur[0].get("config", {}))
-    skip = ("out_dir", "progress", "resume", "measure.names")
-    return [f"{k}: {b.get(k)} -> {c.get(k)}" for k in sorted(set(b) | set(c)) if k not in skip and b.get(k) != c.get(k)]
+    """Measured config keys both sets have, with different values (a key only one side has is a
+    newer schema, not a change)."""
+    b, c = measured_config(base[0]), measured_config(cur[0])
+    return [f"{k}: {b[k]} -> {c[k]}" for k in sorted(set(b) & set(c)) if b[k] != c[k]]
 
 
 def compare(base: list[dict[str, Any]], cur: list[dict[str, Any]], *, min_effect: float = 0.10, alpha: float = 0.01,

@@ -65,7 +65,7 @@ def test_a_planted_20_percent_throughput_drop_fails(tmp_path: Path) -> None:
     _edit(cur, "throughput", _slower(1 / 0.8), framework="jax")  # 20% fewer samples/s = 25% longer steps
     r = _cmp(REF, cur)
     assert r.returncode == 1, r.stdout[-3000:]
-    bad = [ln for ln in r.stdout.splitlines() if "REGRESSION" in ln]
+    bad = [ln for ln in r.stdout.splitlines() if "SLOWER" in ln]
     assert bad and all("throughput" in ln and "jax/" in ln for ln in bad)
     # a 5% change is below the minimum effect (10%): not a regression, even if significant
     small = _copy(tmp_path, "small")
@@ -124,11 +124,11 @@ def test_convergence_band_comes_from_the_seed_spread() -> None:
     inside = Quantity(-22.0 + 0.9 * compare.BAND_K * spread, "band", 0.05, spread=0.01)
     outside = Quantity(-22.0 - 1.1 * compare.BAND_K * spread, "band", 0.05, spread=0.01)
     assert compare.judge("x", base, inside, 0.1, 0.01)[0] == "ok"
-    assert compare.judge("x", base, outside, 0.1, 0.01)[0] == "REGRESSION"
+    assert compare.judge("x", base, outside, 0.1, 0.01)[0] == "CHANGED"
     # with one seed (no spread) the floor still allows rounding-level changes only
     one = Quantity(-22.0, "band", 0.05)
     assert compare.judge("x", one, Quantity(-22.04, "band", 0.05), 0.1, 0.01)[0] == "ok"
-    assert compare.judge("x", one, Quantity(-22.2, "band", 0.05), 0.1, 0.01)[0] == "REGRESSION"
+    assert compare.judge("x", one, Quantity(-22.2, "band", 0.05), 0.1, 0.01)[0] == "CHANGED"
 
 
 def test_conformance_check_that_now_fails_is_a_regression(tmp_path: Path) -> None:
@@ -159,7 +159,7 @@ def test_a_changed_learning_rate_fails_on_the_elbo(cli, tmp_path: Path) -> None:
     r = _cmp(runs["base"], runs["lr"])
     assert r.returncode == 1, r.stdout
     assert "optim.lr: 0.001 -> 0.003" in r.stdout
-    assert any("REGRESSION" in ln and "test ELBO" in ln for ln in r.stdout.splitlines())
+    assert any("CHANGED" in ln and "test ELBO" in ln for ln in r.stdout.splitlines())
 
 
 def test_bad_input(tmp_path: Path) -> None:
