@@ -278,13 +278,15 @@ def run_job(job: Job, c: AppConfig, jobs_dir: Path) -> dict[str, Any]:
         error, interrupted = "interrupted by the user", True
     reader.join(timeout=5)
     shutil.rmtree(cache_dir, ignore_errors=True)
-    if error is None and record_path.exists():
+    if record_path.exists():  # written by this worker (removed above): its final word, complete (atomic)
         try:
             rec = read_record(record_path)
         except RecordError as exc:
-            error = f"worker wrote an unreadable record ({exc})"
-        else:
+            error = error or f"worker wrote an unreadable record ({exc})"
+        else:  # a kill, timeout or Ctrl-C after the record was written loses nothing
             partial_path(record_path).unlink(missing_ok=True)
+            if interrupted:
+                raise KeyboardInterrupt
             return rec
     last = b"".join(tail).decode(errors="replace").strip().splitlines()
     reason = error or "worker wrote no record"

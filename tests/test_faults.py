@@ -148,6 +148,21 @@ def test_finished_job_replaces_its_partial_metrics(tmp_path: Path, monkeypatch: 
     assert rec["status"] == "failed" and rec["metrics"] == {}
 
 
+def test_kill_after_the_record_is_written_loses_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker killed after it wrote its final record (while the interpreter shuts down): the
+    finished record stands; it is not replaced by a `failed` one without metrics."""
+    job, c = _job(tmp_path)
+    writes = ("from harness.records import make_record, write_record\n"
+              "write_record(__import__('pathlib').Path(job.record_path), make_record(run_id='r', measure=job.measure, "
+              "framework=job.framework, mode=job.mode, status='ok', config={}, env={}, metrics={'epochs': [1, 2, 3]}))\n"
+              "os.kill(os.getpid(), signal.SIGKILL)")
+    monkeypatch.setattr(worker, "WORKER_CMD", _fake(writes))
+    rec = worker.run_job(job, c, tmp_path / "jobs")
+    assert rec["status"] == "ok" and rec["metrics"] == {"epochs": [1, 2, 3]}
+    assert read_record(Path(job.record_path))["status"] == "ok"
+    _no_leftovers(tmp_path)
+
+
 def test_unreadable_record_from_the_worker_is_a_failed_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     job, c = _job(tmp_path)
     monkeypatch.setattr(worker, "WORKER_CMD", _fake("open(job.record_path, 'w').write('{\"run_id\": ')"))

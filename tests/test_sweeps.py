@@ -80,3 +80,17 @@ def test_the_log_holds_what_the_run_printed_and_no_bars(tmp_path: Path) -> None:
     log = next(out.glob("*/cli.log")).read_text()
     assert "[1/1] convergence: torch" in log and "Answers:" in log and "### Convergence" in log
     assert "\r" not in r.stderr and "it/s" not in r.stderr  # no progress bars in a redirected log
+
+
+@pytest.mark.slow
+def test_a_sweep_with_a_failed_job_exits_1_and_reports_it(tmp_path: Path) -> None:
+    """One diverging job in a sweep: the others finish, the combined report has both rows, and
+    the sweep's exit code is 1 (set by the callback, also under `python -m harness.cli`)."""
+    out = tmp_path / "runs"
+    r = _vaebench("-m", "framework=torch", "optim=sgd", "optim.lr=0.01,1e6", *QUICK, out=out)
+    assert r.returncode == 1, r.stdout[-3000:]
+    sweep_dir = next(out.glob("multirun-*"))
+    assert sorted(x["status"] for x in read_records(sweep_dir)) == ["diverged", "ok"]
+    tidy = pd.read_csv(sweep_dir / "convergence.csv")
+    assert sorted(tidy["status"]) == ["diverged", "ok"] and "optim.lr" in tidy.columns
+    assert "1 not ok" in r.stdout
