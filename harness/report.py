@@ -67,7 +67,9 @@ def variant_keys(records: Sequence[dict[str, Any]]) -> list[str]:
     for col, env_key in ENV_COLUMNS:
         per_fw: dict[str, set[str]] = {}
         for r in records:
-            per_fw.setdefault(r["framework"], set()).add(str((r.get("env") or {}).get(env_key)))
+            value = (r.get("env") or {}).get(env_key)
+            if value is not None:  # a record the parent wrote for a dead job has no framework facts
+                per_fw.setdefault(r["framework"], set()).add(str(value))
         if any(len(v) > 1 for v in per_fw.values()):
             differ.append(col)
     return [k for k in differ if k != "seed"] + (["seed"] if "seed" in differ else [])
