@@ -56,6 +56,18 @@ class Backend(Protocol):
         """Gradient of the batch mean of `term` w.r.t. every canonical parameter."""
         ...
 
+    def iwae_grads(self, x: Any, eps: np.ndarray, per_example: bool = False) -> dict[str, np.ndarray]:
+        """Gradient of the NEGATIVE IWAE-K bound, -mean_b IWAE_K(x_b), w.r.t. every canonical
+        parameter for harness noise `eps` of shape (K, B, latent); `per_example=True`: the
+        gradient of -IWAE_K(x_b) per example, a leading batch axis (B, *shape)."""
+        ...
+
+    def local_grads(self, x: Any, mu: np.ndarray, logvar: np.ndarray, eps: np.ndarray) -> tuple[Terms, np.ndarray, np.ndarray]:
+        """Local inference: the per-example `Terms` of q_b = N(mu_b, exp(logvar_b)) given per
+        example (the encoder bypassed, the decoder as loaded) and the gradient of each
+        example's -ELBO w.r.t. its own mu_b and logvar_b, shape (B, latent) each."""
+        ...
+
     def train_step(self, x: Any, eps: np.ndarray | None = None) -> Any:
         """One optimizer step on the batch mean of -ELBO. Noise from the backend's own
         device RNG unless `eps` is given. Returns the step's loss as a device scalar

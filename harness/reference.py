@@ -101,14 +101,21 @@ def _backward(
     d: np.ndarray,
     spec: ModelSpec,
     out: dict[str, np.ndarray],
+    per_example: bool = False,
 ) -> np.ndarray:
     """Backprop d = dF/d(block output) through `block`: writes its weight/bias grads into `out`
-    (summed over all leading axes) and returns dF/d(block input)."""
+    (summed over all leading axes; with `per_example`, summed over all but the batch axis, the
+    second to last, so that each has a leading batch axis) and returns dF/d(block input)."""
     for i in reversed(range(spec.n_layers(block))):
         h, w = inputs[i], params[f"{block}.{i}.weight"]
-        d2 = d.reshape(-1, d.shape[-1])
-        out[f"{block}.{i}.weight"] = h.reshape(-1, h.shape[-1]).T @ d2
-        out[f"{block}.{i}.bias"] = d2.sum(axis=0)
+        if per_example:
+            h = np.broadcast_to(h, d.shape[:-1] + h.shape[-1:]).reshape(-1, *d.shape[-2:-1], h.shape[-1])
+            out[f"{block}.{i}.weight"] = np.einsum("kbi,kbj->bij", h, d.reshape(-1, *d.shape[-2:]))
+            out[f"{block}.{i}.bias"] = d.reshape(-1, *d.shape[-2:]).sum(axis=0)
+        else:
+            d2 = d.reshape(-1, d.shape[-1])
+            out[f"{block}.{i}.weight"] = h.reshape(-1, h.shape[-1]).T @ d2
+            out[f"{block}.{i}.bias"] = d2.sum(axis=0)
         d = d @ w.T
         if i > 0:  # through the activation that produced h; relu'(0) = 0 (h > 0 iff pre-activation > 0)
             d = d * ((h > 0) if spec.activation == "relu" else 1.0 - h**2)
@@ -147,6 +154,73 @@ def grads(
     if spec.freeze != "none":
         g.update({k: np.zeros_like(v) for k, v in g.items() if k.startswith(spec.freeze + ".")})
     return g
+
+
+def _dlog_px(out: np.ndarray, x: np.ndarray, spec: ModelSpec) -> np.ndarray:
+    """d log p(x|z) / d(decoder output): x - sigmoid(logits) or (x - mean) / sigma^2."""
+    if spec.likelihood == "bernoulli":
+        return np.asarray(x - np.exp(-np.logaddexp(0.0, -out)))
+    return np.asarray((x - out) / spec.obs_sigma**2)
+
+
+def iwae_grads(
+    params: Mapping[str, np.ndarray], x: np.ndarray, eps: np.ndarray, spec: ModelSpec, per_example: bool = False
+) -> dict[str, np.ndarray]:
+    """Gradient of -mean_b IWAE_K(x_b) (a loss: the negative bound) w.r.t. every canonical
+    parameter, by hand, for noise eps of shape (K, B, L); with `per_example` the gradient of
+    -IWAE_K(x_b) for each example (a leading batch axis). log w_k = log p(x|z_k) + log N(z_k; 0, I)
+    - log q(z_k|x) with z_k = mu + exp(logvar/2) eps_k: along that path log q(z_k|x) =
+    -sum(LOG_2PI + logvar + eps_k^2)/2, so d log w / d mu = dz and d log w / d logvar =
+    dz * eps * std / 2 + 1/2. The weights' softmax over k gives d IWAE / d log w_k. Honours
+    `spec.freeze` (zeros) and `spec.stop_gradient_z` (z a constant: only q's density term
+    reaches the encoder)."""
+    if eps.ndim != 3:
+        raise ValueError(f"eps must have shape (K, B, latent), got {eps.shape}")
+    g = {k: np.zeros(((len(x),) if per_example else ()) + v.shape) for k, v in params.items()}
+    enc_out, enc_in = _forward(params, "encoder", x, spec)
+    mu, logvar = enc_out[..., : spec.latent], enc_out[..., spec.latent :]
+    std = np.exp(0.5 * logvar)
+    z = mu + std * eps
+    out, dec_in = _forward(params, "decoder", z, spec)
+    log_w = log_px_given_z(out, x, spec) + log_normal_diag(z, np.zeros_like(z), np.zeros_like(z)) - log_normal_diag(z, mu, logvar)
+    w = np.exp(log_w - log_w.max(axis=0))
+    scale = -(w / w.sum(axis=0)) / (1.0 if per_example else len(x))  # dF/dlog w_kb, F = -mean_b IWAE_b
+    dll = _dlog_px(out, x, spec)
+    dz = _backward(params, "decoder", dec_in, scale[..., None] * dll, spec, g, per_example)
+    dz = dz - scale[..., None] * z  # log N(z; 0, I)
+    dlogvar = np.broadcast_to(0.5 * scale.sum(axis=0)[:, None], logvar.shape)  # -log q along the path
+    if spec.stop_gradient_z:  # z constant: -log q(z|x) = sum(LOG_2PI + logvar + (z-mu)^2 exp(-logvar))/2
+        r = (z - mu) ** 2 * np.exp(-logvar)
+        dmu = (scale[..., None] * -(z - mu) * np.exp(-logvar)).sum(axis=0)
+        dlogvar = (scale[..., None] * 0.5 * (1.0 - r)).sum(axis=0)
+    else:
+        dmu = dz.sum(axis=0)
+        dlogvar = dlogvar + (dz * eps * 0.5 * std).sum(axis=0)
+    _backward(params, "encoder", enc_in, np.concatenate([dmu, dlogvar], axis=-1), spec, g, per_example)
+    if spec.freeze != "none":
+        g.update({k: np.zeros_like(v) for k, v in g.items() if k.startswith(spec.freeze + ".")})
+    return g
+
+
+def local_grads(
+    params: Mapping[str, np.ndarray], x: np.ndarray, mu: np.ndarray, logvar: np.ndarray, eps: np.ndarray, spec: ModelSpec
+) -> tuple[Terms, np.ndarray, np.ndarray]:
+    """Local inference by hand: the per-example `Terms` of q_b = N(mu_b, exp(logvar_b)) given
+    per example (the encoder bypassed) and the gradient of each example's loss (-ELBO) w.r.t.
+    its own mu_b and logvar_b. eps is (B, L) or (K, B, L) (recon averaged over K)."""
+    std = np.exp(0.5 * logvar)
+    z = mu + std * eps
+    out, dec_in = _forward(params, "decoder", z, spec)
+    ll = log_px_given_z(out, x, spec)
+    recon = -(ll.mean(axis=0) if eps.ndim == 3 else ll)
+    kl = 0.5 * np.sum(mu**2 + np.exp(logvar) - 1.0 - logvar, axis=-1)
+    dll = _dlog_px(out, x, spec)
+    k = eps.shape[0] if eps.ndim == 3 else 1
+    dz = _backward(params, "decoder", dec_in, -dll / k, spec, {})
+    lead = (0,) if eps.ndim == 3 else ()
+    g_mu = dz.sum(axis=lead) + mu
+    g_logvar = (dz * eps * 0.5 * std).sum(axis=lead) + 0.5 * (np.exp(logvar) - 1.0)
+    return Terms(recon=recon, kl=kl), g_mu, g_logvar
 
 
 # -- optimizers ---------------------------------------------------------------------------

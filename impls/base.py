@@ -10,12 +10,13 @@ names in all three backend files, in the same order:
     data            _to_device, _tensor_dtype, _from_device, sync, _scope
     parameters      _set_params, _get_params
     optimizer state _get_state, _set_state
-    measurement     _loss_terms, _grads, _iwae_rng, _iwae_log_weights
+    measurement     _loss_terms, _grads, _iwae_grads, _local_grads, _iwae_rng, _iwae_log_weights
     training        _build_step, _build_log_weights, _compile
     record          _version_common, _version_extra
 
 What is decided here, once: argument validation (dtype, device, mode, threads, term, k),
-`put`'s dtype policy, the zero-filling of unused gradients, the noise dispatch of
+`put`'s dtype policy, the zero-filling of unused gradients (and the noise-shape check of
+`iwae_grads`), the noise dispatch of
 `train_step`, the IWAE chunking with a streaming float64 log-sum-exp on the host, the
 compile counters, the canonical optimizer-state layout and its validation, and the keys of
 `version()`.
@@ -322,6 +323,49 @@ class BackendBase:
             out[k] = np.zeros(shape, dtype=self.np_dtype) if g is None else g
         return out
 
+    def iwae_grads(self, x: Any, eps: np.ndarray, per_example: bool = False) -> dict[str, np.ndarray]:
+        """Gradient of the NEGATIVE IWAE-K bound (a loss, like `grads(..., "loss")` of -ELBO)
+        w.r.t. every canonical parameter, for harness noise `eps` of shape (K, B, latent):
+        IWAE_K(x_b) = log (1/K) sum_k w_kb, log w_kb = log p(x_b | z_kb) + log N(z_kb; 0, I)
+        - log q(z_kb | x_b), z_kb = mu_b + exp(logvar_b / 2) eps_kb (reparameterised: the full
+        IWAE gradient, no estimator tricks). `per_example=False`: the gradient of
+        -mean_b IWAE_K(x_b), arrays in canonical shapes. `per_example=True`: the gradient of
+        -IWAE_K(x_b) for each example b, each array with a leading batch axis (B, *shape)
+        (their mean over b is the batch gradient); one call gives B independent gradient draws
+        when the rows of `x` repeat. Honours `freeze` and `stop_gradient_z` as `grads` does;
+        zeros where no gradient flows. Off the training path: torch runs it eagerly (the
+        per-example gradient, torch.func.vmap of grad, is torch.compile'd in compiled mode);
+        JAX jits it in every mode (op by op, a first call compiles each primitive separately);
+        TensorFlow runs the batch gradient eagerly and the per-example one (tf.vectorized_map)
+        as a tf.function, which pfor needs. Traced once per shape, not counted by
+        `compile_counts`. ValueError unless eps has shape (K, len(x), latent)."""
+        shape = tuple(int(d) for d in eps.shape)
+        batch = int(x.shape[0]) if hasattr(x, "shape") else len(x)
+        if len(shape) != 3 or shape[1] != batch or shape[2] != self.spec.latent or shape[0] < 1:
+            raise ValueError(f"iwae_grads needs eps of shape (K, {batch}, {self.spec.latent}) with K >= 1, got {shape}")
+        with self._scope():
+            gs = self._iwae_grads(self.put(x), self.put(eps), bool(per_example))
+        lead = (batch,) if per_example else ()
+        return {k: (np.zeros(lead + s, dtype=self.np_dtype) if gs.get(k) is None else gs[k])  # type: ignore[misc]
+                for k, s in self._param_shapes.items()}
+
+    def local_grads(self, x: Any, mu: np.ndarray, logvar: np.ndarray, eps: np.ndarray) -> tuple[Terms, np.ndarray, np.ndarray]:
+        """Local (non-amortised) inference: q_b = N(mu_b, diag exp(logvar_b)) given per example
+        (shape (B, latent) each) in place of the encoder's output; the decoder as loaded.
+        Returns the per-example `Terms` of that q (recon averaged over `eps`, (B, latent) or
+        (K, B, latent); kl in closed form; loss = -ELBO) and the gradient of each example's loss
+        w.r.t. its own mu_b and logvar_b (shape (B, latent) each: one backward pass of the sum
+        over b, since example b's loss depends on no other example's parameters). Eager
+        (jitted in JAX, see `iwae_grads`). ValueError unless mu and logvar have shape
+        (len(x), latent)."""
+        batch = int(x.shape[0]) if hasattr(x, "shape") else len(x)
+        for name, a in (("mu", mu), ("logvar", logvar)):
+            if tuple(np.shape(a)) != (batch, self.spec.latent):
+                raise ValueError(f"local_grads needs {name} of shape ({batch}, {self.spec.latent}), got {tuple(np.shape(a))}")
+        with self._scope():
+            recon, kl, g_mu, g_logvar = self._local_grads(self.put(x), self.put(mu), self.put(logvar), self.put(eps))
+        return Terms(recon=recon, kl=kl), g_mu, g_logvar
+
     def log_likelihood(self, x: Any, k: int, seed: int) -> np.ndarray:
         """IWAE-k lower bound on log p(x), per example (float64, shape (B,)).
 
@@ -451,6 +495,16 @@ class BackendBase:
     def _grads(self, x: Any, eps: Any, term: Term) -> dict[str, np.ndarray | None]:
         """Gradient of the batch mean of `pick_term(term, recon, kl)` per canonical
         parameter, as host arrays; None for a parameter the value does not depend on."""
+        raise NotImplementedError
+
+    def _iwae_grads(self, x: Any, eps: Any, per_example: bool) -> dict[str, np.ndarray | None]:
+        """Gradient of -mean_b IWAE_K (or, `per_example`, of each -IWAE_K(x_b), a leading
+        batch axis) per canonical parameter, as host arrays; None where none flows."""
+        raise NotImplementedError
+
+    def _local_grads(self, x: Any, mu: Any, logvar: Any, eps: Any) -> tuple[np.ndarray, ...]:
+        """(recon, kl, d loss/d mu, d loss/d logvar) per example as host arrays, for q given by
+        (mu, logvar) (`model.terms_at`); the gradients of the sum over examples."""
         raise NotImplementedError
 
     def _iwae_rng(self, seed: int) -> Any:

@@ -350,3 +350,102 @@ def test_streaming_logsumexp_edge_cases() -> None:
     assert got[2] == -np.inf and got[4] == np.inf and np.isnan(got[5])
     with pytest.raises(ValueError):
         StreamingLogSumExp().result()
+
+
+# -- IWAE-K gradient and local (per-example q) gradients ----------------------------------------
+EPS_IW = RNG.standard_normal((5, 6, 3))
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+def test_iwae_grads_match_numpy_and_finite_differences(framework: str, likelihood: str) -> None:
+    """The gradient of -mean_b IWAE_K, float64: equal to the hand-written NumPy backprop and to
+    central differences of the NumPy IWAE bound (an independent computation: no gradient code)."""
+    spec = ModelSpec(**{**SPEC.__dict__, "likelihood": likelihood, "obs_sigma": 0.7})
+    params = _params(spec)
+    b = load_backend(framework, spec, dtype="float64", params=params)
+    g = b.iwae_grads(X, EPS_IW)
+    want = reference.iwae_grads(params, X, EPS_IW, spec)
+    assert list(g) == list(spec.param_shapes())
+    for k in params:
+        assert g[k].shape == params[k].shape
+        np.testing.assert_allclose(g[k], want[k], rtol=1e-10, atol=1e-13, err_msg=f"{framework} {k}")
+    rng, h = np.random.default_rng(6), 1e-5
+    for block in ("encoder", "decoder"):
+        d = {k: rng.standard_normal(v.shape) for k, v in params.items() if k.startswith(block)}
+
+        def f(sign: float, d: dict[str, np.ndarray] = d) -> float:
+            shifted = {k: v + sign * h * d[k] if k in d else v for k, v in params.items()}
+            return float(-reference.iwae(shifted, X, EPS_IW, spec).mean())
+
+        numeric = (f(1) - f(-1)) / (2 * h)
+        analytic = sum(float(np.sum(g[k] * d[k])) for k in d)
+        assert abs(analytic - numeric) <= 1e-6 * max(abs(numeric), 1e-3), (block, analytic, numeric)
+
+
+def test_iwae_grads_per_example(framework: str) -> None:
+    """per_example=True: one gradient per example (leading batch axis), equal to the NumPy
+    per-example backprop and to the batch gradient of that example alone; their mean is the
+    batch gradient."""
+    params = _params()
+    b = load_backend(framework, SPEC, dtype="float64", params=params)
+    per = b.iwae_grads(X, EPS_IW, per_example=True)
+    batch = b.iwae_grads(X, EPS_IW)
+    want = reference.iwae_grads(params, X, EPS_IW, SPEC, per_example=True)
+    alone = b.iwae_grads(X[2:3], EPS_IW[:, 2:3])
+    for k, shape in SPEC.param_shapes().items():
+        assert per[k].shape == (6, *shape)
+        np.testing.assert_allclose(per[k], want[k], rtol=1e-10, atol=1e-13, err_msg=k)
+        np.testing.assert_allclose(per[k].mean(axis=0), batch[k], rtol=1e-10, atol=1e-13, err_msg=k)
+        np.testing.assert_allclose(per[k][2], alone[k], rtol=1e-10, atol=1e-13, err_msg=k)
+
+
+def test_iwae_grads_honour_freeze_and_stop_gradient(framework: str) -> None:
+    params = _params()
+    for kw in ({"freeze": "decoder"}, {"freeze": "encoder"}, {"stop_gradient_z": True}):
+        spec = ModelSpec(**{**SPEC.__dict__, **kw})
+        b = load_backend(framework, spec, dtype="float64", params=params)
+        want = reference.iwae_grads(params, X, EPS_IW, spec)
+        for per_example in (False, True):
+            g = b.iwae_grads(X, EPS_IW, per_example=per_example)
+            for k in params:
+                got = g[k].mean(axis=0) if per_example else g[k]
+                np.testing.assert_allclose(got, want[k], rtol=1e-10, atol=1e-13, err_msg=f"{kw} {k}")
+        frozen = kw.get("freeze")
+        if frozen:
+            assert all(not np.any(v) for k, v in g.items() if k.startswith(str(frozen)))
+
+
+@pytest.mark.parametrize("shape", [(6, 3), (5, 4, 3), (5, 6, 2), (0, 6, 3)])
+def test_iwae_grads_bad_noise_shape_raises(framework: str, shape: tuple[int, ...]) -> None:
+    b = load_backend(framework, SPEC, dtype="float64")
+    with pytest.raises(ValueError, match=r"eps of shape \(K, 6, 3\)"):
+        b.iwae_grads(X, np.zeros(shape))
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+def test_local_grads_match_numpy_and_finite_differences(framework: str, likelihood: str) -> None:
+    """Local inference: the terms of a given per-example q and the gradient of each example's
+    -ELBO w.r.t. its own (mu, logvar) equal the NumPy reference and central differences of the
+    NumPy terms; with the encoder's own (mu, logvar) the terms are those of `terms`."""
+    spec = ModelSpec(**{**SPEC.__dict__, "likelihood": likelihood, "obs_sigma": 0.7})
+    params = _params(spec)
+    b = load_backend(framework, spec, dtype="float64", params=params)
+    rng = np.random.default_rng(3)
+    mu, logvar = rng.normal(size=(6, 3)), 0.3 * rng.normal(size=(6, 3))
+    for eps in (EPS, EPS_K):
+        terms, g_mu, g_logvar = b.local_grads(X, mu, logvar, eps)
+        want, w_mu, w_logvar = reference.local_grads(params, X, mu, logvar, eps, spec)
+        np.testing.assert_allclose(terms.loss, want.loss, rtol=1e-12)
+        np.testing.assert_allclose(g_mu, w_mu, rtol=1e-10, atol=1e-13)
+        np.testing.assert_allclose(g_logvar, w_logvar, rtol=1e-10, atol=1e-13)
+        h, d, e = 1e-6, rng.standard_normal(mu.shape), rng.standard_normal(mu.shape)
+
+        def f(s: float, d: np.ndarray = d, e: np.ndarray = e, eps: np.ndarray = eps) -> float:
+            return float(reference.local_grads(params, X, mu + s * h * d, logvar + s * h * e, eps, spec)[0].loss.sum())
+
+        numeric = (f(1) - f(-1)) / (2 * h)
+        assert abs(float(np.sum(g_mu * d) + np.sum(g_logvar * e)) - numeric) <= 1e-6 * max(abs(numeric), 1e-3)
+    mu_enc, logvar_enc = reference.encode(params, X, spec)
+    np.testing.assert_allclose(b.local_grads(X, mu_enc, logvar_enc, EPS_K)[0].loss, b.terms(X, EPS_K).loss, rtol=1e-12)
+    with pytest.raises(ValueError, match="mu of shape"):
+        b.local_grads(X, mu[:2], logvar, EPS)

@@ -29,6 +29,8 @@ MEASURES: dict[str, ModuleType] = {
         "conformance": "harness.measures.conformance",
         "convergence": "harness.measures.convergence",
         "throughput": "harness.measures.throughput",
+        "gaps": "harness.measures.gaps",
+        "snr": "harness.measures.snr",
     }.items()
 }
 

@@ -187,6 +187,49 @@ class TensorFlowBackend(BackendBase):
         gs = tape.gradient(value, [self.params[k] for k in names])
         return {k: (None if g is None else self._from_device(g)) for k, g in zip(names, gs)}
 
+    def _iwae_grads(self, x: tf.Tensor, eps: tf.Tensor, per_example: bool) -> dict[str, np.ndarray | None]:
+        names = list(self.params)
+        variables = [self.params[k] for k in names]
+        if not per_example:
+            with tf.GradientTape() as tape:
+                value = -tf.reduce_mean(model.iwae_bound(self.params, x, eps, self.spec))
+            gs = tape.gradient(value, variables)
+        else:
+            gs = self._per_example_iwae_grads(x, eps)
+        return {k: (None if g is None else self._from_device(g)) for k, g in zip(names, gs)}
+
+    def _per_example_iwae_grads(self, x: tf.Tensor, eps: tf.Tensor) -> list[Any]:
+        """The gradient of each example's -IWAE_K, vectorised over the batch by
+        `tf.vectorized_map` (pfor). pfor runs in a graph: one tf.function, built on first use
+        and traced once per input shape (eager `vectorized_map` would retrace every call)."""
+        fn = getattr(self, "_iwae_per_example", None)
+        if fn is None:
+            spec, names = self.spec, list(self.params)
+            variables = [self.params[k] for k in names]
+
+            def per_example(x: tf.Tensor, eps: tf.Tensor) -> list[Any]:
+                values = [tf.convert_to_tensor(v) for v in variables]
+
+                def one(args: tuple[tf.Tensor, tf.Tensor]) -> list[Any]:
+                    xb, eb = args  # (D,), (K, L): x as one row (TF's matmul needs rank 2)
+                    with tf.GradientTape() as tape:
+                        tape.watch(values)
+                        value = -model.iwae_bound(dict(zip(names, values)), xb[None], eb, spec)  # a scalar
+                    return tape.gradient(value, values, unconnected_gradients=tf.UnconnectedGradients.ZERO)  # type: ignore[no-any-return]
+
+                return tf.vectorized_map(one, (x, tf.transpose(eps, [1, 0, 2])))  # type: ignore[no-any-return]
+
+            fn = self._iwae_per_example = tf.function(per_example)
+        return fn(x, eps)  # type: ignore[no-any-return]
+
+    def _local_grads(self, x: tf.Tensor, mu: tf.Tensor, logvar: tf.Tensor, eps: tf.Tensor) -> tuple[np.ndarray, ...]:
+        with tf.GradientTape() as tape:
+            tape.watch([mu, logvar])
+            recon, kl = model.terms_at(self.params, x, mu, logvar, eps, self.spec)
+            total = tf.reduce_sum(recon + kl)
+        g_mu, g_logvar = tape.gradient(total, [mu, logvar])
+        return tuple(self._from_device(t) for t in (recon, kl, g_mu, g_logvar))
+
     def _iwae_rng(self, seed: int) -> tf.random.Generator:
         with self._scope():
             return tf.random.Generator.from_seed(seed)

@@ -48,6 +48,14 @@ def loss_terms(
     if spec.freeze != "none":
         params = {k: (v.detach() if k.startswith(spec.freeze + ".") else v) for k, v in params.items()}
     mu, logvar = encode(params, x, spec)
+    return terms_at(params, x, mu, logvar, eps, spec)
+
+
+def terms_at(
+    params: dict[str, torch.Tensor], x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor, spec: ModelSpec
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example (recon, kl) for q(z|x) = N(mu, exp(logvar)): the encoder's output, or
+    per-example variational parameters given directly (local inference)."""
     z = sample_z(mu, logvar, eps, spec)
     ll = log_px_given_z(decode(params, z, spec), x, spec)
     recon = -(ll.mean(dim=0) if eps.dim() == 3 else ll)
@@ -59,9 +67,26 @@ def log_normal_diag(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> 
     return torch.sum(-0.5 * (LOG_2PI + logvar + (z - mu) ** 2 * torch.exp(-logvar)), dim=-1)
 
 
+def log_weights_at(
+    params: dict[str, torch.Tensor], x: torch.Tensor, z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, spec: ModelSpec
+) -> torch.Tensor:
+    """log p(x | z) + log N(z; 0, I) - log q(z | x) for z of shape (K, B, L): shape (K, B)."""
+    log_prior = torch.sum(-0.5 * (LOG_2PI + z**2), dim=-1)
+    return log_px_given_z(decode(params, z, spec), x, spec) + log_prior - log_normal_diag(z, mu, logvar)
+
+
 def iwae_log_weights(params: dict[str, torch.Tensor], x: torch.Tensor, eps: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
     """log p(x, z_k) - log q(z_k | x) for eps of shape (K, B, L): shape (K, B)."""
     mu, logvar = encode(params, x, spec)
     z = mu + torch.exp(0.5 * logvar) * eps
-    log_prior = torch.sum(-0.5 * (LOG_2PI + z**2), dim=-1)
-    return log_px_given_z(decode(params, z, spec), x, spec) + log_prior - log_normal_diag(z, mu, logvar)
+    return log_weights_at(params, x, z, mu, logvar, spec)
+
+
+def iwae_bound(params: dict[str, torch.Tensor], x: torch.Tensor, eps: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
+    """Per-example IWAE-K bound log (1/K) sum_k w_k for eps of shape (K, B, L), shape (B,), as
+    differentiated in training (honours `freeze` and `stop_gradient_z`, as `loss_terms` does)."""
+    if spec.freeze != "none":
+        params = {k: (v.detach() if k.startswith(spec.freeze + ".") else v) for k, v in params.items()}
+    mu, logvar = encode(params, x, spec)
+    z = sample_z(mu, logvar, eps, spec)
+    return torch.logsumexp(log_weights_at(params, x, z, mu, logvar, spec), dim=0) - math.log(eps.shape[0])
