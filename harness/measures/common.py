@@ -148,6 +148,14 @@ class Num(str):
         return cell
 
 
+def failed_row(r: dict[str, Any], columns: Iterable[str]) -> tuple[dict[str, Any], str]:
+    """A record that did not finish as a table row of empty cells (framework and status filled)
+    and the note that says why."""
+    row = dict.fromkeys(columns, "-")
+    row.update(framework=r.get("framework", "?"), status=r.get("status", "?"))
+    return row, f"{r.get('framework')}: {r.get('status')}: {r.get('error')}"
+
+
 def fmt(x: Any, spec: str = ".4g", scale: float = 1.0) -> str:
     """`x * scale` formatted for a table ("-" for None); numbers keep their raw value (Num)."""
     if x is None:

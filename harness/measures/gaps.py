@@ -67,7 +67,17 @@ from harness.schema import setting
 
 if TYPE_CHECKING:
     from harness.config import AppConfig
-from harness.measures.common import Quantity, Summary, backend, by_framework, dataset, fmt, model_spec, progress
+from harness.measures.common import (
+    Quantity,
+    Summary,
+    backend,
+    by_framework,
+    dataset,
+    failed_row,
+    fmt,
+    model_spec,
+    progress,
+)
 
 LOGVAR_BOUNDS = (-20.0, 10.0)  # for L-BFGS-B: keeps exp(logvar) finite along the line search
 NOISE_TAG = {"fit": 41, "eval": 42, "iwae": 43, "linear": 44}
@@ -398,10 +408,9 @@ def summarize(records: list[dict[str, Any]]) -> Summary:
         linear = m.get("linear") if isinstance(m.get("linear"), dict) else None
         if r.get("status") != "ok" or linear is None:
             ok = False
-            row = dict.fromkeys(COLUMNS, "-")
-            row.update(framework=r.get("framework", "?"), status=r.get("status", "?"))
+            row, note = failed_row(r, COLUMNS)
             rows.append(row)
-            notes.append(f"{r.get('framework')}: {r.get('status')}: {r.get('error')}")
+            notes.append(note)
             continue
         for name in ("random", "trained"):
             p = linear.get(name)

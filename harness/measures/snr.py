@@ -82,7 +82,17 @@ from harness.schema import ConfigError, setting
 
 if TYPE_CHECKING:
     from harness.config import AppConfig
-from harness.measures.common import Quantity, Summary, backend, by_framework, dataset, fmt, model_spec, progress
+from harness.measures.common import (
+    Quantity,
+    Summary,
+    backend,
+    by_framework,
+    dataset,
+    failed_row,
+    fmt,
+    model_spec,
+    progress,
+)
 
 THEORY = {"decoder": 0.5, "encoder": -0.5}
 BLOCK_ORDER = ("decoder", "encoder")
@@ -470,10 +480,9 @@ def summarize(records: list[dict[str, Any]]) -> Summary:
         parts = [(p, m.get(p)) for p in ("toy", "trained")]
         if r.get("status") != "ok" or not isinstance(m.get("toy"), dict):
             ok = False
-            row = dict.fromkeys(cols, "-")
-            row.update(framework=r.get("framework", "?"), status=r.get("status", "?"))
+            row, note = failed_row(r, cols)
             rows.append(row)
-            notes.append(f"{r.get('framework')}: {r.get('status')}: {r.get('error')}")
+            notes.append(note)
             continue
         for name, part in parts:
             if not isinstance(part, dict) or not isinstance(part.get("blocks"), dict):
