@@ -219,3 +219,14 @@ def test_report_subcommand_and_errors(tmp_path: Path) -> None:
         (tmp_path / "empty").mkdir(exist_ok=True)
         r = subprocess.run([sys.executable, "-m", "harness.cli", "report", *args], cwd=ROOT, capture_output=True, text=True)
         assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("measure", list(MEASURES))
+def test_every_measure_summarizes_a_job_that_left_no_metrics(measure: str) -> None:
+    """A record of a job that died before it measured anything: a failed summary that says why,
+    never an exception (every measure, including ones added later)."""
+    rec = {"framework": "torch", "mode": "eager", "status": "failed", "error": "worker died of SIGKILL",
+           "metrics": {}, "config": {}, "env": {}, "measure": measure}
+    s = MEASURES[measure].summarize([rec])
+    assert not s.ok
+    assert any("SIGKILL" in n for n in s.notes)
