@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 
+from harness.schema import ConfigError, build  # noqa: F401  (ConfigError: what a bad argument raises)
 from harness.spec import (  # noqa: F401  (re-exported: the public names of the interface)
     BLOCKS,
     COMPILED_ALIAS,
@@ -125,14 +126,17 @@ def load_backend(
     compile_mode: str = "default",
 ) -> Backend:
     """Build `framework`'s backend, loaded with canonical initial weights from `seed`
-    (or with `params`). Imports only that framework.
+    (or with `params`). Imports only that framework. Every argument is validated first, by the
+    rules of the CLI's config (a bad one raises a ValueError naming it: `ConfigError`).
 
     >>> b = load_backend("torch", ModelSpec(x_dim=64), dtype="float64")  # doctest: +SKIP
     """
     from harness.init import init_params
 
-    spec = model if isinstance(model, ModelSpec) else ModelSpec(**_tuple_hidden(model or {}))
-    opt = optim if isinstance(optim, OptimSpec) else OptimSpec(**dict(optim or {}))
+    if framework not in FRAMEWORK_MODES:
+        raise ValueError(f"unknown framework {framework!r}; choose from {', '.join(FRAMEWORKS)}")
+    spec = model if isinstance(model, ModelSpec) else build(ModelSpec, _mapping("model", model))
+    opt = optim if isinstance(optim, OptimSpec) else build(OptimSpec, _mapping("optim", optim))
     runtime = RuntimeSpec(
         mode=resolve_mode(framework, mode),
         dtype=dtype,  # type: ignore[arg-type]
@@ -151,8 +155,11 @@ def load_backend(
     return backend
 
 
-def _tuple_hidden(d: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(d)
-    if "hidden" in out:
-        out["hidden"] = tuple(int(h) for h in out["hidden"])
-    return out
+def _mapping(name: str, value: Any) -> dict[str, Any]:
+    """`value` as keyword arguments of a spec; ValueError unless it is a mapping (or None)."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{name} must be a {'ModelSpec' if name == 'model' else 'OptimSpec'} or a mapping of its "
+                         f"fields, got {type(value).__name__}")
+    return dict(value)

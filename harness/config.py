@@ -10,47 +10,47 @@ error names its key in one line.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from harness.data import DIGITS_TRAIN, DataError
+from harness.data import (
+    DIGITS_TRAIN,
+    FILE_ONLY,
+    FILE_SOURCES,
+    SYNTHETIC_DEFAULTS,
+    SYNTHETIC_ONLY,
+    DataConfig,
+    DataError,
+)
 from harness.data import FORMATS as DATA_FORMATS
+from harness.data import check_config as check_data
 from harness.data import inspect as inspect_data
 from harness.measures import MEASURES
-from harness.schema import ConfigError, check, setting
-from harness.spec import (
-    FRAMEWORKS,
-    Activation,
-    DataSource,
-    Device,
-    Dtype,
-    Freeze,
-    Likelihood,
-    ModelKind,
-    OptimName,
-    TorchCompileMode,
-    choices,
-    resolve_mode,
-)
+from harness.schema import ConfigError, build, check, like, setting
+from harness.spec import FRAMEWORKS, ModelSpec, OptimSpec, RuntimeSpec, resolve_mode
 
 __all__ = ["AppConfig", "ConfigError", "frameworks", "register", "to_app_config", "validate"]
 
 
 @dataclass
 class FrameworkConfig:
+    """`framework.*`: which framework(s) and how they compute. The fields shared with the library's
+    `RuntimeSpec` take its rules (`like`), so the CLI and `load_backend` refuse the same values."""
+
     name: str = setting("all", choices=(*FRAMEWORKS, "all"))
-    mode: str = "eager"  # eager | compiled (or a framework's own: function, xla, jit); checked per framework
-    precision: str = setting("float32", choices=choices(Dtype))
-    device: str = setting("cpu", choices=choices(Device))
-    threads: int = setting(0, ge=0)  # 0: framework default
-    allow_tf32: bool = False
-    compile_mode: str = setting("default", choices=choices(TorchCompileMode))  # torch.compile's mode (torch only)
+    mode: str = like(RuntimeSpec, "mode")  # eager | compiled (or a framework's own: function, xla, jit); checked per framework
+    precision: str = like(RuntimeSpec, "dtype")
+    device: str = like(RuntimeSpec, "device")
+    threads: int = like(RuntimeSpec, "threads")  # 0: framework default
+    allow_tf32: bool = like(RuntimeSpec, "allow_tf32")
+    compile_mode: str = like(RuntimeSpec, "compile_mode")  # torch.compile's mode (torch only)
     # per job, enforced by the parent process; the clock starts with the job's process, so it
     # counts importing the framework and compiling (seconds of each), not only the measure
     timeout_s: int = setting(900, gt=0)
@@ -59,45 +59,32 @@ class FrameworkConfig:
     memory_limit_mb: int = setting(0, ge=0)
 
 
-@dataclass
-class ModelConfig:
-    kind: str = setting("mlp", choices=choices(ModelKind))
-    hidden: list[int] = setting([128], gt=0)
-    latent: int = setting(8, gt=0)
-    likelihood: str = setting("bernoulli", choices=choices(Likelihood))
-    activation: str = setting("relu", choices=choices(Activation))
-    obs_sigma: float = setting(1.0, gt=0)  # Gaussian likelihood's standard deviation
-    stop_gradient_z: bool = False  # negative control: detach z from the encoder
-    freeze: str = setting("none", choices=choices(Freeze))
+def _hydra_type(tp: Any) -> Any:
+    """The type OmegaConf can hold for a spec field's type: a Literal is a str (its choices are
+    on the field), a tuple of X a list of X."""
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is Literal:
+        return str
+    if origin is tuple:
+        return list[args[0]]  # type: ignore[valid-type]
+    return tp
 
 
-#: DataConfig keys that only the synthetic source reads (left out of other sources' records)
-SYNTHETIC_ONLY = ("n_train", "n_test", "x_dim", "latent", "obs_sigma")
+def config_class(spec: type, name: str, skip: tuple[str, ...] = ()) -> type:
+    """A Hydra config dataclass with the fields of `spec` (less `skip`), their defaults and
+    rules: the config group and the library's spec are declared once."""
+    hints = get_type_hints(spec)
+    fields: list[tuple[str, Any, Any]] = []
+    for f in dataclasses.fields(spec):
+        if f.name not in skip:
+            fields.append((f.name, _hydra_type(hints[f.name]), like(spec, f.name)))
+    return dataclasses.make_dataclass(name, fields)
 
 
-@dataclass
-class DataConfig:
-    source: str = setting("digits", choices=choices(DataSource))
-    path: str | None = None  # mnist: .npz file or folder of IDX files
-    binarize: bool = True
-    threshold: float = setting(0.5, gt=0.0, lt=1.0)
-    batch_size: int = setting(64, gt=0)
-    # synthetic only
-    n_train: int = setting(2000, gt=0)
-    n_test: int = setting(500, gt=0)
-    x_dim: int = setting(16, gt=0)
-    latent: int = setting(4, gt=0)
-    obs_sigma: float = setting(0.5, gt=0)
-
-
-@dataclass
-class OptimConfig:
-    name: str = setting("adam", choices=choices(OptimName))
-    lr: float = setting(1e-3, gt=0)
-    beta1: float = setting(0.9, ge=0.0, lt=1.0)
-    beta2: float = setting(0.999, ge=0.0, lt=1.0)
-    eps: float = setting(1e-8, gt=0)
-    momentum: float = setting(0.0, ge=0.0, lt=1.0)
+#: `model.*`: the fields of `ModelSpec` but x_dim (which the data set decides)
+ModelConfig = config_class(ModelSpec, "ModelConfig", skip=("x_dim",))
+#: `optim.*`: the fields of `OptimSpec`
+OptimConfig = config_class(OptimSpec, "OptimConfig")
 
 
 #: `measure.names` plus one section per registered measure, typed by that measure's `Config`
@@ -111,9 +98,9 @@ MeasureConfig = dataclasses.make_dataclass(
 @dataclass
 class AppConfig:
     framework: FrameworkConfig = field(default_factory=FrameworkConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: Any = field(default_factory=ModelConfig)  # ModelConfig (built from ModelSpec)
     data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    optim: Any = field(default_factory=OptimConfig)  # OptimConfig (built from OptimSpec)
     measure: Any = field(default_factory=MeasureConfig)  # MeasureConfig (built from the registry)
     seed: int = setting(0, ge=0, lt=2**32)  # NumPy and every framework's RNG take it
     out_dir: str = "results/runs"
@@ -150,24 +137,34 @@ def validate(cfg: DictConfig | AppConfig) -> AppConfig:
     for fw in frameworks(c):
         try:
             resolve_mode(fw, f.mode)
-        except ValueError as exc:
-            raise ConfigError("framework.mode", str(exc)) from None
-    if m.kind == "linear" and m.hidden:
-        raise ConfigError("model.hidden", "the linear model has no hidden layers; set model.hidden=[]")
-    n_train = {"digits": DIGITS_TRAIN, "synthetic": d.n_train}.get(d.source)
-    if d.source in ("mnist", "fashion_mnist"):
+        except ConfigError as exc:
+            raise ConfigError("framework.mode", exc.message) from None
+    for spec, section, args in ((ModelSpec, "model", {"x_dim": 1, **dataclasses.asdict(m)}),
+                                (OptimSpec, "optim", dataclasses.asdict(c.optim))):
+        try:  # the spec's own cross-field rules, as the library API applies them
+            build(spec, args)
+        except ConfigError as exc:
+            raise ConfigError(f"{section}.{exc.key.split('.', 1)[1]}", exc.message) from None
+    check_data(d)
+    n_train = {"digits": DIGITS_TRAIN, "synthetic": d.n_train or SYNTHETIC_DEFAULTS["n_train"]}.get(d.source)
+    if d.source in FILE_SOURCES:
         if not d.path:
             raise ConfigError("data.path", f"data={d.source} needs data.path=<.npz file or folder of IDX files>")
         if not Path(d.path).expanduser().exists():
             raise ConfigError("data.path", f"no such file or folder: {d.path}; {DATA_FORMATS}")
-        try:  # headers and sizes, not the whole file (harness.data.inspect)
-            n_train = inspect_data(d.path).n_train
+        try:  # headers, sizes and value ranges, streamed (harness.data.inspect)
+            info = inspect_data(d.path)
         except DataError as exc:
             raise ConfigError("data.path", " ".join(str(exc).split())) from None
+        n_train = info.n_train
+        found = info.value_problem(d.scale, d.binarize, d.threshold, m.likelihood)
+        if found is not None:
+            raise ConfigError(*found)
     if n_train is not None and d.batch_size > n_train:
         raise ConfigError("data.batch_size", f"{d.batch_size} is more than the {n_train} training examples of data={d.source}")
-    if not _writable(Path(c.out_dir)):
-        raise ConfigError("out_dir", f"cannot create or write {c.out_dir}")
+    where = out_dir_problem(Path(c.out_dir))
+    if where is not None:
+        raise ConfigError("out_dir", where)
     if d.source == "synthetic" and m.likelihood == "bernoulli":
         raise ConfigError(
             "model.likelihood", "bernoulli needs data in [0, 1]; synthetic data is real-valued: use model=linear"
@@ -179,20 +176,41 @@ def validate(cfg: DictConfig | AppConfig) -> AppConfig:
     return c
 
 
-def _writable(path: Path) -> bool:
-    """Whether `path` exists as a writable folder, or could be created under one."""
+def out_dir_problem(path: Path) -> str | None:
+    """Why results cannot be written under `path` (None when they can): tried for real, by
+    creating the folder and a file in it, since permission bits do not tell (root passes
+    `os.access` on /sys, where nothing can be created). A folder this creates is removed again."""
     p = path.expanduser().absolute()
-    while not p.exists():
-        p = p.parent
-    return p.is_dir() and os.access(p, os.W_OK | os.X_OK) and not str(p).startswith("/proc")
+    if p.exists() and not p.is_dir():
+        return f"{path} exists and is not a folder"
+    created = []
+    try:
+        q = p
+        while not q.exists():
+            created.append(q)
+            q = q.parent
+        p.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=p):
+            pass
+    except OSError as exc:
+        return f"cannot create or write {path}: {exc.strerror or exc}"
+    finally:
+        for q in created:  # deepest first
+            with contextlib.suppress(OSError):
+                q.rmdir()
+    return None
 
 
 def record_config(resolved: dict[str, Any]) -> dict[str, Any]:
-    """The resolved config as a record keeps it: without the data keys its source never reads."""
+    """The resolved config as a record keeps it: without the data keys its source never reads,
+    and with the scale a data file's values were divided by (what `data.scale=null` chose)."""
     out = {**resolved, "data": dict(resolved.get("data", {}))}
-    if out["data"].get("source") != "synthetic":
-        for k in SYNTHETIC_ONLY:
-            out["data"].pop(k, None)
+    d = out["data"]
+    for k in (*(() if d.get("source") == "synthetic" else SYNTHETIC_ONLY), *(() if d.get("source") in FILE_SOURCES else FILE_ONLY)):
+        d.pop(k, None)
+    if d.get("source") in FILE_SOURCES and d.get("scale") is None and d.get("path"):
+        with contextlib.suppress(DataError, OSError):
+            d["scale"] = inspect_data(d["path"]).scale(None)
     return out
 
 

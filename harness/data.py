@@ -23,7 +23,12 @@ from typing import Any
 
 import numpy as np
 
-SOURCES = ("digits", "synthetic", "mnist", "fashion_mnist")
+from harness.schema import ConfigError, check, setting
+from harness.spec import DataSource, choices
+
+SOURCES = choices(DataSource)
+#: the sources read from a user's files (`path`, `scale`)
+FILE_SOURCES = ("mnist", "fashion_mnist")
 DIGITS_TEST = 297
 DIGITS_TRAIN = 1797 - DIGITS_TEST  # scikit-learn ships 1,797 digits
 SPLIT_SEED = 0
@@ -45,6 +50,52 @@ def _bad(message: str) -> DataError:
 
 
 @dataclass
+class DataConfig:
+    """`data.*`, the data group of the config, and the rules `load` applies to its arguments.
+    The keys only some sources read are None unless set, and refused for any other source
+    (a setting that nothing reads would be recorded, and silently ignored)."""
+
+    source: str = setting("digits", choices=SOURCES)
+    path: str | None = None  # mnist / fashion_mnist: a .npz file or a folder of IDX files
+    # what the raw values of a file are divided by before anything else (mnist / fashion_mnist);
+    # None: 255 for integer pixels (IDX files and uint8 arrays), 1 for float arrays. The scale
+    # used is in the record (`data.scale`), never decided from the values.
+    scale: float | None = setting(None, gt=0)
+    binarize: bool = True  # pixel > threshold (after scaling); false: the values as they are
+    threshold: float = setting(0.5, gt=0.0, lt=1.0)
+    batch_size: int = setting(64, gt=0)
+    # synthetic only (conf/data/synthetic.yaml sets them)
+    n_train: int | None = setting(None, gt=0)
+    n_test: int | None = setting(None, gt=0)
+    x_dim: int | None = setting(None, gt=0)
+    latent: int | None = setting(None, gt=0)
+    obs_sigma: float | None = setting(None, gt=0)
+
+
+#: the keys only one kind of source reads: synthetic's, and the files'
+SYNTHETIC_ONLY = ("n_train", "n_test", "x_dim", "latent", "obs_sigma")
+FILE_ONLY = ("path", "scale")
+#: what `load` uses for a synthetic key left None
+SYNTHETIC_DEFAULTS = {"n_train": 2000, "n_test": 500, "x_dim": 16, "latent": 4, "obs_sigma": 0.5}
+
+
+def unread_key(d: DataConfig) -> str | None:
+    """The first key set (not None) that `d.source` does not read, or None."""
+    keys = (*(() if d.source == "synthetic" else SYNTHETIC_ONLY), *(() if d.source in FILE_SOURCES else FILE_ONLY))
+    return next((k for k in keys if getattr(d, k) is not None), None)
+
+
+def check_config(d: DataConfig) -> None:
+    """The data rules every entry point applies (ConfigError naming the key): ranges and types
+    of the fields, and no key set that the source does not read."""
+    check(d, "data.")
+    key = unread_key(d)
+    if key is not None:
+        readers = "data=synthetic" if key in SYNTHETIC_ONLY else "data read from files (data=mnist, data=fashion_mnist)"
+        raise ConfigError(f"data.{key}", f"is read only by {readers}, not by data={d.source}; leave it unset")
+
+
+@dataclass
 class Dataset:
     name: str
     x_train: np.ndarray  # (N, D) float64
@@ -63,23 +114,42 @@ def load(
     path: str | None = None,
     binarize: bool = True,
     threshold: float = 0.5,
-    n_train: int = 2000,
-    n_test: int = 500,
-    x_dim: int = 16,
-    latent: int = 4,
-    obs_sigma: float = 0.5,
+    scale: float | None = None,
+    n_train: int | None = None,
+    n_test: int | None = None,
+    x_dim: int | None = None,
+    latent: int | None = None,
+    obs_sigma: float | None = None,
     seed: int = 0,
+    likelihood: str | None = None,
 ) -> Dataset:
-    """Load a data set by name; see the module docstring."""
+    """Load a data set by name; see the module docstring. The arguments follow the rules of the
+    config's `data.*` (a ConfigError naming the argument otherwise); `likelihood="bernoulli"`
+    refuses values outside [0, 1] (a DataError naming the file)."""
+    cfg = DataConfig(source=source, path=path, binarize=binarize, threshold=threshold, scale=scale,
+                     n_train=n_train, n_test=n_test, x_dim=x_dim, latent=latent, obs_sigma=obs_sigma)
+    check_config(cfg)
     if source == "digits":
-        return _digits(binarize, threshold)
-    if source == "synthetic":
-        return synthetic(n_train, n_test, x_dim, latent, obs_sigma, seed)
-    if source in ("mnist", "fashion_mnist"):
+        ds = _digits(binarize, threshold)
+    elif source == "synthetic":
+        kw: dict[str, Any] = {k: SYNTHETIC_DEFAULTS[k] if getattr(cfg, k) is None else getattr(cfg, k) for k in SYNTHETIC_ONLY}
+        ds = synthetic(int(kw["n_train"]), int(kw["n_test"]), int(kw["x_dim"]), int(kw["latent"]), float(kw["obs_sigma"]), seed)
+    else:
         if not path:
             raise DataError(f"data={source} needs data.path=<.npz file or folder of IDX files>")
-        return _mnist_like(source, Path(path), binarize, threshold)
-    raise DataError(f"unknown data source {source!r}; choose from {', '.join(SOURCES)}")
+        ds = _mnist_like(source, Path(path), binarize, threshold, scale, likelihood or "")
+    if likelihood == "bernoulli":
+        where = ds.info.get("path", f"data={source}")
+        for name, x in (("x_train", ds.x_train), ("x_test", ds.x_test)):
+            if x.size and (x.min() < 0 or x.max() > 1):
+                raise DataError(f"{where}: {name} values span [{x.min():g}, {x.max():g}]{_scaled(ds)}, but the Bernoulli "
+                                "likelihood needs [0, 1]: set data.binarize=true, data.scale, or model.likelihood=gaussian")
+    return ds
+
+
+def _scaled(ds: Dataset) -> str:
+    scale = ds.info.get("scale")
+    return f" after dividing by data.scale={scale:g}" if scale is not None else ""
 
 
 def _binarize(x: np.ndarray, binarize: bool, threshold: float) -> np.ndarray:
@@ -229,6 +299,32 @@ class FileInfo:
     n_train: int
     n_test: int
     x_dim: int  # pixels per image
+    integer: bool = True  # integer (or bool) pixels: scaled by 255 unless data.scale says otherwise
+    lo: float = 0.0  # the smallest and largest raw value over both arrays
+    hi: float = 255.0
+
+    def scale(self, scale: float | None) -> float:
+        """What the raw values are divided by: `scale`, or 255 for integer pixels, 1 for floats."""
+        return float(scale) if scale is not None else (255.0 if self.integer else 1.0)
+
+    def value_problem(self, scale: float | None, binarize: bool, threshold: float,
+                      likelihood: str) -> tuple[str, str] | None:
+        """Why these values cannot be used as configured, as (the key to change, message), or
+        None: float values above 1 with no data.scale said, every pixel on one side of the
+        threshold, or values outside [0, 1] under the Bernoulli likelihood without binarizing."""
+        if scale is None and not self.integer and self.hi > 1:
+            return "data.scale", (f"{self.path}: float values up to {self.hi:g}: say what they are divided by, data.scale=255 for "
+                    "pixels in 0..255 or data.scale=1 to take them as they are (float data are not rescaled unasked)")
+        k = self.scale(scale)
+        lo, hi = self.lo / k, self.hi / k
+        span = f"{self.path}: values span [{self.lo:g}, {self.hi:g}], [{lo:g}, {hi:g}] after dividing by {k:g}"
+        if binarize and (hi <= threshold or lo > threshold):
+            return "data.scale", (f"{span}, so binarizing at data.threshold={threshold:g} makes every pixel "
+                    f"{0 if hi <= threshold else 1}: set data.scale (the file's pixel range) or data.threshold")
+        if not binarize and likelihood == "bernoulli" and (lo < 0 or hi > 1):
+            return "data.binarize", (f"{span}, but the Bernoulli likelihood needs [0, 1]: set data.binarize=true, data.scale, "
+                    "or model.likelihood=gaussian")
+        return None
 
 
 def inspect(path: str | Path) -> FileInfo:
@@ -249,16 +345,26 @@ def inspect(path: str | Path) -> FileInfo:
 def _inspect(path_s: str, size: int, mtime_ns: int, is_dir: bool) -> FileInfo:
     path = Path(path_s)
     if is_dir:
-        shapes = [_idx_header(_find_idx(path, s)) for s in ("train", "test")]
-        fmt = "idx"
+        files = [_find_idx(path, s) for s in ("train", "test")]
+        shapes = [_idx_header(f) for f in files]
+        _same_image_size(path, shapes[0], shapes[1])
+        ranges = [_idx_range(f) for f in files]
+        fmt, integer = "idx", True
     elif path.suffix == ".npz":
-        shapes = _npz_shapes(path)
+        shapes, ranges, integer = _npz_shapes(path)
         fmt = "npz"
     else:
         raise _bad(f"{path} is neither a .npz file nor a folder")
     (train, test) = shapes
     _same_image_size(path, train, test)
-    return FileInfo(str(path), fmt, train[0], test[0], int(np.prod(train[1:])))
+    return FileInfo(str(path), fmt, train[0], test[0], int(np.prod(train[1:])), integer,
+                    min(r[0] for r in ranges), max(r[1] for r in ranges))
+
+
+def _idx_range(path: Path) -> tuple[float, float]:
+    """The smallest and largest pixel of an IDX file (its size already checked)."""
+    x = read_idx(path)
+    return (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
 
 
 def _same_image_size(path: Path, train: tuple[int, ...], test: tuple[int, ...]) -> None:
@@ -271,10 +377,11 @@ def _same_image_size(path: Path, train: tuple[int, ...], test: tuple[int, ...]) 
 _SCAN_BYTES = 1 << 24
 
 
-def _npz_shapes(path: Path) -> list[tuple[int, ...]]:
-    """Shapes of x_train and x_test in a .npz file, from the .npy headers inside it; float
-    arrays are scanned (streamed, not loaded whole) for NaN and inf."""
-    shapes = []
+def _npz_shapes(path: Path) -> tuple[list[tuple[int, ...]], list[tuple[float, float]], bool]:
+    """Shapes and value ranges of x_train and x_test in a .npz file, from the .npy headers inside
+    it and a streamed scan of the values (never the whole array in memory: NaN and inf are
+    refused), and whether both hold integer (or bool) pixels."""
+    shapes, ranges, integer = [], [], True
     try:
         with zipfile.ZipFile(path) as z:
             names = {n.removesuffix(".npy") for n in z.namelist()}
@@ -286,35 +393,39 @@ def _npz_shapes(path: Path) -> list[tuple[int, ...]]:
                     version = np.lib.format.read_magic(f)
                     read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
                     shape, fortran, dtype = read_header(f)
-                    if dtype.kind not in "buif":
+                    if dtype.kind not in "buif" or dtype.hasobject:
                         raise _bad(f"{path}: {name} has dtype {dtype}, not numbers")
                     if len(shape) < 2 or 0 in shape:
                         raise _bad(f"{path}: {name} has shape {shape}: not a set of images")
-                    if dtype.kind == "f":
-                        _scan_finite(path, name, f, dtype, int(np.prod(shape)))
+                    ranges.append(_scan(path, name, f, dtype, int(np.prod(shape))))
+                    integer = integer and dtype.kind in "bui"
                     shapes.append(tuple(int(n) for n in shape))
     except DataError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
         raise _bad(f"{path} is not a readable .npz file: {exc}") from None
-    return shapes
+    return shapes, ranges, integer
 
 
-def _scan_finite(path: Path, name: str, f: Any, dtype: np.dtype[Any], count: int) -> None:
+def _scan(path: Path, name: str, f: Any, dtype: np.dtype[Any], count: int) -> tuple[float, float]:
+    """Stream the values of one array: refuse NaN and inf; return the smallest and largest."""
     step = max(1, _SCAN_BYTES // dtype.itemsize)
-    done = 0
+    done, lo, hi = 0, np.inf, -np.inf
     while done < count:
         n = min(step, count - done)
         chunk = np.frombuffer(f.read(n * dtype.itemsize), dtype=dtype)
         if len(chunk) < n:
             raise _bad(f"{path}: {name} is truncated ({done + len(chunk)} of {count} values)")
-        if not np.isfinite(chunk).all():
+        if dtype.kind == "f" and not np.isfinite(chunk).all():
             bad = int(np.count_nonzero(~np.isfinite(chunk)))
             raise _bad(f"{path}: {name} holds non-finite values (NaN or inf; {bad} in values {done}..{done + n - 1})")
+        lo, hi = min(lo, float(chunk.min())), max(hi, float(chunk.max()))
         done += n
+    return lo, hi
 
 
-def _mnist_like(source: str, path: Path, binarize: bool, threshold: float) -> Dataset:
+def _mnist_like(source: str, path: Path, binarize: bool, threshold: float, scale: float | None = None,
+                likelihood: str = "") -> Dataset:
     if not path.exists():
         raise DataError(f"data file not found: {path}")
     if path.is_dir():
@@ -338,12 +449,19 @@ def _mnist_like(source: str, path: Path, binarize: bool, threshold: float) -> Da
             raise _bad(f"{path}: {name} has dtype {x.dtype}, not numbers")
         if x.ndim < 2 or x.size == 0:
             raise _bad(f"{path}: {name} has shape {x.shape}: not a set of images")
-        x = x.reshape(len(x), -1).astype(np.float64)
         if not np.isfinite(x).all():
             raise _bad(f"{path}: {name} holds non-finite values (NaN or inf)")
-        out.append(_binarize(x / 255.0 if x.max() > 1.0 else x, binarize, threshold))
     _same_image_size(path, x_train.shape, x_test.shape)
-    return Dataset(source, out[0], out[1], binary=binarize, info={"path": str(path)})
+    integer = all(x.dtype.kind in "bui" for x in (x_train, x_test))
+    info = FileInfo(str(path), "", len(x_train), len(x_test), int(np.prod(x_train.shape[1:])), integer,
+                    float(min(x_train.min(), x_test.min())), float(max(x_train.max(), x_test.max())))
+    problem = info.value_problem(scale, binarize, threshold, likelihood)
+    if problem is not None:
+        raise DataError(problem[1])
+    k = info.scale(scale)  # explicit: never decided from the values
+    for x in (x_train, x_test):
+        out.append(_binarize(x.reshape(len(x), -1).astype(np.float64) / k, binarize, threshold))
+    return Dataset(source, out[0], out[1], binary=binarize, info={"path": str(path), "scale": k})
 
 
 # --- batching -------------------------------------------------------------------------

@@ -1,6 +1,12 @@
-"""The leaf of the package: the specs and choices every other module shares. Imports nothing
-from harness, so `api`, `init`, `config`, `data` and the measures all build on it without a
-cycle. Each choice list is written once, as a Literal alias; `choices(Alias)` gives its values.
+"""The specs and choices every other module shares. Imports only the leaf `harness.schema`, so
+`api`, `init`, `config`, `data` and the measures all build on it without a cycle. Each choice
+list is written once, as a Literal alias; `choices(Alias)` gives its values.
+
+The specs validate themselves when built (`__post_init__`, the rules declared on their fields
+with `harness.schema.setting`): the library API refuses what the CLI refuses, with the same
+message (a `ConfigError`, a ValueError, naming the argument: "ModelSpec.latent: must be > 0,
+got 0"). The CLI's config groups `model`, `optim` and `framework` are built from these fields
+(`harness.config`), so each rule is written once.
 """
 
 from __future__ import annotations
@@ -9,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 import numpy as np
+
+from harness.schema import ConfigError, check, setting
 
 Framework = Literal["torch", "tensorflow", "jax"]
 Dtype = Literal["float32", "float64"]
@@ -53,20 +61,43 @@ class DeviceUnavailable(RuntimeError):
     """The requested device (e.g. device=gpu) is not visible to the framework."""
 
 
+def _normalize(obj: Any, **values: Any) -> None:
+    """Set fields of a frozen dataclass in its `__post_init__`."""
+    for k, v in values.items():
+        object.__setattr__(obj, k, v)
+
+
+def _ints(value: Any) -> Any:
+    """A list or tuple of (NumPy) integers as a tuple of ints; anything else unchanged (and
+    refused by the type check: a string is not a list of sizes)."""
+    if isinstance(value, list | tuple) and all(isinstance(v, int | np.integer) and not isinstance(v, bool) for v in value):
+        return tuple(int(v) for v in value)
+    return value
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """The VAE's shape. Encoder: x_dim -> hidden... -> 2*latent (mean first, then
     log-variance). Decoder: latent -> reversed(hidden)... -> x_dim (Bernoulli logits or
-    Gaussian mean with fixed standard deviation `obs_sigma`)."""
+    Gaussian mean with fixed standard deviation `obs_sigma`). Validated when built."""
 
-    x_dim: int = 64
-    hidden: tuple[int, ...] = (128,)
-    latent: int = 8
-    likelihood: Likelihood = "bernoulli"
-    activation: Activation = "relu"
-    obs_sigma: float = 1.0
+    x_dim: int = setting(64, gt=0)
+    hidden: tuple[int, ...] = setting((128,), gt=0)
+    latent: int = setting(8, gt=0)
+    likelihood: Likelihood = setting("bernoulli", choices=choices(Likelihood))
+    activation: Activation = setting("relu", choices=choices(Activation))
+    obs_sigma: float = setting(1.0, gt=0)  # the Gaussian likelihood's standard deviation
     stop_gradient_z: bool = False  # negative control: detach z from the encoder
-    freeze: Freeze = "none"  # block that gets no gradient
+    freeze: Freeze = setting("none", choices=choices(Freeze))  # block that gets no gradient
+    kind: ModelKind = setting("mlp", choices=choices(ModelKind))  # linear: no hidden layers
+
+    def __post_init__(self) -> None:
+        _normalize(self, hidden=_ints(self.hidden), x_dim=_int(self.x_dim), latent=_int(self.latent))
+        check(self, "ModelSpec.")
+        _normalize(self, obs_sigma=float(self.obs_sigma))
+        if self.kind == "linear" and self.hidden:
+            raise ConfigError("ModelSpec.hidden", f"the linear model has no hidden layers, got {list(self.hidden)}; "
+                                                  "set hidden=[]")
 
     def layer_dims(self, block: str) -> list[tuple[int, int]]:
         """(in, out) of each dense layer of `block`, in order."""
@@ -91,25 +122,51 @@ class ModelSpec:
         return len(self.layer_dims(block))
 
 
+def _int(value: Any) -> Any:
+    """A NumPy integer as an int; anything else unchanged (the type check judges it)."""
+    return int(value) if isinstance(value, np.integer) else value
+
+
 @dataclass(frozen=True)
 class OptimSpec:
-    name: OptimName = "adam"
-    lr: float = 1e-3
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8  # set explicitly: Keras' default (1e-7) differs from torch/optax (1e-8)
-    momentum: float = 0.0  # sgd only
+    """The optimizer: the framework's own Adam or SGD, every hyperparameter explicit. Validated
+    when built."""
+
+    name: OptimName = setting("adam", choices=choices(OptimName))
+    lr: float = setting(1e-3, gt=0)
+    beta1: float = setting(0.9, ge=0.0, lt=1.0)
+    beta2: float = setting(0.999, ge=0.0, lt=1.0)
+    eps: float = setting(1e-8, gt=0)  # set explicitly: Keras' default (1e-7) differs from torch/optax (1e-8)
+    momentum: float = setting(0.0, ge=0.0, lt=1.0)  # sgd only (Adam's momentum is beta1)
+
+    def __post_init__(self) -> None:
+        check(self, "OptimSpec.")
+        _normalize(self, **{k: float(getattr(self, k)) for k in ("lr", "beta1", "beta2", "eps", "momentum")})
+        if self.name != "sgd" and self.momentum != 0.0:
+            raise ConfigError("OptimSpec.momentum", f"is read only by sgd (got {self.momentum:g} with {self.name}; "
+                                                    "Adam's momentum is beta1)")
+
+
+#: every framework's modes, and the generic "compiled" (a framework checks its own: `resolve_mode`)
+ALL_MODES: tuple[str, ...] = ("eager", "compiled", "function", "xla", "jit")
 
 
 @dataclass(frozen=True)
 class RuntimeSpec:
-    mode: str = "eager"
-    dtype: Dtype = "float32"
-    device: Device = "cpu"
-    seed: int = 0
-    threads: int = 0  # 0: the framework's default
+    """Where and how a backend computes. Validated when built (the mode against the framework
+    by `resolve_mode`, when the backend is loaded)."""
+
+    mode: str = setting("eager", choices=ALL_MODES)
+    dtype: Dtype = setting("float32", choices=choices(Dtype))
+    device: Device = setting("cpu", choices=choices(Device))
+    seed: int = setting(0, ge=0, lt=2**32)  # NumPy and every framework's RNG take it
+    threads: int = setting(0, ge=0)  # 0: the framework's default
     allow_tf32: bool = False  # reduced-precision matmuls off unless asked
-    compile_mode: TorchCompileMode = "default"  # torch.compile's mode (torch only)
+    compile_mode: TorchCompileMode = setting("default", choices=choices(TorchCompileMode))  # torch.compile's mode
+
+    def __post_init__(self) -> None:
+        _normalize(self, seed=_int(self.seed), threads=_int(self.threads))
+        check(self, "RuntimeSpec.")
 
 
 @dataclass
@@ -130,12 +187,12 @@ class Terms:
 
 
 def resolve_mode(framework: str, mode: str) -> str:
-    """Map the generic "compiled" to the framework's compiled mode; validate the rest."""
+    """Map the generic "compiled" to the framework's compiled mode; validate the rest (a
+    ConfigError naming the framework's modes otherwise)."""
     if framework not in FRAMEWORK_MODES:
-        raise ValueError(f"unknown framework {framework!r}; choose from {', '.join(FRAMEWORKS)}")
-    if mode == "compiled":
-        mode = COMPILED_ALIAS[framework]
-    if mode not in FRAMEWORK_MODES[framework]:
+        raise ConfigError("framework", f"must be one of {', '.join(FRAMEWORKS)}, got {framework!r}")
+    resolved = COMPILED_ALIAS[framework] if mode == "compiled" else mode
+    if resolved not in FRAMEWORK_MODES[framework]:
         allowed = ", ".join(dict.fromkeys((*FRAMEWORK_MODES[framework], "compiled")))
-        raise ValueError(f"{framework} has no mode {mode!r}; choose from {allowed}")
-    return mode
+        raise ConfigError("mode", f"must be one of {allowed} for {framework}, got {mode!r}")
+    return resolved

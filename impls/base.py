@@ -33,10 +33,8 @@ from typing import Any, ClassVar, TypedDict, TypeVar
 
 import numpy as np
 
-from harness.api import COMPILED_ALIAS, FRAMEWORK_MODES, TERMS, ModelSpec, OptimSpec, RuntimeSpec, Term, Terms
+from harness.api import TERMS, ModelSpec, OptimSpec, RuntimeSpec, Term, Terms, resolve_mode
 
-DTYPE_NAMES: tuple[str, ...] = ("float32", "float64")
-DEVICES: tuple[str, ...] = ("cpu", "gpu", "auto")
 #: IWAE samples evaluated per chunk: bounds the device memory of `log_likelihood` to
 #: IWAE_CHUNK x batch x (widest layer) activations, whatever k is.
 IWAE_CHUNK = 100
@@ -78,20 +76,25 @@ class VersionCommon(TypedDict):
 
 # -- validation -------------------------------------------------------------------------------
 def check_runtime(framework: str, runtime: RuntimeSpec) -> RuntimeSpec:
-    """Validate `runtime` for `framework`; returns it with the mode alias "compiled"
-    resolved. Raises ValueError naming the argument and the allowed values."""
-    if runtime.dtype not in DTYPE_NAMES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {runtime.dtype!r}")
-    if runtime.device not in DEVICES:
-        raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {runtime.device!r}")
-    modes = FRAMEWORK_MODES[framework]
-    mode = COMPILED_ALIAS[framework] if runtime.mode == "compiled" else runtime.mode
-    if mode not in modes:
-        allowed = ", ".join((*modes, "compiled"))
-        raise ValueError(f"mode must be one of {allowed} for {framework}, got {runtime.mode!r}")
-    if isinstance(runtime.threads, bool) or not isinstance(runtime.threads, int) or runtime.threads < 0:
-        raise ValueError(f"threads must be an int >= 0 (0: the framework's default), got {runtime.threads!r}")
+    """`runtime` (its fields validated when it was built) with its mode checked against
+    `framework` and the alias "compiled" resolved; a ConfigError (a ValueError) naming the
+    mode and the choices otherwise."""
+    mode = resolve_mode(framework, runtime.mode)
     return runtime if mode == runtime.mode else dataclasses.replace(runtime, mode=mode)
+
+
+def shape_of(x: Any) -> tuple[int, ...] | None:
+    """The shape of a NumPy array, a framework tensor or a nested list (None if it has none)."""
+    shape = getattr(x, "shape", None)
+    if shape is None:
+        try:
+            shape = np.shape(x)
+        except ValueError:  # ragged: `put` says so
+            return None
+    try:
+        return tuple(int(d) for d in shape)
+    except (TypeError, ValueError):  # an unknown dimension (a symbolic shape)
+        return None
 
 
 def check_term(term: object) -> Term:
@@ -278,25 +281,72 @@ class BackendBase:
 
     # -- data ---------------------------------------------------------------------------------
     def put(self, x: Any) -> Any:
-        """Stage `x` on the device in the backend's dtype. A NumPy array (or anything
-        `np.asarray` takes) must be numeric (bool, int or float) and is cast; a framework
-        tensor must already have the backend's dtype and is returned as is. ValueError
-        otherwise, naming both dtypes."""
-        got = self._tensor_dtype(x)
+        """Stage a batch `x` on the device in the backend's dtype. A NumPy array (or anything
+        `np.asarray` takes) must be numeric (bool, int or float), of shape (batch, x_dim), finite,
+        and, under the Bernoulli likelihood, within [0, 1]; it is cast. A framework tensor must
+        already have the backend's dtype and shape (batch, x_dim), and is returned as is (its
+        values are not read: that would sync). ValueError otherwise, naming what is wrong."""
+        if self._tensor_dtype(x) is not None:
+            self._check_batch(shape_of(x))
+            return self._stage(x)
+        a = self._host(x, "x")
+        self._check_batch(a.shape)
+        if not np.isfinite(a).all():
+            bad = np.argwhere(~np.isfinite(a))[0]
+            raise ValueError(f"x holds a value that is not finite ({a[tuple(bad)]} at row {bad[0]}, column {bad[1]})")
+        if self.spec.likelihood == "bernoulli" and a.size and (a.min() < 0 or a.max() > 1):
+            raise ValueError(f"x holds values in [{a.min():g}, {a.max():g}], but the Bernoulli likelihood needs data in "
+                             "[0, 1]: binarize or rescale it, or use likelihood='gaussian'")
+        return self._to_device(np.asarray(a, dtype=self.np_dtype))
+
+    def _host(self, x: Any, what: str) -> np.ndarray:
+        """`x` as a numeric NumPy array; ValueError naming `what` otherwise."""
+        try:
+            a = np.asarray(x)
+        except ValueError as exc:  # ragged nested sequences
+            raise ValueError(f"put needs a regular numeric array for {what}: {exc}") from exc
+        if a.dtype.kind not in "biuf":
+            raise ValueError(f"put needs a numeric array (bool, int or float) for {what}, got dtype {a.dtype}")
+        return a
+
+    def _check_batch(self, shape: tuple[int, ...] | None) -> None:
+        if shape is not None and (len(shape) != 2 or shape[1] != self.spec.x_dim or shape[0] < 1):
+            raise ValueError(f"x must have shape (batch, {self.spec.x_dim}): a batch of at least one example of this "
+                             f"model's x_dim = {self.spec.x_dim}, got shape {shape}")
+
+    def _noise(self, eps: Any, batch: int | None, *, samples: bool = True, what: str = "eps") -> Any:
+        """Stage noise `eps` of shape (batch, latent) or, with `samples`, (K, batch, latent);
+        ValueError naming the shape expected otherwise (or a value that is not finite)."""
+        shape = shape_of(eps)
+        L = self.spec.latent
+        ok = shape is not None and ((len(shape) == 2 and shape[1] == L and shape[0] == (batch if batch is not None else shape[0]))
+                                    or (samples and len(shape) == 3 and shape[0] >= 1 and shape[2] == L
+                                        and shape[1] == (batch if batch is not None else shape[1])))
+        if not ok:
+            b = batch if batch is not None else "batch"
+            want = f"({b}, {L})" + (f" or (K, {b}, {L})" if samples else "")
+            raise ValueError(f"{what} must have shape {want} (latent = {L}), got shape {shape}")
+        if self._tensor_dtype(eps) is None and not np.isfinite(self._host(eps, what)).all():
+            raise ValueError(f"{what} holds a value that is not finite")
+        return self._stage(eps)
+
+    def _stage(self, a: Any) -> Any:
+        """A device tensor of `a` in the backend's dtype (no check of its shape or values): a
+        framework tensor of our dtype as is, NumPy cast."""
+        got = self._tensor_dtype(a)
         if got is not None:
             if got is not self.dtype and got != self.dtype:  # dtypes are singletons: `is` first (fast)
                 raise ValueError(
                     f"put got a {self.name} tensor of dtype {dtype_name(got)}, but this backend's dtype "
                     f"is {self.runtime.dtype} (pass a NumPy array to have it cast)"
                 )
-            return x
-        try:
-            a = np.asarray(x)
-        except ValueError as exc:  # ragged nested sequences
-            raise ValueError(f"put needs a regular numeric array: {exc}") from exc
-        if a.dtype.kind not in "biuf":
-            raise ValueError(f"put needs a numeric array (bool, int or float), got dtype {a.dtype}")
-        return self._to_device(np.asarray(a, dtype=self.np_dtype))
+            return a
+        return self._to_device(np.asarray(self._host(a, "input"), dtype=self.np_dtype))
+
+    @staticmethod
+    def _rows(x: Any) -> int:
+        shape = shape_of(x)
+        return int(shape[0]) if shape else len(x)
 
     def sync(self) -> None:
         """Block until every queued device computation of this backend has finished."""
@@ -306,8 +356,9 @@ class BackendBase:
     def terms(self, x: Any, eps: np.ndarray) -> Terms:
         """Per-example `recon`, `kl` and `loss = recon + kl = -ELBO` (each shape (B,)) for
         noise `eps` of shape (B, latent) or (K, B, latent) (recon then averaged over K)."""
+        xd = self.put(x)
         with self._scope():
-            recon, kl = self._loss_terms(self.put(x), self.put(eps))
+            recon, kl = self._loss_terms(xd, self._noise(eps, self._rows(xd)))
         return Terms(recon=recon, kl=kl)
 
     def grads(self, x: Any, eps: np.ndarray, term: Term) -> dict[str, np.ndarray]:
@@ -315,8 +366,9 @@ class BackendBase:
         otherwise) w.r.t. every canonical parameter, as host arrays in canonical order:
         zeros where no gradient flows (a frozen block, a detached z, the decoder for "kl")."""
         term = check_term(term)
+        xd = self.put(x)
         with self._scope():
-            gs = self._grads(self.put(x), self.put(eps), term)
+            gs = self._grads(xd, self._noise(eps, self._rows(xd)), term)
         out: dict[str, np.ndarray] = {}
         for k, shape in self._param_shapes.items():
             g = gs.get(k)
@@ -339,12 +391,13 @@ class BackendBase:
         TensorFlow runs the batch gradient eagerly and the per-example one (tf.vectorized_map)
         as a tf.function, which pfor needs. Traced once per shape, not counted by
         `compile_counts`. ValueError unless eps has shape (K, len(x), latent)."""
-        shape = tuple(int(d) for d in eps.shape)
-        batch = int(x.shape[0]) if hasattr(x, "shape") else len(x)
-        if len(shape) != 3 or shape[1] != batch or shape[2] != self.spec.latent or shape[0] < 1:
+        xd = self.put(x)
+        batch = self._rows(xd)
+        shape = shape_of(eps)
+        if shape is None or len(shape) != 3 or shape[1] != batch or shape[2] != self.spec.latent or shape[0] < 1:
             raise ValueError(f"iwae_grads needs eps of shape (K, {batch}, {self.spec.latent}) with K >= 1, got {shape}")
         with self._scope():
-            gs = self._iwae_grads(self.put(x), self.put(eps), bool(per_example))
+            gs = self._iwae_grads(xd, self._noise(eps, batch), bool(per_example))
         lead = (batch,) if per_example else ()
         return {k: (np.zeros(lead + s, dtype=self.np_dtype) if gs.get(k) is None else gs[k])  # type: ignore[misc]
                 for k, s in self._param_shapes.items()}
@@ -358,12 +411,15 @@ class BackendBase:
         over b, since example b's loss depends on no other example's parameters). Eager
         (jitted in JAX, see `iwae_grads`). ValueError unless mu and logvar have shape
         (len(x), latent)."""
-        batch = int(x.shape[0]) if hasattr(x, "shape") else len(x)
+        xd = self.put(x)
+        batch = self._rows(xd)
         for name, a in (("mu", mu), ("logvar", logvar)):
-            if tuple(np.shape(a)) != (batch, self.spec.latent):
-                raise ValueError(f"local_grads needs {name} of shape ({batch}, {self.spec.latent}), got {tuple(np.shape(a))}")
+            if shape_of(a) != (batch, self.spec.latent):
+                raise ValueError(f"local_grads needs {name} of shape ({batch}, {self.spec.latent}), got {shape_of(a)}")
         with self._scope():
-            recon, kl, g_mu, g_logvar = self._local_grads(self.put(x), self.put(mu), self.put(logvar), self.put(eps))
+            recon, kl, g_mu, g_logvar = self._local_grads(
+                xd, self._noise(mu, batch, samples=False, what="mu"), self._noise(logvar, batch, samples=False, what="logvar"),
+                self._noise(eps, batch))
         return Terms(recon=recon, kl=kl), g_mu, g_logvar
 
     def log_likelihood(self, x: Any, k: int, seed: int) -> np.ndarray:
@@ -391,9 +447,10 @@ class BackendBase:
         own device RNG (seeded with `runtime.seed`) when `eps` is None, else `eps` (B, latent)
         is used. Returns the step's loss as a device scalar without a host sync (`float()`
         of it syncs)."""
+        xd = self.put(x)
         if eps is None:
-            return self._step_drawn(self.put(x))
-        return self._step_given(self.put(x), self.put(eps))
+            return self._step_drawn(xd)
+        return self._step_given(xd, self._noise(eps, self._rows(xd), samples=False))
 
     def compile_count(self) -> int:
         """How many times the training step has been traced/compiled so far (0 in eager

@@ -244,10 +244,10 @@ def test_numpy_integer_k_is_fine(framework: str) -> None:
 @pytest.mark.parametrize(
     "kwargs,pattern",
     [
-        ({"dtype": "bfloat16"}, r"dtype must be one of float32, float64, got 'bfloat16'"),
-        ({"device": "tpu"}, r"device must be one of cpu, gpu, auto, got 'tpu'"),
-        ({"mode": "turbo"}, r"mode 'turbo'"),
-        ({"threads": -1}, r"threads must be an int >= 0"),
+        ({"dtype": "bfloat16"}, r"dtype: must be one of float32, float64, got 'bfloat16'"),
+        ({"device": "tpu"}, r"device: must be one of cpu, gpu, auto, got 'tpu'"),
+        ({"mode": "turbo"}, r"mode: must be one of .*, got 'turbo'"),
+        ({"threads": -1}, r"threads: must be >= 0, got -1"),
     ],
 )
 def test_bad_constructor_arguments_raise(framework: str, kwargs: dict[str, Any], pattern: str) -> None:
@@ -260,7 +260,7 @@ def test_bad_mode_raises_at_the_backend_too(framework: str) -> None:
     accepts the generic alias "compiled"."""
     cls = importlib.import_module(f"impls.{framework}.backend").BACKEND
     other = {"torch": "jit", "tensorflow": "compiled_please", "jax": "xla"}[framework]
-    with pytest.raises(ValueError, match=rf"mode must be one of .*compiled for {framework}, got '{other}'"):
+    with pytest.raises(ValueError, match=rf"mode: must be one of .*compiled.*, got '{other}'"):
         cls(SPEC, OptimSpec(), RuntimeSpec(mode=other))
     if framework != "torch":  # torch's compiled mode takes ~15 s to compile: not needed here
         assert cls(SPEC, OptimSpec(), RuntimeSpec(mode="compiled")).runtime.mode != "compiled"

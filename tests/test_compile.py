@@ -96,7 +96,7 @@ def test_jax_matmul_precision_is_baked_into_the_trace(allow_tf32: bool, want: st
     """The jitted step runs without a per-call context: its precision comes from inside the
     traced function, so every dot of the lowered step (forward and backward) carries it."""
     b = load_backend("jax", SPEC, mode="jit", allow_tf32=allow_tf32)
-    for f, args in zip(b._jitted["step"], [(b.put(XS[0]), b.put(EPS[0])), (b.key, b.put(XS[0]))]):  # type: ignore[attr-defined]
+    for f, args in zip(b._jitted["step"], [(b.put(XS[0]), b._stage(EPS[0])), (b.key, b.put(XS[0]))]):  # type: ignore[attr-defined]
         state = (b.params, b.opt_state)  # type: ignore[attr-defined]
         text = f.lower(*state, *args).as_text()
         dots = text.count("stablehlo.dot_general")

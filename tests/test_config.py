@@ -110,6 +110,27 @@ MALFORMED = [
     ("data=mnist data.path={idx_labels}", "data.path"),
     ("data=mnist data.path={empty_folder}", "data.path"),
     ("data=mnist data.path={good} data.batch_size=97", "data.batch_size"),  # 96 training images in the file
+    # a file's values as the model would see them: never rescaled unasked, never out of the likelihood's range
+    ("data=mnist data.path={normal} data.binarize=false", "data.scale"),  # floats above 1: say the scale
+    ("data=mnist data.path={normal} data.binarize=false data.scale=1", "data.binarize"),  # outside [0, 1]: Bernoulli
+    ("data=mnist data.path={float255} data.binarize=false", "data.scale"),
+    ("data=mnist data.path={binary_uint8}", "data.scale"),  # 0/1 pixels divided by 255: every pixel 0 after binarizing
+    ("data=mnist data.path={good} data.scale=0", "data.scale"),
+    # keys the chosen source does not read are refused, not recorded and ignored
+    ("data.n_train=100", "data.n_train"),
+    ("data.obs_sigma=0.3", "data.obs_sigma"),
+    ("data.scale=255", "data.scale"),
+    ("data.path=/tmp/mnist.npz", "data.path"),
+    # numbers that are not finite, and rules of the library's specs
+    ("optim.lr=inf", "optim.lr"),
+    ("optim.lr=nan", "optim.lr"),
+    ("model.obs_sigma=inf", "model.obs_sigma"),
+    ("measure.conformance.sgd_lr=inf", "measure.conformance.sgd_lr"),
+    ("optim.momentum=0.9", "optim.momentum"),  # Adam has no momentum (beta1)
+    ("model.hidden=128", "model.hidden"),  # a number, not a list
+    ("model.kind=linear", "model.hidden"),  # the default hidden layer with the linear model
+    ("out_dir=/sys/nc", "out_dir"),  # writable by permission bits as root, yet nothing can be created there
+    ("out_dir=/dev/null", "out_dir"),  # a file, not a folder
 ]
 
 
@@ -118,7 +139,7 @@ def _args(args: str, files: dict[str, Path]) -> list[str]:
 
 
 def test_malformed_table_is_large_and_distinct() -> None:
-    assert len(MALFORMED) >= 30 and len({a for a, _ in MALFORMED}) == len(MALFORMED)
+    assert len(MALFORMED) >= 50 and len({a for a, _ in MALFORMED}) == len(MALFORMED)
     assert len({k for _, k in MALFORMED}) >= 30  # thirty different keys named, not one key thirty times
 
 
@@ -128,7 +149,9 @@ def test_malformed_config_names_the_key(args: str, key: str, data_files: dict[st
         prevalidate(_args(args, data_files))
     msg = str(info.value)
     assert key in msg and "\n" not in msg, msg
-    if key == "data.path" and "data.path=" in args:
+    if key in ("data.scale", "data.binarize") and "data.path=" in args and "must be" not in msg:  # the file's values: named
+        assert next(a for a in _args(args, data_files) if a.startswith("data.path=")).split("=", 1)[1] in msg, msg
+    if key == "data.path" and "data.path=" in args and args.startswith(("data=mnist", "data=fashion_mnist")):
         path = next(a for a in _args(args, data_files) if a.startswith("data.path=")).split("=", 1)[1]
         assert path in msg and FORMATS in msg, msg  # names the file and what is expected
 

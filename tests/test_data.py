@@ -56,6 +56,10 @@ def write_data_files(folder: Path) -> dict[str, Path]:
             (d / (stem + (".gz" if gz else ""))).write_bytes(gzip.compress(raw) if gz else raw)
 
     npz("good", x_train=img(96), x_test=img(32))
+    # values a model cannot take as configured (checked against data.scale, binarize, threshold, likelihood)
+    npz("normal", x_train=rng.standard_normal((96, 8, 8)), x_test=rng.standard_normal((32, 8, 8)))
+    npz("float255", x_train=255.0 * rng.random((96, 8, 8)), x_test=255.0 * rng.random((32, 8, 8)))
+    npz("binary_uint8", x_train=rng.integers(0, 2, (96, 8, 8), dtype=np.uint8), x_test=rng.integers(0, 2, (32, 8, 8), dtype=np.uint8))
     npz("good_float", x_train=rng.random((96, 64)), x_test=rng.random((32, 64)))
     npz("no_arrays", images=img(4))
     npz("one_array", x_train=img(4))
@@ -202,3 +206,24 @@ def test_batches_fixed_seed_full_batches() -> None:
     assert not np.array_equal(np.concatenate(e0), np.concatenate(list(data.batches(x, 10, 0, 1))))
     with pytest.raises(data.DataError, match="exceeds"):
         list(data.batches(x, 200, 0, 0))
+
+
+def test_scaling_is_explicit_and_recorded(data_files: dict[str, Path]) -> None:
+    """Integer pixels are divided by 255, float arrays by 1, unless data.scale says otherwise;
+    never decided from the values; the scale used is in the Dataset and in the record's config."""
+    from harness.config import record_config
+
+    ints = data.load("mnist", path=str(data_files["good"]), binarize=False)
+    raw = np.load(data_files["good"])["x_train"].reshape(96, -1)
+    np.testing.assert_allclose(ints.x_train, raw / 255.0)
+    assert ints.info["scale"] == 255.0
+    floats = data.load("mnist", path=str(data_files["good_float"]), binarize=False)
+    np.testing.assert_array_equal(floats.x_train, np.load(data_files["good_float"])["x_train"])
+    assert floats.info["scale"] == 1.0
+    halved = data.load("mnist", path=str(data_files["float255"]), binarize=False, scale=510)
+    assert halved.x_train.max() <= 0.5 and halved.info["scale"] == 510
+    assert data.inspect(data_files["float255"]).hi > 250 and not data.inspect(data_files["float255"]).integer
+    resolved = {"data": {"source": "mnist", "path": str(data_files["good"]), "scale": None, "n_train": None}}
+    assert record_config(resolved)["data"] == {"source": "mnist", "path": str(data_files["good"]), "scale": 255.0}
+    digits = record_config({"data": {"source": "digits", "path": None, "scale": None, "n_train": None}})["data"]
+    assert digits == {"source": "digits"}  # keys digits never reads are not recorded

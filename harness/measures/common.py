@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from collections.abc import Iterable, Mapping
@@ -54,39 +55,21 @@ class Quantity:
 
 
 def model_spec(c: AppConfig, x_dim: int) -> ModelSpec:
-    m = c.model
-    return ModelSpec(
-        x_dim=x_dim,
-        hidden=tuple(m.hidden),
-        latent=m.latent,
-        likelihood=m.likelihood,  # type: ignore[arg-type]
-        activation=m.activation,  # type: ignore[arg-type]
-        obs_sigma=m.obs_sigma,
-        stop_gradient_z=m.stop_gradient_z,
-        freeze=m.freeze,  # type: ignore[arg-type]
-    )
+    """The configured model (every `model.*` key: the config group is built from ModelSpec's
+    fields, so none can be left out) for inputs of width `x_dim`."""
+    return ModelSpec(x_dim=x_dim, **dataclasses.asdict(c.model))
 
 
 def optim_spec(c: AppConfig) -> OptimSpec:
-    o = c.optim
-    return OptimSpec(name=o.name, lr=o.lr,  # type: ignore[arg-type]
-                      beta1=o.beta1, beta2=o.beta2, eps=o.eps, momentum=o.momentum)
+    """The configured optimizer (every `optim.*` key)."""
+    return OptimSpec(**dataclasses.asdict(c.optim))
 
 
 def dataset(c: AppConfig) -> data_mod.Dataset:
-    d = c.data
-    return data_mod.load(
-        d.source,
-        path=d.path,
-        binarize=d.binarize,
-        threshold=d.threshold,
-        n_train=d.n_train,
-        n_test=d.n_test,
-        x_dim=d.x_dim,
-        latent=d.latent,
-        obs_sigma=d.obs_sigma,
-        seed=c.seed,
-    )
+    """The configured data set (every `data.*` key but batch_size, which the measures read),
+    refused under the Bernoulli likelihood if its values leave [0, 1]."""
+    d = {k: v for k, v in dataclasses.asdict(c.data).items() if k != "batch_size"}
+    return data_mod.load(d.pop("source"), **d, seed=c.seed, likelihood=c.model.likelihood)
 
 
 def backend(
@@ -173,8 +156,9 @@ def pm(values: list[float], spec: str) -> str:
     if not values:
         return "-"
     arr = np.asarray(values, dtype=float)
-    mean = float(arr.mean())
-    if len(arr) == 1:
-        return Num(format(mean, spec), mean)
-    std = float(arr.std(ddof=1))
+    with np.errstate(invalid="ignore"):  # a NaN or inf among the values shows as such
+        mean = float(arr.mean())
+        if len(arr) == 1:
+            return Num(format(mean, spec), mean)
+        std = float(arr.std(ddof=1))
     return Num(f"{mean:{spec}} ± {std:{spec}}", mean, std)
