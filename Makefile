@@ -7,7 +7,7 @@ ARGS   ?=
 PYTEST ?= -q
 
 .DEFAULT_GOAL := help
-.PHONY: help run test test-fast lint bench bench-compare report regress clean
+.PHONY: help run test test-fast lint bench bench-compare report regress sample-records clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -52,7 +52,26 @@ REGRESS_DIR ?= results/runs/regress
 regress: $(STAMP) ## run the suite without throughput and compare it with results/reference/cpu-2core
 	rm -rf $(REGRESS_DIR)
 	$(VENV)/bin/vaebench 'measure.names=[conformance,gradflow,identity,convergence]' progress=false hydra.run.dir=$(REGRESS_DIR) $(ARGS) || true
-	$(VENV)/bin/vaebench compare $(REGRESS_REF) $(REGRESS_DIR)
+	$(VENV)/bin/vaebench compare $(REGRESS_REF) $(REGRESS_DIR) -o $(REGRESS_DIR)/compare.md
+
+# small real runs of every measure, committed under tests/records/: the records the registry tests
+# (tests/test_nonfinite.py) plant NaN and inf in; regenerate them when a measure's record changes
+SAMPLE = $(VENV)/bin/vaebench progress=false
+sample-records: $(STAMP) ## regenerate the small sample records under tests/records/ (about 5 minutes)
+	rm -rf tests/records/suite tests/records/linear tests/records/inference
+	$(SAMPLE) hydra.run.dir=tests/records/suite measure.conformance.steps=4 measure.gradflow.train_steps=10 \
+	  measure.identity.mc_samples=200 'measure.identity.iwae_ks=[1,10,100]' 'measure.throughput.batch_sizes=[64]' \
+	  measure.throughput.repeats=3 measure.throughput.steps=5 measure.throughput.matmul_n=128 measure.throughput.plain=true \
+	  measure.convergence.epochs=2 'measure.convergence.seeds=[0,1]' measure.convergence.iwae_k=20
+	$(SAMPLE) hydra.run.dir=tests/records/linear model=linear data=synthetic 'measure.names=[conformance,convergence]' \
+	  data.n_train=256 data.n_test=64 measure.conformance.steps=10 measure.convergence.shared_noise=true \
+	  measure.convergence.epochs=3 'measure.convergence.seeds=[0,1]' measure.convergence.iwae_k=20 \
+	  measure.convergence.optimum_tol=100 measure.convergence.posterior_gap_tol=100
+	$(SAMPLE) hydra.run.dir=tests/records/inference 'measure.names=[gaps,snr]' measure.gaps.train_steps=50 \
+	  measure.gaps.epochs=1 measure.gaps.n_test=8 measure.gaps.iwae_k=50 measure.gaps.elbo_samples=50 \
+	  measure.gaps.local_samples=10 'measure.snr.ks=[1,3,10]' measure.snr.trained_epochs=1 'measure.snr.trained_ks=[1,3]' \
+	  measure.snr.trained_draws=100
+	rm -rf tests/records/*/jobs tests/records/*/*.png tests/records/*/*.html tests/records/*/*.tex tests/records/*/.vaebench.lock
 
 clean: ## remove run outputs (keeps .venv and results/reference)
 	rm -rf results/runs outputs multirun .pytest_cache

@@ -153,3 +153,66 @@ def test_thread_count_does_not_change_the_verdict(cli) -> None:  # type: ignore[
     r = cli("measure=conformance", "framework=all", "framework.threads=1", "measure.conformance.steps=10")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert all(x["env"]["cpu_affinity"] == [x["env"]["cpu_affinity"][0]] for x in read_records(cli.out_dir))
+
+
+def test_a_diverged_trajectory_fails_named_with_its_step_and_keeps_its_rows() -> None:
+    """A trajectory that reaches inf (a divergent step) fails, float32 too (whose free runs are
+    otherwise only reported), names the framework and the step, and drops no row."""
+    good = cf.compare({"a": _arrays(), "b": _arrays()}, ["float32", "float64"])
+    bad_b = _arrays()
+    for key in ("float32/sgd trajectory", "float64/sgd trajectory"):
+        bad_b[key] = np.array([40.0, 50.0, 1354.0, np.inf, np.nan])
+    rows = cf.compare({"a": _arrays(), "b": bad_b}, ["float32", "float64"])
+    assert [r["quantity"] for r in rows] == [r["quantity"] for r in good]
+    for dtype in ("float32", "float64"):
+        row = next(r for r in rows if r["quantity"] == "free-running sgd trajectory" and r["dtype"] == dtype)
+        assert row["pass"] == "NO" and "b: inf at step 4" in row["where"], row
+    # the per-step rows of a framework whose steps are NaN stay, fail and say where
+    nan_steps = {"float32/sgd step/dtheta": np.array([1e-6, np.nan, 1e-6]), "float32/sgd step/floor": np.full(3, 1e-6),
+                 "float32/sgd step/loss": np.array([1e-7, 1e-7, np.inf])}
+    ok_steps = {k: np.where(np.isfinite(v), v, 1e-7) for k, v in nan_steps.items()}
+    rows = [r for r in cf.compare({"a": ok_steps, "b": nan_steps}, ["float32"]) if " step " in r["quantity"]]
+    assert [(r["quantity"], r["pass"]) for r in rows] == [("sgd step Δθ", "NO"), ("sgd step loss", "NO")]
+    assert "NaN at step 2" in rows[0]["where"] and "inf at step 3" in rows[1]["where"]
+    assert rows[0]["worst"] == rows[1]["worst"] == "b vs numpy"
+
+
+def test_divergence_of_the_reference_trajectory() -> None:
+    assert cf.divergence(np.array([80.8, 100.8, 60.0])) is None  # a noisy but healthy run
+    assert cf.divergence(np.array([80.8, 100.8, 1354.0, 7.5e7, np.inf])) == "loss 1354 at step 3 (first step 80.8)"
+    assert cf.divergence(np.array([80.8, np.nan])) == "loss nan at step 2 (first step 80.8)"
+    assert cf.divergence(np.array([80.8, 1354.0]), factor=np.inf) is None  # the frameworks' runs: non-finite only
+
+
+def _linear_job(tmp_path: Path, **conf: object) -> dict:  # type: ignore[type-arg]
+    c = make_config(model={"kind": "linear", "hidden": [], "latent": 4, "likelihood": "gaussian", "obs_sigma": 0.5},
+                    framework={"name": "torch"}, measure={"conformance": {"steps": 5, **conf}})
+    resolved = OmegaConf.to_container(OmegaConf.structured(c))
+    path = tmp_path / "conformance-torch.json"
+    write_record(path, run_in_process(Job("t", "conformance", "torch", "eager", resolved, str(path))))  # type: ignore[arg-type]
+    return read_records(tmp_path)  # type: ignore[return-value]
+
+
+@pytest.mark.slow
+def test_linear_model_gets_a_stable_sgd_step_and_says_so(tmp_path: Path) -> None:
+    """`model=linear measure=conformance`: SGD at 0.05 diverges on the linear-Gaussian VAE
+    (80.8, 100.8, 1354, ... in the NumPy reference); the measure halves the step until the
+    reference is stable, says so, and passes."""
+    recs = _linear_job(tmp_path)
+    assert recs[0]["status"] == "ok", recs[0]["error"]
+    assert recs[0]["metrics"]["sgd_lr"] < 0.05 and recs[0]["metrics"]["sgd_lr_halved"][0].startswith("0.05: loss")
+    s = cf.summarize(recs)
+    assert s.ok, [r for r in s.rows if r["pass"] == "NO"]
+    assert any("halved to" in n and "stable_sgd=true" in n for n in s.notes)
+
+
+@pytest.mark.slow
+def test_linear_model_with_the_step_as_given_diverges_and_fails(tmp_path: Path) -> None:
+    recs = _linear_job(tmp_path / "as-given", stable_sgd=False)
+    rec = recs[0]
+    assert rec["status"] == "diverged" and "diverged" in rec["error"] and "sgd trajectory" in rec["error"], rec["error"]
+    s = cf.summarize(recs)
+    assert not s.ok
+    ref = next(r for r in s.rows if r["quantity"].startswith("NumPy reference sgd"))
+    assert ref["pass"] == "NO" and "at step 3" in ref["where"], ref
+    assert any(r["quantity"] == "sgd step Δθ" for r in s.rows)  # the per-step rows stay in the table

@@ -238,7 +238,7 @@ def test_linear_evaluator_at_the_optimum(tmp_path: Path) -> None:
                     framework={"precision": "float64"}, measure={"names": ["convergence"]})
     ds = cv.dataset(c)
     spec = cv.model_spec(c, ds.x_dim)
-    assert spec == ModelSpec(x_dim=16, hidden=(), latent=4, likelihood="gaussian", obs_sigma=0.5)
+    assert spec == ModelSpec(x_dim=16, hidden=(), latent=4, likelihood="gaussian", obs_sigma=0.5, kind="linear")
     ev = cv.Evaluator(c, ds, spec)
     assert ev.optimum is not None
     b = cv.backend(c, "torch", spec=spec, params=ev.optimum.params())
@@ -247,3 +247,52 @@ def test_linear_evaluator_at_the_optimum(tmp_path: Path) -> None:
     noise = per_example - log_px(ev.optimum.params(), ds.x_test, 0.5)  # Monte Carlo error alone
     assert e["test_elbo"] == pytest.approx(ev.optimum_test + noise.mean(), abs=1e-9)
     assert abs(noise.mean()) < 4 * noise.std(ddof=1) / np.sqrt(len(noise))
+
+
+def test_a_killed_jobs_kept_epochs_are_in_its_row_and_drawn_dashed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job killed mid-run keeps its evaluations (`partial`): its row shows where it got to,
+    marked partial, and the plot draws them, dashed, beside the finished curves."""
+    ok = _record("torch", [_run(0, -20.0, CURVE)])
+    incomplete = {**_run(0, -30.0, CURVE[:2]), "status": "incomplete", "epochs": [{"epoch": 1, "train_elbo": -31.0,
+                                                                                   "test_elbo": -30.0, "wall_s": 1.0}]}
+    del incomplete["final"]
+    killed = _record("jax", [incomplete], status="failed", error="worker died of SIGKILL", partial=True)
+    s = cv.summarize([ok, killed])
+    row = next(r for r in s.rows if r["framework"] == "jax")
+    assert row["status"] == "failed (partial)" and row["steps"] == "10" and row["test ELBO"] == "-30.000"
+    assert any("kept 1 finished epoch(s), drawn dashed" in n for n in s.notes) and not s.ok
+    figures: list[Any] = []
+    monkeypatch.setattr(cv, "save_png", lambda fig, path, **kw: figures.append(fig) or path)
+    cv.plot_convergence([ok, killed], tmp_path / "c.png")
+    lines = {ln.get_label(): ln for ln in figures[0].axes[0].get_lines()}
+    assert lines["jax (failed, partial)"].get_linestyle() == "--" and lines["torch"].get_linestyle() == "-"
+    assert list(lines["jax (failed, partial)"].get_ydata()) == [-50.0, -30.0]
+
+
+def test_notes_name_torch_compile_only_where_it_ran() -> None:
+    runs = [_run(0, -20.0, CURVE), _run(1, -20.1, CURVE)]
+    eager = _record("torch", runs)
+    assert not any("torch.compile" in n for n in cv.summarize([eager]).notes)
+    compiled = {**_record("torch", runs), "mode": "compiled"}
+    assert any("torch.compile reuses" in n for n in cv.summarize([compiled]).notes)
+
+
+def test_log_time_axis_labels_do_not_crowd() -> None:
+    """Under a decade of training time, matplotlib labels the minor ticks too and they overlap:
+    the axis labels at most eight 1-2-5 ticks, the minor ones not at all."""
+    from harness.plots import pyplot
+
+    plt = pyplot()
+    for lo, hi in ((0.3, 0.9), (0.05, 8.0), (0.01, 3000.0)):
+        fig, ax = plt.subplots()
+        ax.plot([lo, hi], [0, 1])
+        cv.log_time_axis(ax)
+        fig.canvas.draw()
+        major = [t.get_text() for t in ax.get_xticklabels() if t.get_text() and lo <= _num(t.get_text()) <= hi]
+        minor = [t.get_text() for t in ax.get_xticklabels(minor=True) if t.get_text()]
+        assert 1 <= len(major) <= 8 and not minor, (lo, hi, major, minor)
+        plt.close(fig)
+
+
+def _num(text: str) -> float:
+    return float(text.replace("−", "-"))

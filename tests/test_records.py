@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -23,7 +24,8 @@ def test_write_read_roundtrip(tmp_path: Path) -> None:
     p = write_record(tmp_path / "a.json", _rec(metrics={"x": 1.5, "nan": float("nan"), "inf": float("inf")}))
     r = read_record(p)
     assert all(k in r for k in REQUIRED)
-    assert r["metrics"] == {"x": 1.5, "nan": None, "inf": "inf"}
+    assert r["metrics"]["x"] == 1.5 and math.isnan(r["metrics"]["nan"]) and r["metrics"]["inf"] == math.inf
+    assert '"nan": "nan"' in p.read_text() and '"inf": "inf"' in p.read_text()  # JSON holds them as text
     assert [f.name for f in tmp_path.iterdir()] == ["a.json"]  # no temp file left behind
     assert read_records(tmp_path)[0]["run_id"] == "r"
 

@@ -9,7 +9,11 @@ Each measure is one module here that declares everything that is its own:
 - `PLOTS`: {file name: plot(records, path) -> path or None}, drawn from records alone;
 - optional `precision(config) -> str`: what the job computes in, for its record name and
   progress line (default: `framework.precision`); a "float64" in it turns on JAX's x64;
-- optional `validate(config)`: cross-field rules, raising `harness.schema.ConfigError`.
+- optional `validate(config)`: cross-field rules, raising `harness.schema.ConfigError`;
+- `JUDGED`: the quantities its verdict reads (`harness.judged.Judged`: a path into the record
+  and a name). A NaN, inf or missing number at any of them fails the measure, named, whatever
+  its own comparisons made of it (`summarize` below); tests/test_nonfinite.py plants one at
+  every path of real records, so a new measure is covered by declaring its `JUDGED`.
 
 Adding a measure: write the module, add its line below, add `conf/measure/<name>.yaml`.
 Measures import neither `harness.config` (only for type checking) nor the worker.
@@ -19,6 +23,9 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
+from typing import Any
+
+from harness import judged
 
 #: name -> module: the one table (a measure is imported with the table, so a broken one fails at once)
 MEASURES: dict[str, ModuleType] = {
@@ -39,3 +46,32 @@ def precision(name: str, c: object) -> str:
     """What job `name` computes in under config `c` (see the module docstring)."""
     fn = getattr(MEASURES[name], "precision", None)
     return str(fn(c)) if fn is not None else str(c.framework.precision)  # type: ignore[attr-defined]
+
+
+def summarize(name: str, records: list[dict[str, Any]]) -> Any:
+    """Measure `name`'s `Summary` of `records` (framework order), failed wherever a judged
+    quantity is not a finite number: each such quantity is named in the notes, first."""
+    from harness.measures.common import by_framework
+
+    module = MEASURES[name]
+    recs = by_framework(records)
+    s = module.summarize(recs)
+    bad = judged.problems(module.JUDGED, recs)
+    if bad:
+        s.ok = False
+        s.notes[:0] = [f"FAIL: {b}" for b in bad]
+    return s
+
+
+def answer(name: str, records: list[dict[str, Any]]) -> str:
+    """The measure's one-line answer; "NO: ..." naming the first non-finite judged quantity,
+    if there is one, whatever the measure's own answer would say."""
+    from harness.measures.common import by_framework
+
+    module = MEASURES[name]
+    recs = by_framework(records)
+    bad = judged.problems(module.JUDGED, recs)
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        return f"NO: {bad[0]}{more}"
+    return str(module.answer(recs))

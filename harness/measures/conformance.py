@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,6 +41,7 @@ from harness import data as data_mod
 from harness import reference
 from harness.init import init_params
 from harness.job import Job, Result
+from harness.judged import Judged, describe
 from harness.schema import ConfigError, setting
 from harness.spec import FRAMEWORKS, TERMS, Dtype, ModelSpec, OptimSpec, choices
 
@@ -95,6 +97,9 @@ class ConformanceConfig:
     steps: int = setting(50, gt=0)  # optimizer steps per trajectory (SGD and Adam)
     batch_size: int = setting(32, gt=0)
     sgd_lr: float = setting(0.05, gt=0)
+    # halve sgd_lr until the float64 NumPy reference trajectory is stable (`stable_step`; the
+    # step used is in the record and the notes); false: sgd_lr as given (a divergent step fails)
+    stable_sgd: bool = True
     adam_lr: float = setting(1e-3, gt=0)
     # self-test: plant a disagreement in one framework: ulp (must still pass) | weights | lr |
     # beta2 | bias_correction (each must fail, naming the framework)
@@ -176,7 +181,7 @@ def _optims(c: AppConfig) -> dict[str, OptimSpec]:
     base = optim_spec(c)
     return {
         "sgd": replace(base, name="sgd", lr=cf.sgd_lr, momentum=0.0),
-        "adam": replace(base, name="adam", lr=cf.adam_lr),
+        "adam": replace(base, name="adam", lr=cf.adam_lr, momentum=0.0),
     }
 
 
@@ -185,10 +190,52 @@ def reference_trajectory(spec: ModelSpec, params: dict[str, np.ndarray], optim: 
     """(θ_i, s_i) before each step of a float64 NumPy training run (torch/optax convention)."""
     p, s = params, reference.init_state(params, optim)
     out = []
-    for xb, e in steps:
-        out.append((p, s))
-        p, s = reference.optimizer_step(p, s, reference.grads(p, xb, e, spec, "loss"), optim)
+    with np.errstate(over="ignore", invalid="ignore"):  # a divergent step is judged, not warned about
+        for xb, e in steps:
+            out.append((p, s))
+            p, s = reference.optimizer_step(p, s, reference.grads(p, xb, e, spec, "loss"), optim)
     return out
+
+
+#: a reference trajectory diverges when a step's loss is not finite or exceeds this multiple
+#: of the first step's loss. Each step's loss is on its own batch, so healthy runs vary: the MLP
+#: on digits only falls (max/first = 1.0), Adam on the linear model reached 1.56 x; a divergent
+#: SGD step on the linear model went 80.8, 100.8, 1354 (17 x), 7.5e7, inf
+DIVERGENCE_FACTOR = 10.0
+#: stable_sgd halves sgd_lr at most this many times
+MAX_HALVINGS = 10
+
+
+def reference_losses(spec: ModelSpec, traj: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]],
+                     steps: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """The float64 NumPy loss of each step of a reference trajectory, at the state it starts from."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.array([float(reference.terms(p, xb, e, spec).loss.mean()) for (p, _), (xb, e) in zip(traj, steps)])
+
+
+def divergence(losses: np.ndarray, factor: float = DIVERGENCE_FACTOR) -> str | None:
+    """Where a trajectory's losses diverge (not finite, or above `factor` x the first), as
+    "loss inf at step 5 (first step 80.8)"; None when they do not."""
+    limit = factor * abs(float(losses[0])) if len(losses) and np.isfinite(losses[0]) else -np.inf
+    for i, v in enumerate(losses):
+        if not np.isfinite(v) or v > limit:
+            return f"loss {v:.4g} at step {i + 1} (first step {losses[0]:.4g})"
+    return None
+
+
+def stable_step(spec: ModelSpec, params: dict[str, np.ndarray], optim: OptimSpec,
+                steps: list[tuple[np.ndarray, np.ndarray]]) -> tuple[OptimSpec, list[str]]:
+    """`optim` with its learning rate halved until the float64 NumPy reference trajectory does
+    not diverge (`divergence`), and what was tried: ["0.05: loss inf at step 5", ...]."""
+    tried: list[str] = []
+    for _ in range(MAX_HALVINGS + 1):
+        traj = reference_trajectory(spec, params, optim, steps)
+        why = divergence(reference_losses(spec, traj, steps))
+        if why is None:
+            return optim, tried
+        tried.append(f"{optim.lr:g}: {why}")
+        optim = replace(optim, lr=optim.lr / 2)
+    return replace(optim, lr=optim.lr * 2), tried  # the smallest tried: it diverges, and is judged so
 
 
 def _flat(params: dict[str, np.ndarray]) -> np.ndarray:
@@ -199,9 +246,10 @@ def step_floor(theta: np.ndarray, new: np.ndarray, dtype: str) -> float:
     """Relative L2 error of Δθ that rounding alone makes unavoidable: θ' is stored in `dtype`,
     so each entry of Δθ = θ' - θ carries up to half an ulp of θ' (cancellation: ulp(θ)/|Δθ|),
     and the step itself is computed from `dtype` inputs (one more ulp of |Δθ| per entry)."""
-    half_ulp = 0.5 * np.spacing(np.abs(new).astype(dtype)).astype(np.float64)
-    unit = np.finfo(dtype).eps * np.abs(new - theta)
-    return float(np.linalg.norm(half_ulp + unit)) / max(float(np.linalg.norm(new - theta)), 1e-300)
+    with np.errstate(over="ignore", invalid="ignore"):  # a diverged state: NaN, judged as such
+        half_ulp = 0.5 * np.spacing(np.abs(new).astype(dtype)).astype(np.float64)
+        unit = np.finfo(dtype).eps * np.abs(new - theta)
+        return float(np.linalg.norm(half_ulp + unit)) / max(float(np.linalg.norm(new - theta)), 1e-300)
 
 
 def per_step(c: AppConfig, framework: str, spec: ModelSpec, dtype: str, opt_name: str, optim: OptimSpec,
@@ -250,10 +298,16 @@ def run(c: AppConfig, job: Job) -> Result:
     spec, params, x, eps, x_train = inputs(c)
     steps = trajectory_batches(c, x_train, spec.latent)
     optims = _optims(c)
+    halved: list[str] = []
+    if cf.stable_sgd:
+        optims["sgd"], halved = stable_step(spec, params, optims["sgd"], steps)
     trajs = {name: reference_trajectory(spec, params, o, steps) for name, o in optims.items()}
     arrays: dict[str, np.ndarray] = {}
     env: dict[str, Any] = {}
-    metrics: dict[str, Any] = {"dtypes": list(cf.dtypes), "steps": cf.steps, "batch_size": cf.batch_size, "plant": plant}
+    metrics: dict[str, Any] = {"dtypes": list(cf.dtypes), "steps": cf.steps, "batch_size": cf.batch_size, "plant": plant,
+                               "sgd_lr": optims["sgd"].lr, "adam_lr": optims["adam"].lr, "sgd_lr_halved": halved}
+    for name in optims:
+        arrays[f"ref/{name} trajectory"] = reference_losses(spec, trajs[name], steps)
     for dtype in cf.dtypes:
         start = plant_params(params, plant, dtype, c.seed)
         b = backend(c, job.framework, spec=spec, dtype=dtype, params=start)
@@ -283,14 +337,28 @@ def run(c: AppConfig, job: Job) -> Result:
     np.savez_compressed(buf, **arrays)  # type: ignore[arg-type]
     write_atomic(path, buf.getvalue())
     metrics["arrays"] = path.name
+    diverged = []  # the NumPy reference by the growth rule; the framework's own runs by a non-finite loss
+    for key in sorted(k for k in arrays if k.endswith(("trajectory", "ulp control"))):
+        why = divergence(arrays[key], DIVERGENCE_FACTOR if key.startswith("ref/") else np.inf)
+        if why is not None:
+            diverged.append(f"{key}: {why}")
+    if diverged:  # the rows stay in the table (summarize reads the arrays of a diverged record too)
+        return Result(metrics=metrics, status="diverged", error=f"training diverged: {'; '.join(diverged)}", backend_env=env)
     return Result(metrics=metrics, backend_env=env)
 
 
 # --- comparison (parent process, from records and their arrays) ---------------------------
 
 
+def _finite(*arrays: np.ndarray) -> bool:
+    return all(bool(np.all(np.isfinite(a))) for a in arrays)
+
+
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
-    """Largest elementwise |a - b| / max(|a|, |b|) (0 where both are 0)."""
+    """Largest elementwise |a - b| / max(|a|, |b|) (0 where both are 0); NaN when either holds
+    a value that is not finite (no deviation is measurable there, and NaN fails every check)."""
+    if not _finite(a, b):
+        return math.nan
     den = np.maximum(np.abs(a), np.abs(b))
     num = np.abs(a - b)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -299,26 +367,52 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _rel_l2(a: np.ndarray, b: np.ndarray) -> float:
-    """||a - b|| / max(||a||, ||b||) (0 when both are 0)."""
+    """||a - b|| / max(||a||, ||b||) (0 when both are 0); NaN when either is not finite."""
+    if not _finite(a, b):
+        return math.nan
     den = max(float(np.linalg.norm(a)), float(np.linalg.norm(b)))
     return float(np.linalg.norm(np.asarray(a, np.float64) - b)) / den if den > 0 else 0.0
 
 
-def deviation(quantity: str, dtype: str, a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> tuple[float, str]:
-    """Worst relative deviation of `quantity` between two frameworks' arrays, and where."""
-    worst, where = 0.0, ""
+def _worse(dev: float, than: float) -> bool:
+    """Whether deviation `dev` is at least as bad as `than`; NaN and inf are worse than any number
+    (a plain `dev >= than` is False for NaN, and once dropped a diverged framework's row)."""
+    def key(d: float) -> float:
+        return d if math.isfinite(d) else math.inf
+    return key(dev) >= key(than)
+
+
+def nonfinite_where(names: dict[str, np.ndarray], axis: str = "index") -> str | None:
+    """"torch: inf at step 5 (...)" for the first of `names` (label -> array) that holds a value
+    that is not finite; None when all are finite."""
+    for label, a in names.items():
+        what = describe(a, axis)
+        if what is not None:
+            return f"{label}: {what}"
+    return None
+
+
+def deviation(quantity: str, dtype: str, a: dict[str, np.ndarray], b: dict[str, np.ndarray],
+              names: tuple[str, str] = ("a", "b")) -> tuple[float, str]:
+    """Worst relative deviation of `quantity` between two frameworks' arrays (`names` say whose),
+    and where; NaN, with the framework and position named, where a value is not finite."""
+    worst, where = -1.0, ""
     prefix = f"{dtype}/{quantity}"
+    trajectory = quantity.endswith("trajectory")
     for key in sorted(k for k in a if k == prefix or k.startswith(prefix + "/")):
         if key.endswith("/ulp control"):
             continue
         if key not in b:
             return float("inf"), f"{key} missing"
         dev = _rel_l2(a[key], b[key]) if quantity == "grads" else _rel(a[key], b[key])
-        if dev > worst or not np.isfinite(dev):
+        if _worse(dev, worst):
             worst, where = dev, key[len(prefix) + 1 :] or quantity
-            if quantity.endswith("trajectory"):
+            bad = nonfinite_where({names[0]: a[key], names[1]: b[key]}, "step" if trajectory else "index")
+            if bad is not None:
+                where = f"{where}: {bad}" if where != quantity else bad
+            elif trajectory:
                 where = trajectory_where(a[key], b[key])
-    return worst, where
+    return max(worst, 0.0) if math.isfinite(worst) else worst, where
 
 
 def trajectory_where(a: np.ndarray, b: np.ndarray) -> str:
@@ -334,7 +428,15 @@ def trajectory_where(a: np.ndarray, b: np.ndarray) -> str:
 
 
 def _row(quantity: str, dtype: str, pair: str, where: str, dev: float, tol: float | str) -> dict[str, Any]:
+    """A table row. A judged row passes when `dev <= tol` (never for NaN); a reported row (`tol`
+    a text) is not judged, unless its deviation is not a finite number: that fails too."""
     judged = not isinstance(tol, str)
+    if not math.isfinite(dev):
+        verdict = "NO"
+    elif judged:
+        verdict = "yes" if dev <= tol else "NO"  # type: ignore[operator]
+    else:
+        verdict = "reported"
     return {
         "quantity": quantity,
         "dtype": dtype,
@@ -342,27 +444,27 @@ def _row(quantity: str, dtype: str, pair: str, where: str, dev: float, tol: floa
         "where": where,
         "max rel. deviation": fmt(dev, ".2e"),
         "tolerance": fmt(tol, ".0e") if judged else tol,
-        "pass": ("yes" if dev <= tol else "NO") if judged else "reported",  # type: ignore[operator]
+        "pass": verdict,
     }
 
 
 def _pairwise(loaded: dict[str, dict[str, np.ndarray]], quantity: str, dtype: str) -> tuple[float, str, str]:
-    worst, pair, where = 0.0, "-", ""
+    worst, pair, where = -1.0, "-", ""
     for fa, fb in itertools.combinations(loaded, 2):
-        dev, w = deviation(quantity, dtype, loaded[fa], loaded[fb])
-        if dev >= worst:
+        dev, w = deviation(quantity, dtype, loaded[fa], loaded[fb], names=(fa, fb))
+        if _worse(dev, worst):
             worst, pair, where = dev, f"{fa} vs {fb}", w
     return worst, pair, where
 
 
 def _worst_vs_numpy(loaded: dict[str, dict[str, np.ndarray]], prefix: str) -> tuple[float, str, str]:
     """Largest stored deviation against NumPy among keys under `prefix`, over frameworks."""
-    worst, who, where = 0.0, "-", ""
+    worst, who, where = -1.0, "-", ""
     for fw, arrs in loaded.items():
         for key in (k for k in arrs if k.startswith(prefix)):
-            dev = float(np.max(arrs[key]))
-            if dev >= worst or not np.isfinite(dev):
-                worst, who, where = dev, f"{fw} vs numpy", key[len(prefix):]
+            dev = float(np.max(arrs[key])) if _finite(arrs[key]) else math.nan
+            if _worse(dev, worst):
+                worst, who, where = dev, f"{fw} vs numpy", key[len(prefix):] + ("" if math.isfinite(dev) else ": not finite")
     return worst, who, where
 
 
@@ -370,7 +472,8 @@ def _per_step_rows(loaded: dict[str, dict[str, np.ndarray]], dtype: str, opt: st
     """Δθ: the median step's deviation / rounding floor against FLOOR_FACTOR. A planted or real
     disagreement moves every step; an isolated outlier step is a ReLU kink lying within rounding
     distance of the shared state (the gradient itself jumps there), shown but not judged.
-    The step loss is continuous at kinks: judged on its worst step."""
+    The step loss is continuous at kinks: judged on its worst step. A step whose numbers are not
+    finite (a diverged state, a NaN update) fails both rows, named with its step."""
     key = f"{dtype}/{opt} step"
     rows = []
     med_worst, who, where, dev_at = -1.0, "-", "", 0.0
@@ -378,16 +481,25 @@ def _per_step_rows(loaded: dict[str, dict[str, np.ndarray]], dtype: str, opt: st
     for fw, a in loaded.items():
         if f"{key}/dtheta" not in a:
             continue
-        ratio = a[f"{key}/dtheta"] / a[f"{key}/floor"]
-        med = float(np.median(ratio))
-        if med >= med_worst:
-            i = int(np.argmax(ratio))
-            n_out = int(np.sum(ratio > FLOOR_FACTOR))
-            med_worst, who, dev_at = med, f"{fw} vs numpy", float(np.median(a[f"{key}/dtheta"]))
-            where = f"median step {med:.2g} x floor; worst step {i + 1}: {ratio[i]:.3g} x; {n_out}/{len(ratio)} steps above"
-        j = int(np.argmax(a[f"{key}/loss"]))
-        if a[f"{key}/loss"][j] >= lworst:
-            lworst, lwho, lwhere = float(a[f"{key}/loss"][j]), f"{fw} vs numpy", f"step {j + 1}"
+        dtheta, floor, loss = a[f"{key}/dtheta"], a[f"{key}/floor"], a[f"{key}/loss"]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ratio = dtheta / floor
+        bad = nonfinite_where({f"{fw}: Δθ": dtheta, f"{fw}: floor": floor, f"{fw}: Δθ / floor": ratio}, "step")
+        med = float(np.median(ratio)) if bad is None else math.nan
+        if _worse(med, med_worst):
+            med_worst, who = med, f"{fw} vs numpy"
+            if bad is None:
+                i = int(np.argmax(ratio))
+                n_out = int(np.sum(ratio > FLOOR_FACTOR))
+                dev_at = float(np.median(dtheta))
+                where = f"median step {med:.2g} x floor; worst step {i + 1}: {ratio[i]:.3g} x; {n_out}/{len(ratio)} steps above"
+            else:
+                dev_at, where = math.nan, bad
+        lbad = nonfinite_where({f"{fw}: step loss": loss}, "step")
+        j = int(np.argmax(loss)) if lbad is None else 0
+        lv = float(loss[j]) if lbad is None else math.nan
+        if _worse(lv, lworst):
+            lworst, lwho, lwhere = lv, f"{fw} vs numpy", f"step {j + 1}" if lbad is None else lbad
     if who != "-":
         rows.append(_row(f"{opt} step Δθ", dtype, who, where, med_worst, FLOOR_FACTOR))
         rows[-1]["max rel. deviation"] = f"{dev_at:.2e} (median)"
@@ -396,9 +508,28 @@ def _per_step_rows(loaded: dict[str, dict[str, np.ndarray]], dtype: str, opt: st
     return rows
 
 
+def _reference_rows(loaded: dict[str, dict[str, np.ndarray]]) -> list[dict[str, Any]]:
+    """The NumPy reference trajectories (float64) that the per-step rows start from: judged to
+    stay below DIVERGENCE_FACTOR x their first loss (a divergent step makes every per-step
+    comparison meaningless: `measure.conformance.stable_sgd` halves the SGD step until it holds)."""
+    rows = []
+    for opt in ("sgd", "adam"):
+        ref = next((a[f"ref/{opt} trajectory"] for a in loaded.values() if f"ref/{opt} trajectory" in a), None)
+        if ref is None:
+            continue
+        why = divergence(ref)
+        growth = float(np.max(ref) / ref[0]) if _finite(ref) and ref[0] != 0 else math.nan
+        where = why or f"largest loss {growth:.3g} x the first step's"
+        rows.append(_row(f"NumPy reference {opt} trajectory (loss / first loss)", "float64", "numpy", where,
+                         growth, DIVERGENCE_FACTOR))
+        if why is not None:
+            rows[-1]["pass"] = "NO"
+    return rows
+
+
 def compare(loaded: dict[str, dict[str, np.ndarray]], dtypes: list[str]) -> list[dict[str, Any]]:
     """The table: per quantity and dtype, the worst deviation over frameworks against tolerance."""
-    rows = []
+    rows = _reference_rows(loaded)
     pairs = len(loaded) >= 2  # with one framework there is no pair: no row that cannot fail
     for dtype in dtypes:
         for quantity in ("terms", "grads"):
@@ -407,13 +538,13 @@ def compare(loaded: dict[str, dict[str, np.ndarray]], dtypes: list[str]) -> list
                 worst, pair, where = _pairwise(loaded, quantity, dtype)
                 rows.append(_row(quantity, dtype, pair, where, worst, tol))
             if quantity == "terms":
-                worst, who, where = 0.0, "-", ""
+                worst, who, where = -1.0, "-", ""
                 for fw, a in loaded.items():
                     ref = {k[len("ref/"):]: v for k, v in a.items() if k.startswith(f"ref/{dtype}/terms/")}
                     if not ref:
                         continue
-                    dev, w = deviation("terms", dtype, a, ref)
-                    if dev >= worst:
+                    dev, w = deviation("terms", dtype, a, ref, names=(fw, "numpy"))
+                    if _worse(dev, worst):
                         worst, who, where = dev, f"{fw} vs numpy", w
             else:
                 worst, who, where = _worst_vs_numpy(loaded, f"{dtype}/grads vs numpy/")
@@ -424,29 +555,38 @@ def compare(loaded: dict[str, dict[str, np.ndarray]], dtypes: list[str]) -> list
         for opt in ("sgd", "adam"):
             quantity = f"{opt} trajectory"
             if not pairs:
+                # one framework: no pair to compare, but a diverged trajectory still fails
+                for fw, a in loaded.items():
+                    bad = nonfinite_where({fw: a[f"{dtype}/{quantity}"]}, "step") if f"{dtype}/{quantity}" in a else None
+                    if bad is not None:
+                        rows.append(_row(f"free-running {quantity}", dtype, fw, bad, math.nan, "reported"))
                 continue
             worst, pair, where = _pairwise(loaded, quantity, dtype)
             if dtype == "float64":
                 rows.append(_row(f"free-running {quantity}", dtype, pair, where, worst, TOLERANCES[(quantity, dtype)]))
                 continue
             rows.append(_row(f"free-running {quantity}", dtype, pair, where, worst, "reported"))
-            cworst, cwho, cwhere = 0.0, "-", ""
+            cworst, cwho, cwhere = -1.0, "-", ""
             for fw, a in loaded.items():
                 ctl = a.get(f"{dtype}/{quantity}/ulp control")
                 if ctl is not None:
-                    dev = _rel(a[f"{dtype}/{quantity}"], ctl)
-                    if dev >= cworst:
-                        cworst, cwho, cwhere = dev, f"{fw} vs itself, 1 ulp", trajectory_where(a[f"{dtype}/{quantity}"], ctl)
+                    own = a[f"{dtype}/{quantity}"]
+                    dev = _rel(own, ctl)
+                    if _worse(dev, cworst):
+                        bad = nonfinite_where({fw: own, f"{fw} (1 ulp)": ctl}, "step")
+                        cworst, cwho, cwhere = dev, f"{fw} vs itself, 1 ulp", bad or trajectory_where(own, ctl)
             if cwho != "-":
                 rows.append(_row(f"  control: {quantity}", dtype, cwho, cwhere, cworst, "reported"))
     return rows
 
 
 def summarize(records: list[dict[str, Any]]) -> Summary:
-    ok_recs = [r for r in by_framework(records) if r["status"] == "ok"]
+    """The table from the records' arrays files; a diverged record's arrays are read too, so its
+    rows stay in the table (failing, with the step named)."""
+    with_arrays = [r for r in by_framework(records) if r["status"] in ("ok", "diverged") and r["metrics"].get("arrays")]
     notes = [f"{r['framework']}: {r['status']}: {r['error']}" for r in records if r["status"] != "ok"]
     loaded: dict[str, dict[str, np.ndarray]] = {}
-    for r in ok_recs:
+    for r in with_arrays:
         path = Path(r.get("_file", "")).parent / r["metrics"]["arrays"]
         if not path.exists():
             notes.append(f"{r['framework']}: arrays file {path} is missing")
@@ -458,8 +598,12 @@ def summarize(records: list[dict[str, Any]]) -> Summary:
             notes.append(f"{r['framework']} was given a planted disagreement ({plant}): {PLANT_NOTES[plant]}")
     if not loaded:
         return Summary("Conformance across frameworks", [], False, notes or ["no records"])
-    dtypes = list(ok_recs[0]["metrics"]["dtypes"])
+    m0 = with_arrays[0]["metrics"]
+    dtypes = list(m0["dtypes"])
     rows = compare(loaded, dtypes)
+    if m0.get("sgd_lr_halved"):
+        notes.append(f"SGD step: measure.conformance.sgd_lr diverges on this model in the float64 NumPy reference "
+                     f"({'; '.join(m0['sgd_lr_halved'])}), so it was halved to {m0['sgd_lr']:g} (stable_sgd=true)")
     keras = [float(np.max(a[k])) for a in loaded.values() for k in a if k.endswith("adam step/keras convention effect")]
     if keras:
         notes.append(KERAS_ADAM_NOTE.format(effect=max(keras)))
@@ -467,12 +611,24 @@ def summarize(records: list[dict[str, Any]]) -> Summary:
         notes.append(KINK_NOTE)
     if len(loaded) < 2:
         notes.append("fewer than two frameworks ran: only the comparisons with NumPy are meaningful")
-    judged = [r for r in rows if r["pass"] != "reported"]
-    ok = bool(judged) and all(r["pass"] == "yes" for r in judged) and len(loaded) == len(records)
+    judged_rows = [r for r in rows if r["pass"] != "reported"]
+    ok = bool(judged_rows) and all(r["pass"] == "yes" for r in judged_rows) and len(loaded) == len(records) and all(
+        r["status"] == "ok" for r in records)
     return Summary("Conformance across frameworks (same weights, batch and noise)", rows, ok, notes)
 
 
 PLOTS: dict[str, Any] = {}  # tables only
+
+JUDGED = (
+    Judged("arrays:*/terms/*", "loss part", axis="example"),
+    Judged("arrays:*/grads/*", "gradient"),
+    Judged("arrays:*/grads vs numpy/*", "gradient deviation from NumPy"),
+    Judged("arrays:*/* step/dtheta", "one step's update deviation (Δθ)", axis="step"),
+    Judged("arrays:*/* step/floor", "one step's rounding floor", axis="step"),
+    Judged("arrays:*/* step/loss", "one step's loss deviation", axis="step"),
+    Judged("arrays:*/* trajectory", "training trajectory loss", axis="step"),
+    Judged("arrays:*/* trajectory/ulp control", "one-ulp control trajectory loss", axis="step"),
+)
 
 
 QUESTION = "Do the frameworks agree?"
@@ -481,14 +637,14 @@ QUESTION = "Do the frameworks agree?"
 def answer(records: list[dict[str, Any]]) -> str:
     """One line for the suite's summary, from the records (and their arrays files)."""
     s = summarize(records)
-    judged = [r for r in s.rows if r["pass"] != "reported"]
-    failing = [f"{r['quantity']} {r['dtype']} ({r['worst']})" for r in judged if r["pass"] != "yes"]
+    judged_rows = [r for r in s.rows if r["pass"] != "reported"]
+    failing = [f"{r['quantity']} {r['dtype']} ({r['worst']})" for r in judged_rows if r["pass"] != "yes"]
     fws = ", ".join(dict.fromkeys(r["framework"] for r in records if r["status"] == "ok"))
     if s.ok:
-        return (f"yes: {fws} agree with each other and with NumPy in all {len(judged)} judged checks "
+        return (f"yes: {fws} agree with each other and with NumPy in all {len(judged_rows)} judged checks "
                 "(terms, gradients, SGD and Adam steps, float32 and float64)")
-    return f"NO: {len(failing)} of {len(judged)} judged checks fail" + (f": {'; '.join(failing)}" if failing else "") + (
-        f"; {'; '.join(s.notes[:1])}" if not judged else "")
+    return f"NO: {len(failing)} of {len(judged_rows)} judged checks fail" + (f": {'; '.join(failing)}" if failing else "") + (
+        f"; {'; '.join(s.notes[:1])}" if not failing else "")
 
 
 def compared(records: list[dict[str, Any]]) -> dict[str, Quantity]:

@@ -73,6 +73,7 @@ from harness import ppca, reference
 from harness.api import ModelSpec
 from harness.init import init_params
 from harness.job import Checkpointer, Job, Result
+from harness.judged import Judged, describe, finite, le
 from harness.measures.identity import kl_to_posterior, log_px
 from harness.plots import COLORS, pyplot, save_png
 from harness.schema import ConfigError, setting
@@ -109,7 +110,7 @@ class ConvergenceConfig:
 
 Config = ConvergenceConfig
 #: settings the summary reads back from the record (defaults for older records)
-JUDGED = ("target_margin", "agree_nats", "lockstep_steps", "lockstep_tol", "optimum_tol", "posterior_gap_tol")
+SETTINGS = ("target_margin", "agree_nats", "lockstep_steps", "lockstep_tol", "optimum_tol", "posterior_gap_tol")
 
 
 def validate(c: AppConfig) -> None:
@@ -339,7 +340,7 @@ def run(c: AppConfig, job: Job) -> Result:
         "elbo_samples": cc.elbo_samples,
         "iwae_k": cc.iwae_k,
         "target_elbo": cc.target_elbo,
-        **{k: getattr(cc, k) for k in JUDGED},
+        **{k: getattr(cc, k) for k in SETTINGS},
         "runs": [],
     }
     if evaluate.optimum is not None:
@@ -420,7 +421,7 @@ def done(r: dict[str, Any]) -> list[dict[str, Any]]:
     return [x for x in runs_of(r) if x.get("status") == "ok" and x.get("final")]
 
 
-def judged(records: list[dict[str, Any]], key: str) -> Any:
+def recorded_setting(records: list[dict[str, Any]], key: str) -> Any:
     """A setting as the records hold it (the config default for records that lack it)."""
     for r in records:
         if key in (r.get("metrics") or {}):
@@ -439,13 +440,26 @@ def resolve_target(records: list[dict[str, Any]]) -> tuple[float | None, str]:
     explicit = next((r["metrics"].get("target_elbo") for r in records if (r.get("metrics") or {}).get("target_elbo") is not None), None)
     if explicit is not None:
         return float(explicit), f"test ELBO ≥ {explicit:g} (set by measure.convergence.target_elbo)"
-    ok = [r for r in records if done(r)]
+    ok = [r for r in records if done(r) and math.isfinite(final_elbo(r))]
     if not ok:
-        return None, "no target: no completed run"
+        return None, "no target: no completed run with a finite final test ELBO"
     best = max(ok, key=final_elbo)
-    margin = judged(records, "target_margin")
+    margin = recorded_setting(records, "target_margin")
     target = final_elbo(best) - margin
     return target, f"test ELBO ≥ {target:.3f}: best final test ELBO ({final_elbo(best):.3f}, {best['framework']}/{best['mode']}) minus {margin:g} nat"
+
+
+def elbo_spread(finals: dict[str, float]) -> float:
+    """Largest minus smallest final test ELBO; NaN when one of them is not finite."""
+    vals = list(finals.values())
+    return max(vals) - min(vals) if finite(vals) else math.nan
+
+
+def kept(r: dict[str, Any]) -> list[dict[str, Any]]:
+    """The runs a failed job kept (`partial` metrics): seeds with at least one evaluation."""
+    if r.get("status") == "ok" or not (r.get("metrics") or {}).get("partial"):
+        return []
+    return [x for x in runs_of(r) if x.get("evals") and x.get("epochs")]
 
 
 def _with(cell: str, suffix: str) -> str:
@@ -459,7 +473,7 @@ def lockstep(records: list[dict[str, Any]]) -> tuple[float, str] | None:
     recs = [r for r in records if done(r) and r["metrics"].get("shared_noise")]
     if len(recs) < 2:
         return None
-    steps = judged(records, "lockstep_steps")
+    steps = recorded_setting(records, "lockstep_steps")
     worst, where = -math.inf, ""
     seeds = sorted(set.intersection(*({x["seed"] for x in done(r)} for r in recs)))
     for s in seeds:
@@ -470,26 +484,58 @@ def lockstep(records: list[dict[str, Any]]) -> tuple[float, str] | None:
     return worst, where
 
 
+def nonfinite_run(x: dict[str, Any], linear: bool) -> str | None:
+    """The first judged number of one seed's run that is not finite (training losses, test ELBOs,
+    the final IWAE; on the linear model the gaps to the optimum), named with its step."""
+    losses = describe(x.get("step_loss") or [], "step")
+    if losses is not None:
+        return f"training loss is {losses}"
+    keys = {"test_elbo": "test ELBO"}
+    if linear:
+        keys.update(gap_to_optimum="gap to the pPCA optimum", posterior_gap="KL(q ‖ posterior)")
+    for e in x.get("evals") or []:
+        for key, name in keys.items():
+            if key in e and not finite(e[key]):
+                return f"{name} is {describe(e[key])} at step {e.get('step')}"
+    fin = x.get("final") or {}
+    if "test_log_likelihood" in fin and not finite(fin["test_log_likelihood"]):
+        return f"test log-likelihood (IWAE) is {describe(fin['test_log_likelihood'])}"
+    return None
+
+
 def summarize(records: list[dict[str, Any]]) -> Summary:
     recs = by_framework(records)
     target, target_note = resolve_target(recs)
     linear = any("optimum" in (r.get("metrics") or {}) for r in recs)
-    k = next((x["final"].get("iwae_k") for r in recs for x in done(r)), judged(recs, "iwae_k"))
+    k = next((x["final"].get("iwae_k") for r in recs for x in done(r)), recorded_setting(recs, "iwae_k"))
     cols = ["framework", "mode", "status", "seeds", "steps", "test ELBO", f"test log p(x) (IWAE-{k})", "log p − ELBO",
             "time to target (s)", "… after first step (s)", "step at target", "train time (s)", "first step (s)", "active units"]
     if linear:
         cols += ["gap to pPCA optimum (test)", "gap to pPCA optimum (train)", "KL(q ‖ posterior)"]
     rows, notes, ok = [], [], bool(recs)
-    tol_opt, tol_post = judged(recs, "optimum_tol"), judged(recs, "posterior_gap_tol")
+    tol_opt, tol_post = recorded_setting(recs, "optimum_tol"), recorded_setting(recs, "posterior_gap_tol")
     for r in recs:
         row = dict.fromkeys(cols, "-")
         row.update(framework=r["framework"], mode=r["mode"], status=r["status"])
         rows.append(row)
         if r["status"] != "ok":
             ok = False
-            partial = [x for x in runs_of(r) if x.get("epochs")] if (r.get("metrics") or {}).get("partial") else []
-            kept = f" (kept {sum(len(x['epochs']) for x in partial)} finished epoch(s))" if partial else ""
-            notes.append(f"{r['framework']}/{r['mode']}: {r['status']}: {r.get('error')}{kept}")
+            kept_runs = kept(r)
+            n_kept = sum(len(x["epochs"]) for x in kept_runs)
+            more = f" (kept {n_kept} finished epoch(s), drawn dashed)" if kept_runs else ""
+            notes.append(f"{r['framework']}/{r['mode']}: {r['status']}: {r.get('error')}{more}")
+            if kept_runs:  # what the job reached before it died, marked partial
+                row.update({
+                    "status": f"{r['status']} (partial)",
+                    "seeds": ",".join(str(x["seed"]) for x in kept_runs),
+                    "steps": str(max(x["evals"][-1]["step"] for x in kept_runs)),
+                    "test ELBO": pm([x["evals"][-1]["test_elbo"] for x in kept_runs], ".3f"),
+                })
+        for x in done(r):
+            bad = nonfinite_run(x, linear)
+            if bad is not None:
+                ok = False
+                notes.append(f"{r['framework']}/{r['mode']} seed {x['seed']}: {bad}")
         runs = done(r)
         if not runs:
             continue
@@ -517,7 +563,7 @@ def summarize(records: list[dict[str, Any]]) -> Summary:
             row["gap to pPCA optimum (test)"] = pm([e["gap_to_optimum"] for e in last], ".4f")
             row["gap to pPCA optimum (train)"] = pm([e["train_gap_to_optimum"] for e in last], ".4f")
             row["KL(q ‖ posterior)"] = pm([e["posterior_gap"] for e in last], ".4f")
-            good = all(abs(e["gap_to_optimum"]) <= tol_opt and e["posterior_gap"] <= tol_post for e in last)
+            good = all(le(abs(e["gap_to_optimum"]), tol_opt) and le(e["posterior_gap"], tol_post) for e in last)
             ok = ok and good
             if not good:
                 notes.append(f"{r['framework']}/{r['mode']}: not at the pPCA optimum in every seed "
@@ -526,21 +572,23 @@ def summarize(records: list[dict[str, Any]]) -> Summary:
     n_seeds = max((len(done(r)) for r in recs), default=0)
     notes.append(f"ELBO and log p(x) in nats per example (higher is better); ± is the standard deviation over {n_seeds} seeds"
                  if n_seeds > 1 else "ELBO and log p(x) in nats per example (higher is better); one seed")
+    cached = any(r["framework"] == "torch" and r["mode"] == "compiled" and len(done(r)) > 1 for r in recs)
     notes.append(f"time to target: training wall time (evaluation excluded) to the first evaluation with {target_note}; "
-                 "'… after first step' leaves out the first step, which includes tracing and compilation (torch.compile "
-                 "reuses its in-process cache for later seeds, so only torch's first seed pays it)")
+                 "'… after first step' leaves out the first step, which includes tracing and compilation"
+                 + (" (torch.compile reuses its in-process cache for later seeds, so only torch's first seed pays it)"
+                    if cached else ""))
     completed = [r for r in recs if done(r)]
     if len(completed) > 1:
         finals = {f"{r['framework']}/{r['mode']}": final_elbo(r) for r in completed}
-        spread, tol = max(finals.values()) - min(finals.values()), judged(recs, "agree_nats")
-        ok = ok and spread <= tol
+        spread, tol = elbo_spread(finals), recorded_setting(recs, "agree_nats")
+        ok = ok and le(spread, tol)
         notes.append(f"final test ELBO spread across frameworks: {spread:.3f} nats (tolerance {tol:g}): "
-                     + ("pass" if spread <= tol else "FAIL"))
+                     + ("pass" if le(spread, tol) else "FAIL"))
     ls = lockstep(recs)
     if ls is not None:
         dev, where = ls
-        tol, steps = judged(recs, "lockstep_tol"), judged(recs, "lockstep_steps")
-        good = dev <= tol
+        tol, steps = recorded_setting(recs, "lockstep_tol"), recorded_setting(recs, "lockstep_steps")
+        good = le(dev, tol)
         ok = ok and good
         notes.append(f"lockstep (shared noise): largest spread of the per-step training loss across frameworks over the first "
                      f"{steps} steps: {dev:.2e} nats per example at {where} (tolerance {tol:g}): " + ("pass" if good else "FAIL"))
@@ -579,20 +627,29 @@ def _curves(r: dict[str, Any], key: str) -> tuple[np.ndarray, np.ndarray, np.nda
 
 
 def plot_convergence(records: list[dict[str, Any]], path: Path) -> Path | None:
-    recs = [r for r in by_framework(records) if done(r)]
+    """Test ELBO against step and against training time: the mean over completed seeds with a
+    min-max band, and dashed, the evaluations a failed job kept before it died (partial)."""
+    recs = [r for r in by_framework(records) if done(r) or kept(r)]
     if not recs:
         return None
     plt = pyplot()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
     for r in recs:
-        cur = _curves(r, "test_elbo")
-        if cur is None:
-            continue
-        steps, wall, ys = cur
         color = COLORS.get(r["framework"])
-        _band(a1, steps, ys, color, _label(r, recs))
-        timed = wall > 0  # step 0 has no place on a log axis
-        _band(a2, wall[timed], ys[:, timed], color, _label(r, recs))
+        cur = _curves(r, "test_elbo")
+        if cur is not None:
+            steps, wall, ys = cur
+            _band(a1, steps, ys, color, _label(r, recs))
+            timed = wall > 0  # step 0 has no place on a log axis
+            _band(a2, wall[timed], ys[:, timed], color, _label(r, recs))
+        for i, x in enumerate(kept(r)):
+            if x.get("status") == "ok":
+                continue  # a finished seed of a failed job: drawn above
+            ev = [e for e in x["evals"] if finite(e.get("test_elbo"))]
+            label = f"{_label(r, recs)} ({r['status']}, partial)" if i == 0 or cur is None else None
+            a1.plot([e["step"] for e in ev], [e["test_elbo"] for e in ev], color=color, ls="--", lw=1.2, label=label)
+            timed_ev = [e for e in ev if e["wall_s"] > 0]
+            a2.plot([e["wall_s"] for e in timed_ev], [e["test_elbo"] for e in timed_ev], color=color, ls="--", lw=1.2)
     target, _ = resolve_target(recs)
     n = max(len(done(r)) for r in recs)
     for a in (a1, a2):
@@ -601,13 +658,29 @@ def plot_convergence(records: list[dict[str, Any]], path: Path) -> Path | None:
         a.set_ylabel("test ELBO (nats per example)")
         a.grid(alpha=0.3)
     a1.set_xlabel("step")
-    a2.set_xscale("log")
+    log_time_axis(a2)
     a2.set_xlabel("training wall time (s, log scale)")
     band = f"mean over {n} seeds, band min-max" if n > 1 else "one seed"
     a1.set_title(f"test ELBO against step ({band})")
     a2.set_title("test ELBO against training time")
     a1.legend(fontsize=8)
     return save_png(fig, path)
+
+
+def log_time_axis(ax: Any) -> None:
+    """A log x axis (call it after plotting) labelled as plain numbers at 1, 2 and 5 times the
+    powers of ten over up to three decades, at the powers of ten (at most eight) beyond; minor
+    ticks unlabelled (matplotlib's default labels the minor ticks of a range under a decade, and
+    they overlap)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_xscale("log")
+    lo, hi = ax.get_xlim()
+    decades = math.log10(hi / lo) if lo > 0 and hi > lo else 1.0
+    subs = (1.0, 2.0, 5.0) if decades <= 3 else (1.0,)
+    ax.xaxis.set_major_locator(LogLocator(base=10.0, subs=subs, numticks=9))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def plot_iwae(records: list[dict[str, Any]], path: Path) -> Path | None:
@@ -664,7 +737,7 @@ def plot_optimum(records: list[dict[str, Any]], path: Path) -> Path | None:
         for ax, key in ((a1, "gap_to_optimum"), (a2, "posterior_gap")):
             steps, _, ys = _curves(r, key)  # type: ignore[misc]
             _band(ax, steps, np.maximum(np.abs(ys), 1e-7), color, _label(r, recs))
-    tol_opt, tol_post = judged(recs, "optimum_tol"), judged(recs, "posterior_gap_tol")
+    tol_opt, tol_post = recorded_setting(recs, "optimum_tol"), recorded_setting(recs, "posterior_gap_tol")
     for ax, tol, what in ((a1, tol_opt, "|gap|"), (a2, tol_post, "KL(q ‖ p(z|x))")):
         ax.axhline(tol, color="grey", lw=0.8, ls=":", label="tolerance")
         ax.set_yscale("log")
@@ -688,8 +761,8 @@ def plot_lockstep(records: list[dict[str, Any]], path: Path) -> Path | None:
         n = min(len(c) for c in curves)
         a = np.array([c[:n] for c in curves])
         ax.plot(np.arange(1, n + 1), np.maximum(a.max(axis=0) - a.min(axis=0), 1e-9), lw=0.8, label=f"seed {s}")
-    ax.axhline(judged(recs, "lockstep_tol"), color="grey", lw=0.8, ls=":", label="tolerance")
-    ax.axvline(judged(recs, "lockstep_steps"), color="grey", lw=0.8, ls="--")
+    ax.axhline(recorded_setting(recs, "lockstep_tol"), color="grey", lw=0.8, ls=":", label="tolerance")
+    ax.axvline(recorded_setting(recs, "lockstep_steps"), color="grey", lw=0.8, ls="--")
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("max − min training loss across frameworks")
@@ -698,6 +771,14 @@ def plot_lockstep(records: list[dict[str, Any]], path: Path) -> Path | None:
     ax.legend(fontsize=8)
     return save_png(fig, path)
 
+
+JUDGED = (
+    Judged("runs.*.step_loss", "training loss", axis="step"),
+    Judged("runs.*.evals.*.test_elbo", "test ELBO"),
+    Judged("runs.*.final.test_log_likelihood", "test log-likelihood (IWAE)"),
+    Judged("runs.*.evals.*.gap_to_optimum", "gap to the pPCA optimum"),
+    Judged("runs.*.evals.*.posterior_gap", "KL(q ‖ posterior)"),
+)
 
 PLOTS = {
     "convergence.png": plot_convergence,
@@ -718,9 +799,9 @@ def answer(records: list[dict[str, Any]]) -> str:
         return "no framework finished training"
     best = max(finals, key=lambda k: finals[k])
     others = ", ".join(f"{k} {v:.2f}" for k, v in finals.items() if k != best)
-    spread, tol = max(finals.values()) - min(finals.values()), judged(records, "agree_nats")
+    spread, tol = elbo_spread(finals), recorded_setting(records, "agree_nats")
     steps = done(next(r for r in records if done(r)))[0]["evals"][-1]["step"]
-    verdict = "within" if spread <= tol else "OUTSIDE"
+    verdict = "within" if le(spread, tol) else "OUTSIDE"
     return (f"{best}: test ELBO {finals[best]:.2f} nats after {steps} steps" + (f" ({others})" if others else "") + "; "
             f"spread {spread:.2f} nats, {verdict} the {tol:g}-nat agreement tolerance")
 

@@ -52,6 +52,7 @@ from harness import reference
 from harness.api import BLOCKS, TERMS, ModelSpec, Terms
 from harness.init import block_of, init_params
 from harness.job import Job, Result
+from harness.judged import Judged, describe
 from harness.plots import pyplot, save_png
 from harness.schema import setting
 
@@ -111,20 +112,25 @@ def block_stats(grads: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
 
 def verdict(matrix: dict[str, dict[str, dict[str, float]]]) -> dict[str, Any]:
     """Compare the measured pattern with theory. "Reaches" means every tensor of the block
-    gets a non-zero gradient; "zero" means the block's gradient is exactly zero."""
+    gets a non-zero gradient of finite norm; "zero" means the block's gradient is exactly zero
+    (norm 0, no tensor non-zero). A NaN or inf norm is neither: the check fails."""
+    def reaches(s: dict[str, float]) -> bool:
+        return s["nonzero_fraction"] == 1.0 and 0.0 < s["norm"] < math.inf
+
     checks = []
     for (part, block), expected in THEORY.items():
         s = matrix[part][block]
-        reaches = s["nonzero_fraction"] == 1.0
-        zero = s["norm"] == 0.0
-        ok = reaches if expected else zero
+        zero = s["norm"] == 0.0 and s["nonzero_fraction"] == 0.0
+        ok = reaches(s) if expected else zero
+        measured = "non-zero" if reaches(s) else "zero" if zero else (
+            "partial" if math.isfinite(s["norm"]) and math.isfinite(s["nonzero_fraction"]) else "not finite")
         checks.append({"part": part, "block": block, "expected": "non-zero" if expected else "zero",
-                       "measured": "non-zero" if reaches else ("zero" if zero else "partial"), "ok": ok})
+                       "measured": measured, "ok": ok})
     return {
         "checks": checks,
         "matches_theory": all(c["ok"] for c in checks),
-        "elbo_trains_decoder": matrix["loss"]["decoder"]["nonzero_fraction"] == 1.0,
-        "elbo_trains_encoder": matrix["loss"]["encoder"]["nonzero_fraction"] == 1.0,
+        "elbo_trains_decoder": reaches(matrix["loss"]["decoder"]),
+        "elbo_trains_encoder": reaches(matrix["loss"]["encoder"]),
     }
 
 
@@ -240,17 +246,32 @@ def finite_difference_check(b: Any, params: dict[str, np.ndarray], x: np.ndarray
     return rows
 
 
-def fd_verdict(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def fd_row_ok(r: dict[str, Any], fixed_tol: bool = False) -> bool:
+    """One finite-difference check's verdict, from its numbers (module docstring): every number
+    finite, the step kink-free, and either both derivatives exactly 0 or the error within the
+    tolerance at a resolution that could see a wrong gradient."""
+    nums = [r["analytic"], r["numeric"], r["rel_err"], r["tol"], r["resolution"]]
+    if not all(math.isfinite(float(v)) for v in nums):
+        return False
+    exact = r["analytic"] == r["numeric"] == 0.0
+    resolved = exact or fixed_tol or r["resolution"] <= FD_RESOLUTION
+    return bool(r["smooth"]) and (exact or (resolved and r["rel_err"] <= r["tol"]))
+
+
+def fd_verdict(rows: list[dict[str, Any]], fixed_tol: bool = False) -> dict[str, Any]:
     """The finite-difference rows in brief: the largest error, the worst error/tolerance ratio,
-    the tolerances and steps used, and whether every check passed."""
+    the tolerances and steps used, and whether every check passed (`fd_row_ok`, recomputed from
+    the numbers; `fixed_tol`: measure.gradflow.fd_tol was set)."""
     def ratio(r: dict[str, Any]) -> float:
+        if not (math.isfinite(r["rel_err"]) and math.isfinite(r["tol"])):
+            return math.inf
         return r["rel_err"] / r["tol"] if r["tol"] > 0 else (math.inf if r["rel_err"] > 0 else 0.0)
 
     worst = max(rows, key=ratio)
     live = [r for r in rows if r["analytic"] != 0.0 or r["numeric"] != 0.0]  # kl -> decoder is exactly 0
     tols = [r["tol"] for r in live] or [0.0]
     return {
-        "fd_max_rel_err": max(r["rel_err"] for r in rows),
+        "fd_max_rel_err": max((r["rel_err"] for r in rows), key=lambda e: e if math.isfinite(e) else math.inf),
         "fd_worst": {k: worst[k] for k in ("block", "direction", "part", "step", "rel_err", "tol")},
         "fd_worst_ratio": ratio(worst),
         "fd_tol_range": [min(tols), max(tols)],
@@ -258,7 +279,7 @@ def fd_verdict(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "fd_steps": sorted({r["step"] for r in rows}),
         "fd_unresolved": sum(not r["resolved"] for r in rows),
         "fd_kinked": sum(not r["smooth"] for r in rows),
-        "fd_ok": all(r["ok"] for r in rows),
+        "fd_ok": all(fd_row_ok(r, fixed_tol) for r in rows),
     }
 
 
@@ -319,11 +340,27 @@ def run(c: AppConfig, job: Job) -> Result:
         history[-1].setdefault("loss", loss)
 
     v = verdict(matrix)
-    v.update(fd_verdict(fd))
+    v.update(fd_verdict(fd, fixed_tol=g.fd_tol > 0))
     controls = {"stop_gradient_z": spec.stop_gradient_z, "freeze": spec.freeze}
     metrics = {"matrix": matrix, "verdict": v, "finite_differences": fd, "fd_settings": fd_settings(g.fd_step, g.fd_tol),
                "history": history, "controls": controls, "batch_size": len(x)}
     return Result(metrics=metrics, status=status, error=error, backend_env=b.version())
+
+
+def recomputed_verdict(m: dict[str, Any]) -> dict[str, Any]:
+    """The verdict from the record's numbers (matrix and finite-difference rows), never the
+    booleans stored beside them: a stored True cannot hide a NaN."""
+    fixed = (m.get("fd_settings") or {}).get("tol", "derived") != "derived"
+    return {**verdict(m["matrix"]), **fd_verdict(m["finite_differences"], fixed_tol=fixed)}
+
+
+def history_problem(history: list[dict[str, Any]]) -> str | None:
+    """The first non-finite training loss or gradient norm in the history, named with its step."""
+    for e in history:
+        for key, value in e.items():
+            if key != "step" and not math.isfinite(float(value)):
+                return f"training {'loss' if key == 'loss' else f'gradient norm {key}'} is {describe(value)} at step {e['step']}"
+    return None
 
 
 def _yes(flag: bool) -> str:
@@ -338,7 +375,7 @@ def summarize(records: list[dict[str, Any]]) -> Summary:
             notes.append(f"{r['framework']}: {r['status']}: {r['error']}")
             continue
         m = r["metrics"]
-        v = m["verdict"]
+        v = recomputed_verdict(m)
         for part in TERMS:
             row: dict[str, Any] = {"framework": r["framework"], "part": part}
             for blk in BLOCKS:
@@ -350,8 +387,12 @@ def summarize(records: list[dict[str, Any]]) -> Summary:
             row["theory"] = " ".join(f"{blk}:{expect[blk]['expected']}" for blk in BLOCKS if blk in expect) or "-"
             row["matches"] = ("yes" if all(c["ok"] for c in expect.values()) else "NO") if expect else "-"
             rows.append(row)
-        passed = v["matches_theory"] and v["fd_ok"]
+        bad_history = history_problem(m.get("history") or [])
+        passed = (v["matches_theory"] and v["elbo_trains_encoder"] and v["elbo_trains_decoder"] and v["fd_ok"]
+                  and bad_history is None)
         ok = ok and passed
+        if bad_history:
+            notes.append(f"{r['framework']}: {bad_history}")
         ctrl = m["controls"]
         label = "" if not (ctrl["stop_gradient_z"] or ctrl["freeze"] != "none") else f" [control: stop_gradient_z={ctrl['stop_gradient_z']}, freeze={ctrl['freeze']}]"
         notes.append(
@@ -389,7 +430,7 @@ def plot_gradflow(records: list[dict[str, Any]], path: Path) -> Path | None:
                         bbox={"facecolor": "black" if norms[i, j] == 0 else "white", "alpha": 0.6, "lw": 0})
         ax.set_xticks(range(len(blocks)), blocks)
         ax.set_yticks(range(len(parts)), parts)
-        v = r["metrics"]["verdict"]
+        v = recomputed_verdict(r["metrics"])
         ax.set_title(f"{r['framework']}: {'matches theory' if v['matches_theory'] else 'DOES NOT match theory'}", fontsize=9)
     if im is not None:
         fig.colorbar(im, ax=axes[0].tolist(), label="log10 gradient L2 norm", shrink=0.8)
@@ -418,6 +459,18 @@ def plot_gradflow_training(records: list[dict[str, Any]], path: Path) -> Path | 
 
 PLOTS = {"gradflow.png": plot_gradflow, "gradflow_training.png": plot_gradflow_training}
 
+JUDGED = (
+    Judged("matrix.*.*.norm", "gradient norm (part -> block)"),
+    Judged("matrix.*.*.nonzero_fraction", "fraction of tensors with a non-zero gradient (part -> block)"),
+    Judged("finite_differences.*.analytic", "finite-difference check: analytic directional derivative"),
+    Judged("finite_differences.*.numeric", "finite-difference check: central difference"),
+    Judged("finite_differences.*.rel_err", "finite-difference check: relative error"),
+    Judged("finite_differences.*.tol", "finite-difference check: tolerance"),
+    Judged("finite_differences.*.resolution", "finite-difference check: resolution"),
+    Judged("history.*.loss", "training loss"),
+    Judged("history.*.*/*", "training gradient norm"),
+)
+
 
 QUESTION = "Do gradients reach both blocks?"
 
@@ -425,8 +478,10 @@ QUESTION = "Do gradients reach both blocks?"
 def answer(records: list[dict[str, Any]]) -> str:
     """One line for the suite's summary, from the records."""
     good = [r for r in records if r["status"] == "ok" and "verdict" in r["metrics"]]
-    both = [r for r in good if r["metrics"]["verdict"].get("elbo_trains_encoder") and r["metrics"]["verdict"].get("elbo_trains_decoder")]
-    theory = [r for r in good if r["metrics"]["verdict"].get("matches_theory")]
+    verdicts = {id(r): recomputed_verdict(r["metrics"]) for r in good}
+    both = [r for r in good if verdicts[id(r)]["elbo_trains_encoder"] and verdicts[id(r)]["elbo_trains_decoder"]]
+    theory = [r for r in good if verdicts[id(r)]["matches_theory"] and verdicts[id(r)]["fd_ok"]
+              and history_problem(r["metrics"].get("history") or []) is None]
     if good and len(both) == len(theory) == len(records):
         return (f"yes: the ELBO's gradient reaches the encoder and the decoder in {', '.join(r['framework'] for r in both)}; "
                 "the KL term reaches only the encoder, as theory says")
@@ -446,7 +501,7 @@ def compared(records: list[dict[str, Any]]) -> dict[str, Quantity]:
             for blk, s in blocks.items():
                 out[f"{fw} {part}->{blk} non-zero"] = Quantity(s["nonzero_fraction"] > 0, "same")
                 out[f"{fw} {part}->{blk} norm"] = Quantity(s["norm"], "rel", 1e-8)
-        v = m["verdict"]
+        v = recomputed_verdict(m)
         for key in ("elbo_trains_encoder", "elbo_trains_decoder", "matches_theory", "fd_ok"):
             out[f"{fw} {key}"] = Quantity(v.get(key), "same")
     return out

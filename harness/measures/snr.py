@@ -77,6 +77,7 @@ from harness import data as data_mod
 from harness.api import ModelSpec
 from harness.init import init_params
 from harness.job import Job, Result
+from harness.judged import Judged, describe, finite, le
 from harness.plots import pyplot, save_png
 from harness.schema import ConfigError, setting
 
@@ -398,18 +399,49 @@ def run_toy(c: AppConfig, job: Job) -> tuple[dict[str, Any], dict[str, Any]]:
     drawn = draw_statistics(b, x, list(s.ks), s.draws, s.samples, sel, groups=s.groups, seed=c.seed, tag=NOISE_TAG["toy"],
                             chunk_samples=s.chunk_samples, chunk_values=s.chunk_values, on_k=_progress_line(c, job, "toy"))
     part = summarize_part(list(s.ks), drawn, sel, spec, groups=s.groups, floor_ratio=s.floor_ratio, points=s.points)
-    part.update(dim=s.dim, perturb=s.perturb, model=f"Rainforth toy (linear-Gaussian, D={s.dim})")
-    checks: dict[str, bool] = {}
+    part.update(dim=s.dim, perturb=s.perturb, model=f"Rainforth toy (linear-Gaussian, D={s.dim})", min_decades=s.min_decades)
     for blk in BLOCK_ORDER:
         r = part["blocks"][blk]
-        tol = s.decoder_tol if blk == "decoder" else s.encoder_tol
         fk = r["fit_ks"]
-        span = math.log10(max(fk) / min(fk)) if len(fk) >= 2 else 0.0
-        r.update(tol=tol, span_decades=span)
-        checks[f"{blk}: resolved K span >= {s.min_decades:g} decades"] = len(fk) >= 2 and span >= s.min_decades - 1e-12
-        checks[f"{blk}: slope within {THEORY[blk]:+g} ± {tol:g}"] = r["slope"] is not None and abs(r["slope"] - THEORY[blk]) <= tol
-    part["checks"] = checks
+        r.update(tol=s.decoder_tol if blk == "decoder" else s.encoder_tol,
+                 span_decades=math.log10(max(fk) / min(fk)) if len(fk) >= 2 else 0.0)
+    part["checks"] = toy_checks(part)
     return part, b.version()
+
+
+def toy_checks(part: dict[str, Any]) -> dict[str, bool]:
+    """The toy's verdicts, per block, from the record's numbers: the fitted Ks span at least
+    `min_decades` decades with a finite SNR, t and floor at each of them, and the fitted slope
+    (finite) lies within its tolerance of theory. A NaN or inf in them fails the check."""
+    md = float(part.get("min_decades", SnrConfig().min_decades))
+    ks = list(part.get("ks") or [])
+    checks: dict[str, bool] = {}
+    for blk in BLOCK_ORDER:
+        r = (part.get("blocks") or {}).get(blk) or {}
+        fk = list(r.get("fit_ks") or [])
+        at = [ks.index(k) for k in fk if k in ks]
+        values_ok = all(finite(r[key][i]) for key in ("snr", "t", "floor") for i in at if len(r.get(key) or []) > i)
+        span = math.log10(max(fk) / min(fk)) if len(fk) >= 2 else 0.0
+        checks[f"{blk}: resolved K span >= {md:g} decades"] = len(fk) >= 2 and values_ok and span >= md - 1e-12
+        slope, tol = r.get("slope"), r.get("tol")
+        ci = r.get("slope_ci")
+        checks[f"{blk}: slope within {THEORY[blk]:+g} ± {tol:g}" if isinstance(tol, int | float) else f"{blk}: slope"] = (
+            slope is not None and finite(slope, tol) and (ci is None or finite(ci)) and le(abs(slope - THEORY[blk]), tol))
+    return checks
+
+
+def nonfinite_ks(part: dict[str, Any]) -> list[str]:
+    """Where a block's SNR, t or noise floor is not finite, named by K: "encoder SNR is NaN at K=3"."""
+    out = []
+    ks = list(part.get("ks") or [])
+    for blk in BLOCK_ORDER:
+        r = (part.get("blocks") or {}).get(blk) or {}
+        for key, name in (("snr", "SNR"), ("t", "squared SNR (t)"), ("floor", "noise floor")):
+            for k, v in zip(ks, r.get(key) or []):
+                if not finite(v):
+                    out.append(f"{blk} {name} is {describe(v)} at K={k}")
+                    break
+    return out
 
 
 def run_trained(c: AppConfig, job: Job) -> dict[str, Any]:
@@ -491,10 +523,12 @@ def summarize(records: list[dict[str, Any]]) -> Summary:
             dec, enc = bl.get("decoder") or {}, bl.get("encoder") or {}
             floors = [f for blk in (dec, enc) for f in blk.get("floor", [])]
             ratios = [float(blk["min_floor_ratio"]) for blk in (dec, enc) if blk.get("min_floor_ratio") is not None]
-            checks = part.get("checks")
-            passed = "not judged" if checks is None else ("yes" if all(checks.values()) else "NO: " + ", ".join(k for k, v in checks.items() if not v))
+            checks = toy_checks(part) if name == "toy" else None
+            bad_ks = nonfinite_ks(part) if name == "toy" else []
+            passed = "not judged" if checks is None else ("yes" if all(checks.values()) and not bad_ks else
+                                                          "NO: " + ", ".join([*bad_ks, *(k for k, v in checks.items() if not v)]))
             if checks is not None:
-                ok = ok and all(checks.values())
+                ok = ok and all(checks.values()) and not bad_ks
             draws = part.get("draws") or []
             rows.append({
                 "framework": r["framework"],
@@ -576,6 +610,14 @@ def plot_trained(records: list[dict[str, Any]], path: Path) -> Path | None:
 
 PLOTS = {"snr_toy.png": plot_toy, "snr_trained.png": plot_trained}
 
+JUDGED = (
+    Judged("toy.blocks.*.slope", "toy: fitted slope of log SNR on log K"),
+    Judged("toy.blocks.*.slope_ci", "toy: 95% interval of the slope"),
+    Judged("toy.blocks.*.snr", "toy: SNR", axis="K no."),
+    Judged("toy.blocks.*.t", "toy: squared SNR (t)", axis="K no."),
+    Judged("toy.blocks.*.floor", "toy: noise floor", axis="K no."),
+)
+
 QUESTION = "Does a tighter bound (IWAE-K) starve the encoder of gradient signal?"
 
 
@@ -595,7 +637,7 @@ def answer(records: list[dict[str, Any]]) -> str:
             else:
                 cells.append(f"{blk} {b['slope']:+.2f} [{b['slope_ci'][0]:+.2f}, {b['slope_ci'][1]:+.2f}]")
         parts.append(f"{r['framework']}: " + ", ".join(cells))
-    held = [r for r in good if all(r["metrics"].get("checks", {}).values())]
+    held = [r for r in good if all(toy_checks(r["metrics"]["toy"]).values()) and not nonfinite_ks(r["metrics"]["toy"])]
     verdict = ("yes, as theory says: the decoder's gradient SNR grows like sqrt(K), the encoder's falls like "
                "1/sqrt(K)" if len(held) == len(records) else
                "NO: not as theory says (or not resolved) in " + ", ".join(r["framework"] for r in records if r not in held))
@@ -617,6 +659,6 @@ def compared(records: list[dict[str, Any]]) -> dict[str, Quantity]:
                     out[f"{fw} {part} {blk} slope"] = Quantity(b["slope"], rule, 1e-6)
                 if part == "toy":
                     out[f"{fw} toy {blk} fitted K"] = Quantity(b.get("fit_ks"), "same")
-        for key, ok in (m.get("checks") or {}).items():
+        for key, ok in toy_checks(m["toy"]).items():
             out[f"{fw} {key}"] = Quantity(ok, "same")
     return out

@@ -44,6 +44,7 @@ import numpy as np
 from harness.api import ModelSpec, OptimSpec, load_backend, resolve_mode
 from harness.init import init_params
 from harness.job import Job, Result, checkpoint
+from harness.judged import Judged, describe, finite, le
 from harness.measures.common import Quantity, Summary, by_framework, fmt, optim_spec
 from harness.plots import COLORS, pyplot, save_png
 from harness.records import compile_cache_state
@@ -367,15 +368,25 @@ def _ms(s: Any) -> str:
     return fmt(s, ".3f", scale=1e3)
 
 
+#: what a batch row of a record must hold as finite numbers (key -> name): a timing or a loss
+#: that is not finite voids the row (it stays in the table, and the measure fails)
+FINITE_KEYS = {"first_call_s": "first-call time", "step_s_median": "step time (median)",
+               "step_s_samples": "step time per repeat", "samples_per_s": "samples/s",
+               "clock_ratio": "clock ratio", "loss_after": "loss after timing"}
+
+
 def summarize(records: list[dict[str, Any]]) -> Summary:
     """One table, a row per framework x mode x batch; notes name the device(s), failed jobs,
-    clock-ratio violations and, per framework, the best mode at its largest batch size by
-    samples/s, roofline fraction, first-call time and peak memory."""
+    values that are not finite, clock-ratio violations and, per framework with more than one
+    mode, the best mode at its largest batch size by samples/s, roofline fraction, first-call
+    time and peak memory."""
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
     ok = True
     devices: dict[str, list[str]] = {}
     good: list[dict[str, Any]] = []
+    ratios: list[float] = []
+    tol = 0.05
     for r in by_framework(records):
         label = f"{r.get('framework')}/{r.get('mode')}"
         m = r.get("metrics") or {}
@@ -391,11 +402,18 @@ def summarize(records: list[dict[str, Any]]) -> Summary:
             good.append(r)
         tol = float(m.get("settings", {}).get("clock_tol", 0.05))
         for b in batches:
+            void = [f"{name} is {describe(b.get(key), 'repeat')}" for key, name in FINITE_KEYS.items()
+                    if describe(b.get(key), "repeat") is not None]
+            if void:
+                ok = False
+                notes.append(f"{label} batch {b.get('batch')}: {'; '.join(void)}: the measurement is void")
             cr = b.get("clock_ratio")
-            if cr is None or not (abs(cr - 1.0) <= tol):
+            if not le(abs(cr - 1.0) if finite(cr) else math.nan, tol):
                 ok = False
                 notes.append(f"{label} batch {b.get('batch')}: clock ratio {fmt(cr, '.3f')} is outside 1 ± {tol}: "
                              "time escaped the timed region")
+            elif finite(cr):
+                ratios.append(float(cr))
             rows.append(
                 {
                     "framework": r["framework"],
@@ -408,10 +426,12 @@ def summarize(records: list[dict[str, Any]]) -> Summary:
                     "GFLOP/s": fmt(None if b.get("achieved_flops") is None else b["achieved_flops"] / 1e9, ".3g"),
                     "roofline": fmt(b.get("roofline_fraction"), ".2f"),
                     "peak mem (MiB)": _mib(b.get("peak_memory_bytes")),
-                    "overhead vs plain": fmt(b.get("overhead_ratio"), ".2f"),
-                    "clock ratio": fmt(cr, ".3f"),
+                    "step time / plain loop's": fmt(b.get("overhead_ratio"), ".2f"),
                 }
             )
+    if rows and all(row["step time / plain loop's"] == "-" for row in rows):  # the plain loop was not timed
+        for row in rows:
+            del row["step time / plain loop's"]
     where = "; ".join(f"{d} ({', '.join(ls)})" for d, ls in devices.items()) or "no device"
     if len(devices) > 1:
         notes.append("records come from different devices: compare ratios, not absolute times, across them")
@@ -421,6 +441,9 @@ def summarize(records: list[dict[str, Any]]) -> Summary:
                         f"(0: framework default), allow_tf32={m.get('allow_tf32')}, R={m.get('repeats')} x "
                         f"N={m.get('steps')} steps, compile cache {m.get('compile_cache')}; absolute times hold "
                         "only for this machine")
+    if ratios:
+        notes.append(f"clock check: the timed repeats are {min(ratios):.3f} to {max(ratios):.3f} of an outer wall clock "
+                     f"around the whole timed block (required: 1 ± {tol:g}; outside it, time escaped the timed region)")
     notes.extend(_best_modes(good))
     model = good[0]["metrics"].get("model", {}) if good else {}
     shape = "-".join(str(v) for v in [model.get("x_dim"), *model.get("hidden", []), model.get("latent")]) if model else "?"
@@ -429,9 +452,12 @@ def summarize(records: list[dict[str, Any]]) -> Summary:
 
 
 def _best_modes(records: list[dict[str, Any]]) -> list[str]:
+    """Per framework timed in more than one mode: its best mode at the largest common batch."""
     out = []
     for fw in dict.fromkeys(r["framework"] for r in records):
         recs = [r for r in records if r["framework"] == fw]
+        if len({r["mode"] for r in recs}) < 2:
+            continue
         common = set.intersection(*({b["batch"] for b in r["metrics"]["batches"]} for r in recs))
         if not common:
             continue
@@ -493,6 +519,8 @@ def plot_throughput(records: list[dict[str, Any]], path: Path) -> Path | None:
 
 
 PLOTS = {"throughput.png": plot_throughput}
+
+JUDGED = tuple(Judged(f"batches.*.{key}", name, axis="repeat") for key, name in FINITE_KEYS.items())
 
 
 #: its numbers are timings: never run beside other jobs, compared only within one environment
