@@ -5,7 +5,9 @@ Subcommands: `vaebench report DIR...` rebuilds tables, plots, report.md and repo
 records; `vaebench compare BASELINE CURRENT` checks two sets of records for regressions.
 
 Exit codes: 0 every job ran and every check passed; 1 a job failed, diverged, was unavailable
-or a check broke its tolerance; 2 the config is invalid (nothing was run).
+or a check broke its tolerance; 2 the config is invalid (nothing was run); 130 stopped by
+Ctrl-C (SIGINT), 143 stopped by SIGTERM: the running job's worker is killed, every job of the
+run gets its record (the ones not started: `failed`, saying so) and the report is still built.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import io
 import itertools
 import os
 import re
+import signal
 import sys
 import uuid
 from pathlib import Path
@@ -26,6 +29,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from harness.config import AppConfig, ConfigError, frameworks, record_config, register, validate
+from harness.job import Stopped, stop_signal
 from harness.records import REPO_ROOT, read_records, write_atomic
 
 CONF_DIR = REPO_ROOT / "conf"
@@ -35,15 +39,27 @@ if not OmegaConf.has_resolver("uid"):
     # (the cache travels with the config to the launchers' job processes).
     OmegaConf.register_new_resolver("uid", lambda: uuid.uuid4().hex[:6], use_cache=True)
 _EXIT = {"code": 0}
+_SWEEP: dict[str, Path] = {}  # the folder of the sweep running in this process (basic launcher)
 _NO_RUN_FLAGS = {"--help", "-h", "--hydra-help", "--version", "--info", "-i", "--cfg", "-c", "--shell-completion", "-sc"}
 
 
 # --- validation before anything runs ------------------------------------------------------
 
 
+def _parse_error(override: str, message: str) -> str:
+    """An override Hydra's grammar rejects: which one, and (for a value with non-ASCII letters,
+    which only a quoted value may hold) the same override quoted."""
+    key, sep, value = override.partition("=")
+    quoted = re.sub(r"[^\s,\[\]{}()=:]+", lambda m: m[0] if m[0].isascii() else f'"{m[0]}"', value)
+    if sep and quoted != value:
+        return (f"{override}: the override could not be parsed: an unquoted value may hold only ASCII "
+                f"characters; quote it: '{key}={quoted}'")
+    return f"{override}: the override could not be parsed ({message.splitlines()[0]})"
+
+
 def _one_line(exc: BaseException) -> str:
     """A config error as `key: problem`, whatever layer raised it."""
-    from hydra.errors import MissingConfigException
+    from hydra.errors import MissingConfigException, OverrideParseException
     from omegaconf.errors import OmegaConfBaseException
 
     if isinstance(exc, ConfigError):
@@ -60,6 +76,8 @@ def _one_line(exc: BaseException) -> str:
             msg = str(getattr(e, "msg", None) or e).splitlines()[0]
             return f"{e.full_key}: {msg}"
     for e in chain:
+        if isinstance(e, OverrideParseException):
+            return _parse_error(e.override, e.message)
         found = re.search(r"Could not find '([^']+)/([^'/]+)'", str(e))
         if isinstance(e, MissingConfigException) and found and e.options:
             group, name = found.groups()
@@ -187,13 +205,20 @@ def _sweep_progress(sweep_dir: Path | None) -> str:
 
 
 def run_suite(c: AppConfig, resolved: dict[str, Any], run_dir: Path, sweep_dir: Path | None = None) -> int:
+    """Run every job of the config into `run_dir` (one process each) and build the run's report;
+    returns the exit code. The run holds `run_dir`'s lock throughout and writes every job's spec
+    before the first job starts, so a job whose vaebench dies still gets its record later
+    (`records.recover_stopped_runs`, done here over `out_dir` first). Ctrl-C or SIGTERM kills the
+    running job's worker, gives every job not run a `failed` record saying so, builds the report
+    and returns 128 + the signal (130, 143)."""
     from harness import report
-    from harness.job import Job
+    from harness.job import Job, write_spec
     from harness.measures import precision
-    from harness.records import config_hash
+    from harness.records import close_unfinished, config_hash, host_env, run_lock
     from harness.spec import resolve_mode
-    from harness.worker import run_job
+    from harness.worker import run_job, stop_message
 
+    report.recover([Path(c.out_dir)], say_live=False)
     run_id = f"{run_dir.name}-{uuid.uuid4().hex[:6]}"
     jobs = []
     for measure in c.measure.names:
@@ -201,50 +226,70 @@ def run_suite(c: AppConfig, resolved: dict[str, Any], run_dir: Path, sweep_dir: 
             mode = resolve_mode(fw, c.framework.mode)
             path = run_dir / f"{measure}-{fw}-{mode}-{precision(measure, c)}.json"
             jobs.append(Job(run_id, measure, fw, mode, record_config(resolved), str(path)))
-    if c.resume:
-        index = resume_index(Path(c.out_dir))
-        todo = []
-        for job in jobs:
-            done = index.get(config_hash({"measure": job.measure, "framework": job.framework, "mode": job.mode,
-                                          "config": job.config}))
-            if done is None:
-                todo.append(job)
-            else:
-                _adopt(done, Path(job.record_path))
-        print(f"resume: skipped {len(jobs) - len(todo)} of {len(jobs)} jobs that already have an ok record of the "
-              f"same config under {c.out_dir}; running {len(todo)}", flush=True)
-        jobs = todo
     records = []
-    interrupted = False
+    stopped: KeyboardInterrupt | None = None
     n_failed = 0
-    for i, job in enumerate(jobs, 1):
-        print(f"{_sweep_progress(sweep_dir)}[{i}/{len(jobs)}] {job.measure}: {job.framework} ({job.mode}, "
-              f"{precision(job.measure, c)}) | {i - 1} done, {n_failed} failed, {len(jobs) - i + 1} left", flush=True)
+    with run_lock(run_dir) as lock:  # the run is live while this process (or a worker of it) holds the lock
         try:
-            rec = run_job(job, c, run_dir / "jobs")
-        except KeyboardInterrupt:
-            print("  -> interrupted: the remaining jobs were not started", flush=True)
-            interrupted = True
-            break
-        if rec["status"] != "ok":
-            n_failed += 1
-            print(f"  -> {rec['status']}: {rec['error']}", flush=True)
-        records.append(rec)
-    text, ok, plots = report.build(run_dir)  # from the records on disk, as anyone can rebuild them
+            for job in jobs:  # the run's plan, before anything runs
+                write_spec(run_dir / "jobs" / f"{job.name}.job.json", job)
+            if c.resume:
+                index = resume_index(Path(c.out_dir))
+                todo = []
+                for job in jobs:
+                    done = index.get(config_hash({"measure": job.measure, "framework": job.framework, "mode": job.mode,
+                                                  "config": job.config}))
+                    if done is None:
+                        todo.append(job)
+                    else:
+                        _adopt(done, Path(job.record_path))
+                print(f"resume: skipped {len(jobs) - len(todo)} of {len(jobs)} jobs that already have an ok record of "
+                      f"the same config under {c.out_dir}; running {len(todo)}", flush=True)
+                jobs = todo
+            for i, job in enumerate(jobs, 1):
+                print(f"{_sweep_progress(sweep_dir)}[{i}/{len(jobs)}] {job.measure}: {job.framework} ({job.mode}, "
+                      f"{precision(job.measure, c)}) | {i - 1} done, {n_failed} failed, {len(jobs) - i + 1} left",
+                      flush=True)
+                rec = run_job(job, c, run_dir / "jobs", lock)
+                if rec["status"] != "ok":
+                    n_failed += 1
+                    print(f"  -> {rec['status']}: {rec['error']}", flush=True)
+                records.append(rec)
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (job.Stopped)
+            stopped, name = exc, stop_signal(exc)
+            close_unfinished(run_dir, stop_message(name), f"not started: the run was stopped by {name} before this job began",
+                             host_env())
+            print(f"  -> stopped by {name}: the remaining jobs were not started (each has a failed record saying so)",
+                  flush=True)
+        text, ok, _ = report.build(run_dir)  # from the records on disk, as anyone can rebuild them
     print()
-    print(text.split("\n## Results\n", 1)[-1].strip())
+    print(report.console(text.split("\n## Results\n", 1)[-1].strip(), run_dir))
     print()
-    for p in plots:
-        print(f"plot: {p}")
     print(f"records and report: {run_dir} (report.md, report.html)")
     lines = report.answers(read_records(run_dir))
     if lines:
         print("\nAnswers:")
         for line in lines:
             print(f"  {line}")
-    if interrupted:
-        return 130
+    if stopped is not None:
+        return 128 + signal.Signals[stop_signal(stopped)]
     return 0 if ok and all(r["status"] == "ok" for r in records) else 1
+
+
+def sweep_report(sweep_dir: Path) -> int:
+    """One combined report over every run of a sweep, written into the sweep folder; returns
+    the sweep's exit code (0, or 1: a record not ok, a measure failed, or no records)."""
+    from harness import report
+
+    recs = report.load([sweep_dir]) if sweep_dir.is_dir() else []
+    if not recs:
+        print(f"sweep: no records under {sweep_dir}", flush=True)
+        return 1
+    _, ok, _ = report.build(sweep_dir, recs)
+    bad = [r for r in recs if r["status"] != "ok"]
+    print(f"\nsweep report ({len(recs)} records: {len(recs) - len(bad)} ok, {len(bad)} not ok): "
+          f"{sweep_dir / 'report.md'}, {sweep_dir / 'report.html'}", flush=True)
+    return 0 if ok and not bad else 1
 
 
 class SweepReport(Callback):
@@ -252,19 +297,7 @@ class SweepReport(Callback):
     sweep, written into the sweep folder, and the sweep's exit code."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from harness import report
-
-        sweep_dir = Path(str(config.hydra.sweep.dir))
-        recs = report.load([sweep_dir]) if sweep_dir.is_dir() else []
-        if not recs:
-            print(f"sweep: no records under {sweep_dir}", flush=True)
-            _EXIT["code"] = max(_EXIT["code"], 1)
-            return
-        _, ok, _ = report.build(sweep_dir, recs)
-        bad = [r for r in recs if r["status"] != "ok"]
-        print(f"\nsweep report ({len(recs)} records: {len(recs) - len(bad)} ok, {len(bad)} not ok): "
-              f"{sweep_dir / 'report.md'}, {sweep_dir / 'report.html'}", flush=True)
-        _EXIT["code"] = max(_EXIT["code"], 0 if ok and not bad else 1)
+        _EXIT["code"] = max(_EXIT["code"], sweep_report(Path(str(config.hydra.sweep.dir))))
 
 
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")
@@ -273,6 +306,8 @@ def _hydra_main(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     sweep_dir = Path(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else None
+    if sweep_dir is not None:
+        _SWEEP["dir"] = sweep_dir
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(resolved, dict)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -285,8 +320,14 @@ def _hydra_main(cfg: DictConfig) -> None:
         finally:
             sys.stdout, sys.stderr = out, err
     _EXIT["code"] = max(_EXIT["code"], code)
-    if code == 130:
-        raise KeyboardInterrupt  # a sweep stops too
+    if code > 128:  # stopped: a sweep stops too
+        name = signal.Signals(code - 128).name
+        raise KeyboardInterrupt if name == "SIGINT" else Stopped(name)
+
+
+def _stop(signum: int, frame: Any) -> None:
+    """SIGTERM (`timeout`, a scheduler, `kill`) stops the run as Ctrl-C does."""
+    raise Stopped(signal.Signals(signum).name)
 
 
 SUBCOMMANDS = {"report": "harness.report", "compare": "harness.compare"}
@@ -305,10 +346,13 @@ def main() -> None:
         except ConfigError as exc:
             print(f"vaebench: config error: {exc.message if exc.key == 'config' else exc}", file=sys.stderr)
             sys.exit(2)
+    signal.signal(signal.SIGTERM, _stop)
     try:
         _hydra_main()
-    except KeyboardInterrupt:
-        sys.exit(130)
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the stopped run has its records and report
+        if "dir" in _SWEEP:  # and a stopped sweep its combined report, over the runs it made
+            sweep_report(_SWEEP["dir"])
+        sys.exit(128 + signal.Signals[stop_signal(exc)])
     sys.exit(_EXIT["code"])
 
 

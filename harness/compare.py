@@ -12,7 +12,8 @@ framework versions, CPU, threads) unless --allow-env-mismatch is given (a measur
 
 Records are matched by measure and by the config keys that vary within either set (a sweep);
 a config difference between the two sets (e.g. a changed learning rate) is reported, and its
-effect is judged like any other change.
+effect is judged like any other change. The full table goes to ./compare.md (or `-o PATH`),
+never into BASELINE or CURRENT (a committed reference stays as it is).
 """
 
 from __future__ import annotations
@@ -199,12 +200,19 @@ def main(argv: list[str] | None = None, prog: str = "vaebench compare") -> int:
     ap.add_argument("--min-effect", type=float, default=0.10, help="smallest throughput slowdown that counts (default 0.10)")
     ap.add_argument("--alpha", type=float, default=0.01, help="significance level of the throughput test (default 0.01)")
     ap.add_argument("--allow-env-mismatch", action="store_true", help="compare throughput across different environments")
-    ap.add_argument("-o", "--out", type=Path, help="Markdown file for the full table (default: CURRENT/compare.md)")
+    ap.add_argument("-o", "--out", type=Path, help="Markdown file for the full table (default: ./compare.md, in the "
+                    "current folder; never written into BASELINE or CURRENT unless -o says so)")
     a = ap.parse_args(argv)
     for p in (a.baseline, a.current):
         if not p.exists():
             print(f"{prog}: no such folder or file: {p}", file=sys.stderr)
             return 2
+    out = a.out or Path("compare.md")
+    inside = [p for p in (a.baseline, a.current) if p.is_dir() and out.resolve().is_relative_to(p.resolve())]
+    if not a.out and inside:
+        print(f"{prog}: the current folder is inside {inside[0]}, and compare writes nothing into its inputs: "
+              "give -o PATH for the table", file=sys.stderr)
+        return 2
     base, cur = load([a.baseline]), load([a.current])
     for p, recs in ((a.baseline, base), (a.current, cur)):
         if not recs:
@@ -217,7 +225,6 @@ def main(argv: list[str] | None = None, prog: str = "vaebench compare") -> int:
         return 2
     bad = [c for c in changes if c.regression]
     head = f"compare {a.baseline} -> {a.current}: {len(changes)} quantities, {len(bad)} regression(s)"
-    out = a.out or ((a.current if a.current.is_dir() else a.current.parent) / "compare.md")
     full = "\n".join([f"# {head}", "", table(changes, only_changed=False), "", *[f"- {n}" for n in notes], ""])
     write_atomic(out, full.encode())
     print(table(changes, only_changed=True))

@@ -5,14 +5,20 @@ evaluation or epoch, throughput after each batch size). The metrics reached so f
 atomically beside the record (`partial_path`); if the job then dies (killed, out of memory,
 timed out, interrupted, an exception), its `failed` record keeps them, marked
 `metrics["partial"] = true` (`harness.worker`). A finished job's record replaces them.
+
+Job specs: `jobs/<name>.job.json` in the run folder, one per job, all written when the run
+starts (the run's plan, `write_spec`); the parent writes a job's spec again with `started_at`
+when it starts the job's worker. A spec without a record beside it is a job that never ended
+(`harness.records.close_unfinished`).
 """
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +38,36 @@ class Job:
     @property
     def name(self) -> str:
         return Path(self.record_path).stem
+
+
+class Stopped(KeyboardInterrupt):
+    """The run was stopped by a signal other than SIGINT (`vaebench` raises it on SIGTERM), and is
+    wound up like Ctrl-C; a plain KeyboardInterrupt is SIGINT."""
+
+    def __init__(self, signame: str) -> None:
+        super().__init__(signame)
+        self.signame = signame
+
+
+def stop_signal(exc: BaseException) -> str:
+    """The name of the signal that stopped the run: SIGTERM (Stopped) or SIGINT (Ctrl-C)."""
+    return exc.signame if isinstance(exc, Stopped) else "SIGINT"
+
+
+def write_spec(path: Path, job: Job, started: bool = False) -> None:
+    """Write the job's spec (atomically); `started` adds `started_at`: its worker is starting."""
+    from harness.records import write_atomic  # here, so that this module stays a leaf
+
+    spec: dict[str, Any] = asdict(job)
+    if started:
+        spec["started_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    write_atomic(path, json.dumps(spec, indent=1).encode())
+
+
+def read_spec(path: Path) -> Job:
+    """The job a spec describes (other keys of the spec, such as `started_at`, are ignored)."""
+    spec = json.loads(Path(path).read_text())
+    return Job(**{f.name: spec[f.name] for f in fields(Job)})
 
 
 @dataclass

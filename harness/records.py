@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import fcntl
 import json
 import math
 import os
@@ -10,11 +12,13 @@ import platform
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from harness.job import partial_path, read_partial
 
 SCHEMA_VERSION = 1
 STATUSES = ("ok", "failed", "diverged", "unavailable")
@@ -65,7 +69,25 @@ def _jsonable(o: Any) -> Any:
     if isinstance(o, np.generic):
         return _jsonable(o.item())
     if isinstance(o, float) and not math.isfinite(o):
-        return None if math.isnan(o) else ("inf" if o > 0 else "-inf")
+        return NONFINITE_TEXT[0] if math.isnan(o) else NONFINITE_TEXT[1 if o > 0 else 2]
+    return o
+
+
+#: how a record stores NaN, inf and -inf (JSON has no such numbers); `read_record` turns them
+#: back into floats, so a measure's summary sees a NaN where the job measured one (older
+#: records stored NaN as null)
+NONFINITE_TEXT = ("nan", "inf", "-inf")
+_FROM_TEXT = {t: float(t) for t in NONFINITE_TEXT}
+
+
+def decode_nonfinite(o: Any) -> Any:
+    """`o` (parsed JSON) with the strings of NONFINITE_TEXT turned back into floats."""
+    if isinstance(o, dict):
+        return {k: decode_nonfinite(v) for k, v in o.items()}
+    if isinstance(o, list):
+        return [decode_nonfinite(v) for v in o]
+    if isinstance(o, str):
+        return _FROM_TEXT.get(o, o)
     return o
 
 
@@ -127,7 +149,8 @@ def read_record(path: Path) -> dict[str, Any]:
     problem = schema_problem(rec)
     if problem:
         raise RecordError(f"{path}: not a vaebench record: it {problem}")
-    return {**rec, "_file": str(Path(path).resolve())}  # where it was read from (not stored)
+    metrics = decode_nonfinite(rec["metrics"])  # NaN and inf come back as floats (the rest is text)
+    return {**rec, "metrics": metrics, "_file": str(Path(path).resolve())}  # where it was read from (not stored)
 
 
 def read_records(folder: Path | Iterable[Path]) -> list[dict[str, Any]]:
@@ -175,6 +198,111 @@ def config_hash(rec: dict[str, Any]) -> str:
 
     key = {"measure": rec["measure"], "framework": rec["framework"], "mode": rec["mode"], **measured_config(rec)}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# --- runs that stopped: the run's lock, and records for jobs that never ended -----------------
+
+#: a run folder's lock file: `vaebench` holds an advisory lock on it (fcntl.flock) for the whole
+#: run, and its workers share it (they inherit the descriptor); the kernel releases it when the
+#: last of them dies, even of SIGKILL. A run whose lock can be taken is not live.
+LOCK_NAME = ".vaebench.lock"
+SPEC_SUFFIX = ".job.json"
+#: the errors of a job whose `vaebench` died (killed, or its machine went down) while the job ran,
+#: and before it began (`recover_stopped_runs`)
+HARNESS_STOPPED = "the harness (vaebench) itself was stopped before this job finished"
+HARNESS_STOPPED_EARLY = "not started: the harness (vaebench) itself was stopped before this job began"
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[int]:
+    """Hold `run_dir`'s lock while the block runs (waiting while a recovery holds it); yields its
+    file descriptor, which `worker.run_job` passes on to a worker to keep the run live with it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _take_lock(run_dir: Path) -> int | None:
+    """`run_dir`'s lock, taken without waiting (its file descriptor), or None: a live `vaebench`
+    (or one of its workers) holds it."""
+    fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def spec_record(spec: Path) -> Path:
+    """The record of the job planned by `spec`: `<run>/jobs/<name>.job.json` -> `<run>/<name>.json`."""
+    return spec.parent.parent / (spec.name.removesuffix(SPEC_SUFFIX) + ".json")
+
+
+def unfinished(run_dir: Path) -> list[Path]:
+    """The specs of the jobs planned in `run_dir` that have no record beside them."""
+    return [s for s in sorted((run_dir / "jobs").glob(f"*{SPEC_SUFFIX}")) if not spec_record(s).exists()]
+
+
+def close_unfinished(run_dir: Path, began: str, not_begun: str, env: dict[str, Any] | None = None) -> int:
+    """Write a `failed` record for every job planned in `run_dir` that has none: run_id, measure,
+    framework, mode and config from its spec, the metrics it had saved (marked `partial`), and
+    the error `began` (its worker had started: the spec says so, or metrics were saved) or
+    `not_begun`. Only for a run no live `vaebench` owns, or from the run's own `vaebench`.
+    Returns how many records it wrote; an unreadable spec is skipped with a warning."""
+    written = 0
+    for spec_path in unfinished(run_dir):
+        record_path = spec_record(spec_path)
+        try:
+            spec = json.loads(spec_path.read_text())
+            saved = read_partial(record_path)
+            rec = make_record(run_id=spec["run_id"], measure=spec["measure"], framework=spec["framework"],
+                              mode=spec["mode"], status="failed", config=spec["config"], env=env or {},
+                              metrics={**saved, "partial": True} if saved else {},
+                              error=began if saved is not None or "started_at" in spec else not_begun)
+            problem = schema_problem(rec)
+            if problem:
+                raise RecordError(f"it would make a record that {problem}")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"warning: skipped job spec {spec_path}: {exc}", file=sys.stderr)
+            continue
+        write_record(record_path, rec)
+        partial_path(record_path).unlink(missing_ok=True)  # the record holds them now
+        written += 1
+    return written
+
+
+def recover_stopped_runs(folder: Path) -> tuple[list[tuple[Path, int]], list[Path]]:
+    """Give every job of a stopped run under `folder` (a run or sweep folder, or a folder of
+    them) its record: each run folder whose plan has jobs without a record, and whose lock can
+    be taken (no live `vaebench` or worker holds it), gets `close_unfinished` with the reason
+    that vaebench itself was stopped. Returns the runs recovered, with how many records each
+    got, and the live runs left alone. Cheap where every planned job has its record."""
+    recovered: list[tuple[Path, int]] = []
+    live: list[Path] = []
+    for jobs_dir in sorted(folder.rglob("jobs")) if folder.is_dir() else []:
+        run_dir = jobs_dir.parent
+        if not jobs_dir.is_dir() or not unfinished(run_dir):
+            continue
+        try:
+            fd = _take_lock(run_dir)
+            if fd is None:
+                live.append(run_dir)
+                continue
+            try:  # the run is ours now: checked again under the lock
+                n = close_unfinished(run_dir, HARNESS_STOPPED, HARNESS_STOPPED_EARLY)
+            finally:
+                os.close(fd)
+        except OSError as exc:  # a folder we may not write into
+            print(f"warning: could not recover the stopped run {run_dir}: {exc}", file=sys.stderr)
+            continue
+        if n:
+            recovered.append((run_dir, n))
+    return recovered, live
 
 
 def _git(*args: str) -> str | None:

@@ -6,8 +6,12 @@ built from records alone, for one run or several runs and sweeps combined.
 
 Rows carry every config key that differs between the records combined (and the framework
 version, device and commit where those differ for one framework); records that differ only in
-their seed are aggregated to mean ± std. A record that is malformed or of another schema is
-skipped with a warning naming its file; records are read as JSON, never evaluated.
+their seed are aggregated to mean ± std. Of records with the same config (`records.config_hash`:
+say a killed run and its resumed run) only the newest `ok` one is kept (else the newest), and the
+report says which files it dropped; `--all-runs` keeps them all, told apart by a `run` column.
+A record that is malformed or of another schema is skipped with a warning naming its file;
+records are read as JSON, never evaluated. First, the jobs of runs whose `vaebench` was killed
+get their `failed` records (`records.recover_stopped_runs`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import datetime as _dt
 import html
 import io
 import json
+import re
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -28,9 +33,10 @@ from typing import Any
 import numpy as np
 from tabulate import tabulate
 
+from harness import measures
 from harness.measures import MEASURES
 from harness.measures.common import Num, Summary, by_framework
-from harness.records import measured_config, read_records, write_atomic
+from harness.records import config_hash, measured_config, read_records, recover_stopped_runs, write_atomic
 
 #: environment facts that become columns when they differ for one framework: (column, env key)
 ENV_COLUMNS = (("version", "framework_version"), ("device", "device_name"), ("cpu", "cpu_model"), ("commit", "git_commit"))
@@ -58,9 +64,9 @@ def _short(key: str, value: Any) -> Any:
     return value[:10] if key == "commit" and isinstance(value, str) else value
 
 
-def variant_keys(records: Sequence[dict[str, Any]]) -> list[str]:
+def variant_keys(records: Sequence[dict[str, Any]], by_run: bool = False) -> list[str]:
     """Config keys whose values differ between `records`, then env columns that differ for one
-    framework; "seed" (if it differs) last."""
+    framework, then (`by_run`) "run" where run ids differ; "seed" (if it differs) last."""
     configs = [measured_config(r) for r in records]
     keys = sorted({k for c in configs for k in c})
     differ = [k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1]
@@ -72,12 +78,26 @@ def variant_keys(records: Sequence[dict[str, Any]]) -> list[str]:
                 per_fw.setdefault(r["framework"], set()).add(str(value))
         if any(len(v) > 1 for v in per_fw.values()):
             differ.append(col)
+    if by_run and len({r["run_id"] for r in records}) > 1:
+        differ.append("run")
     return [k for k in differ if k != "seed"] + (["seed"] if "seed" in differ else [])
 
 
 def variant_of(rec: dict[str, Any], keys: Iterable[str]) -> dict[str, Any]:
     cfg, env, cols = measured_config(rec), rec.get("env") or {}, dict(ENV_COLUMNS)
-    return {k: _short(k, env.get(cols[k])) if k in cols else cfg.get(k) for k in keys}
+    return {k: rec["run_id"] if k == "run" else _short(k, env.get(cols[k])) if k in cols else cfg.get(k) for k in keys}
+
+
+def newest_per_config(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(kept, dropped): of records with the same `config_hash`, the newest `ok` one is kept, or
+    the newest when none is ok. Records that differ in their seed differ in their hash."""
+    best: dict[str, dict[str, Any]] = {}
+    for r in sorted(records, key=lambda r: r["created_at"]):
+        h = config_hash(r)
+        if h not in best or r["status"] == "ok" or best[h]["status"] != "ok":
+            best[h] = r
+    kept = {id(r) for r in best.values()}
+    return [r for r in records if id(r) in kept], [r for r in records if id(r) not in kept]
 
 
 def _label(v: dict[str, Any]) -> str:
@@ -90,8 +110,8 @@ def _label(v: dict[str, Any]) -> str:
 def summarize(measure: str, records: list[dict[str, Any]]) -> Summary:
     """The measure's own summary; a summary that raises becomes a failed one naming why (a
     report never dies of one odd record)."""
-    try:
-        return MEASURES[measure].summarize(by_framework(records))  # type: ignore[no-any-return]
+    try:  # the registry's summary: a non-finite judged quantity fails it, named (harness.judged)
+        return measures.summarize(measure, records)  # type: ignore[no-any-return]
     except Exception as exc:  # the report must still be written, with the reason in it
         files = ", ".join(sorted({Path(r.get("_file", "?")).name for r in records}))
         return Summary(measure, [], False, [f"could not summarize {files}: {type(exc).__name__}: {exc}"])
@@ -119,10 +139,10 @@ def _aggregate(per_seed: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     return out
 
 
-def measure_table(measure: str, records: list[dict[str, Any]], plot_dir: Path | None = None) -> Table:
-    """The measure's table over `records`: one block of rows per variant (the keys that differ),
-    seeds aggregated; plots per variant into `plot_dir`."""
-    keys = variant_keys(records)
+def measure_table(measure: str, records: list[dict[str, Any]], plot_dir: Path | None = None, by_run: bool = False) -> Table:
+    """The measure's table over `records`: one block of rows per variant (the keys that differ,
+    and the run with `by_run`), seeds aggregated; plots per variant into `plot_dir`."""
+    keys = variant_keys(records, by_run)
     seeded = "seed" in keys
     outer = [k for k in keys if k != "seed"]
     variants: dict[str, list[dict[str, Any]]] = {}
@@ -161,8 +181,8 @@ def measure_table(measure: str, records: list[dict[str, Any]], plot_dir: Path | 
     return Table(measure, title, ok and bool(rows or records), rows, notes, plots)
 
 
-def tables(records: list[dict[str, Any]], plot_dir: Path | None = None) -> list[Table]:
-    return [measure_table(m, recs, plot_dir) for m in MEASURES if (recs := [r for r in records if r["measure"] == m])]
+def tables(records: list[dict[str, Any]], plot_dir: Path | None = None, by_run: bool = False) -> list[Table]:
+    return [measure_table(m, recs, plot_dir, by_run) for m in MEASURES if (recs := [r for r in records if r["measure"] == m])]
 
 
 def _columns(rows: list[dict[str, Any]]) -> list[str]:
@@ -235,15 +255,17 @@ def answers(records: list[dict[str, Any]]) -> list[str]:
         fn = getattr(module, "answer", None)
         if recs and fn is not None:
             try:
-                out.append(f"{module.QUESTION} {fn(by_framework(recs))}")
+                out.append(f"{module.QUESTION} {measures.answer(name, recs)}")
             except Exception as exc:  # an answer that cannot be given says so
                 out.append(f"{module.QUESTION} no answer ({type(exc).__name__}: {exc})")
     return out
 
 
-def markdown(ts: list[Table], envs: list[dict[str, Any]], lines: list[str], out_dir: Path) -> str:
+def markdown(ts: list[Table], envs: list[dict[str, Any]], lines: list[str], out_dir: Path, notes: Sequence[str] = ()) -> str:
     n = sum(int(e["records"]) for e in envs)
     parts = ["# vaebench report", "", f"Built from {n} records alone (`vaebench report DIR` rebuilds it).", ""]
+    if notes:
+        parts += [*[f"- {x}" for x in notes], ""]
     if lines:
         parts += ["## Answers", "", *[f"- {x}" for x in lines], ""]
     parts += ["## Environments", "", tabulate(envs, headers="keys", tablefmt="github", disable_numparse=True), ""]
@@ -256,10 +278,12 @@ def markdown(ts: list[Table], envs: list[dict[str, Any]], lines: list[str], out_
     return "\n".join(parts)
 
 
-def page(ts: list[Table], envs: list[dict[str, Any]], lines: list[str]) -> str:
+def page(ts: list[Table], envs: list[dict[str, Any]], lines: list[str], notes: Sequence[str] = ()) -> str:
     """report.html: one file, images inline, no script and nothing fetched."""
     esc = html.escape
     body = ["<h1>vaebench report</h1>"]
+    if notes:
+        body.append("<ul>" + "".join(f"<li>{esc(x)}</li>" for x in notes) + "</ul>")
     if lines:
         body.append("<h2>Answers</h2><ul>" + "".join(f"<li>{esc(x)}</li>" for x in lines) + "</ul>")
     body.append('<h2>Environments</h2><div class="t">' + tabulate(envs, headers="keys", tablefmt="html", disable_numparse=True) + "</div>")
@@ -278,22 +302,48 @@ def page(ts: list[Table], envs: list[dict[str, Any]], lines: list[str]) -> str:
             f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 
 
-def build(out_dir: Path, records: list[dict[str, Any]] | None = None) -> tuple[str, bool, list[Path]]:
+def build(out_dir: Path, records: list[dict[str, Any]] | None = None, notes: Sequence[str] = (),
+          by_run: bool = False) -> tuple[str, bool, list[Path]]:
     """Write per-measure tables (<measure>.md/.csv/.tex), plots, report.md and report.html
-    into `out_dir` from `records` (default: the records under `out_dir`). Returns the
-    Markdown text, whether every measure passed, and the plots."""
+    into `out_dir` from `records` (default: the records under `out_dir`), with `notes` under
+    the title and (`by_run`) a `run` column. Returns the Markdown text, whether every measure
+    passed, and the plots."""
     records = read_records(out_dir) if records is None else records
-    ts = tables(records, out_dir)
+    ts = tables(records, out_dir, by_run)
     envs, lines = environments(records), answers(records)
     for t in ts:
         write_atomic(out_dir / f"{t.measure}.md", (f"## {t.title}: {'PASS' if t.ok else 'FAIL'}\n\n{render(t)}\n\n"
                                                    + "".join(f"- {n}\n" for n in t.notes)).encode())
         write_atomic(out_dir / f"{t.measure}.csv", tidy_csv(t).encode())
         write_atomic(out_dir / f"{t.measure}.tex", (f"% {t.title}\n" + render(t, "latex") + "\n").encode())
-    text = markdown(ts, envs, lines, out_dir)
+    text = markdown(ts, envs, lines, out_dir, notes)
     write_atomic(out_dir / "report.md", text.encode())
-    write_atomic(out_dir / "report.html", page(ts, envs, lines).encode())
+    write_atomic(out_dir / "report.html", page(ts, envs, lines, notes).encode())
     return text, all(t.ok for t in ts), [p for t in ts for p in t.plots]
+
+
+def console(text: str, out_dir: Path) -> str:
+    """report.md's text for a terminal: each image tag `![name](path)` becomes `plot: path`."""
+    return re.sub(r"^!\[[^\]]*\]\(([^)]*)\)$", lambda m: f"plot: {out_dir / m[1]}", text, flags=re.M)
+
+
+def recover(paths: Sequence[Path], say_live: bool = True) -> None:
+    """Give the jobs of stopped runs under `paths` their records (`records.recover_stopped_runs`),
+    with one line per run recovered (and, `say_live`, per live run left alone)."""
+    for p in paths:
+        found, live = recover_stopped_runs(p)
+        for run, n in found:
+            print(f"recovered {run}: its vaebench was stopped; wrote {n} failed record(s) for the jobs it left "
+                  "without one", flush=True)
+        for run in live if say_live else []:
+            print(f"note: {run} is still running (a vaebench holds its lock): its unfinished jobs are not in this "
+                  "report", flush=True)
+
+
+def _shown(file: str) -> str:
+    """A record's file as the user named it: relative to the current folder when inside it."""
+    path, here = Path(file), Path.cwd()
+    return str(path.relative_to(here)) if path.is_relative_to(here) else file
 
 
 def load(paths: Sequence[Path]) -> list[dict[str, Any]]:
@@ -314,20 +364,32 @@ def main(argv: list[str] | None = None, prog: str = "vaebench report") -> int:
     ap.add_argument("-o", "--out", type=Path, help="where to write the report (default: DIR when one is given, "
                     "else results/reports/<time>)")
     ap.add_argument("--format", choices=["github", "latex", "html"], default="github", help="table format printed")
+    ap.add_argument("--all-runs", action="store_true", help="keep every record, with a `run` column (run_id) telling "
+                    "runs apart; by default, of records with the same config only the newest ok one (else the newest) "
+                    "is kept")
     a = ap.parse_args(argv)
     missing = [str(d) for d in a.dirs if not d.exists()]
     if missing:
         print(f"{prog}: no such folder or file: {', '.join(missing)}", file=sys.stderr)
         return 2
+    recover(a.dirs)
     records = load(a.dirs)
     if not records:
         print(f"{prog}: no records under {', '.join(map(str, a.dirs))}", file=sys.stderr)
         return 2
+    notes = []
+    if not a.all_runs:
+        records, dropped = newest_per_config(records)
+        if dropped:
+            notes.append(f"dropped {len(dropped)} record(s) of a config that a newer record has (the newest ok one "
+                         f"is kept; `--all-runs` keeps every record): {', '.join(_shown(r['_file']) for r in dropped)}")
     out = a.out or (a.dirs[0] if len(a.dirs) == 1 and a.dirs[0].is_dir() else
                     Path("results/reports") / f"{_dt.datetime.now():%Y%m%d-%H%M%S}")
-    text, ok, plots = build(out, records)
-    print(text if a.format == "github" else "\n\n".join(render(t, a.format) for t in tables(records)))
+    text, ok, plots = build(out, records, notes, by_run=a.all_runs)
+    print(console(text, out) if a.format == "github" else "\n\n".join(render(t, a.format) for t in tables(records, by_run=a.all_runs)))
     print(f"report: {out / 'report.md'}, {out / 'report.html'} ({len(records)} records, {len(plots)} plots)")
+    for n in notes:
+        print(f"note: {n}")
     return 0 if ok else 1
 
 

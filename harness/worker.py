@@ -6,9 +6,9 @@ ends without one.
 
 Faults, and what the record says:
 - killed, timed out (`framework.timeout_s`, counted from the start of the worker process, so
-  it includes the framework's import and compilation), interrupted, or an exception: `failed`
-  with the reason; the metrics the measure had saved with `harness.job.checkpoint` are kept,
-  marked `partial: true`;
+  it includes the framework's import and compilation), interrupted (Ctrl-C, or SIGTERM to
+  `vaebench`: the run is stopped), or an exception: `failed` with the reason; the metrics the
+  measure had saved with `harness.job.checkpoint` are kept, marked `partial: true`;
 - out of memory (a MemoryError, or a framework's allocation failure): `failed`, the reason
   starts with "out of memory". `framework.memory_limit_mb` caps the job's process with
   RLIMIT_DATA (set before any framework is imported; RLIMIT_AS would count the virtual memory
@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
-import json
 import os
 import re
 import resource
@@ -43,9 +42,9 @@ from omegaconf import OmegaConf
 from harness.api import FRAMEWORK_MODULES, DeviceUnavailable, FrameworkUnavailable
 from harness.config import AppConfig, to_app_config
 from harness.fingerprint import framework_isa
-from harness.job import Job, Result, partial_path, read_partial
+from harness.job import Job, Result, partial_path, read_partial, read_spec, stop_signal, write_spec
 from harness.measures import MEASURES, precision
-from harness.records import REPO_ROOT, RecordError, host_env, make_record, read_record, write_atomic, write_record
+from harness.records import REPO_ROOT, RecordError, host_env, make_record, read_record, write_record
 
 WORKER_CMD = [sys.executable, "-m", "harness.worker"]
 #: environment variable naming the worker's parent process (see `_exit_with_parent`)
@@ -189,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         print("usage: python -m harness.worker JOB.json", file=sys.stderr)
         return 2
-    job = Job(**json.loads(Path(argv[0]).read_text()))
+    job = read_spec(Path(argv[0]))
     _exit_with_parent()
     set_memory_limit(_memory_limit_mb(job.config))  # before any framework is imported
     write_record(Path(job.record_path), run_in_process(job))
@@ -226,11 +225,21 @@ def timeout_message(timeout_s: int) -> str:
             "it includes importing the framework and compiling)")
 
 
-def run_job(job: Job, c: AppConfig, jobs_dir: Path) -> dict[str, Any]:
-    """Run `job` in a fresh child process; always leaves a record at job.record_path."""
+def stop_message(signame: str) -> str:
+    """The reason on the record of the job that was running when the run was stopped."""
+    if signame == "SIGINT":
+        return "interrupted by the user (SIGINT): the run was stopped"
+    return f"stopped by {signame}: the run was stopped"
+
+
+def run_job(job: Job, c: AppConfig, jobs_dir: Path, lock_fd: int | None = None) -> dict[str, Any]:
+    """Run `job` in a fresh child process; always leaves a record at job.record_path. `lock_fd`
+    (the run's lock, `records.run_lock`) is passed on to the child: the run stays live while
+    it runs, even if this process dies first. A stop (KeyboardInterrupt: Ctrl-C, or
+    `job.Stopped` on SIGTERM) kills the child, writes the record and is raised again."""
     jobs_dir.mkdir(parents=True, exist_ok=True)
     spec = jobs_dir / f"{job.name}.job.json"
-    write_atomic(spec, json.dumps(job.__dict__, indent=1).encode())
+    write_spec(spec, job, started=True)
     record_path = Path(job.record_path)
     record_path.unlink(missing_ok=True)
     partial_path(record_path).unlink(missing_ok=True)  # an earlier attempt's
@@ -243,14 +252,7 @@ def run_job(job: Job, c: AppConfig, jobs_dir: Path) -> dict[str, Any]:
     env["TRITON_CACHE_DIR"] = os.path.join(cache_dir, "triton")
     env[PARENT_ENV] = str(os.getpid())  # the worker ends itself if this process dies
 
-    proc = subprocess.Popen(
-        [*WORKER_CMD, str(spec)],
-        env=env,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
-
-    def pump() -> None:  # forward the child's stderr (progress bars) and keep its tail
+    def pump(proc: subprocess.Popen[bytes]) -> None:  # forward the child's stderr (progress bars) and keep its tail
         assert proc.stderr is not None
         for chunk in iter(lambda: os.read(proc.stderr.fileno(), 4096), b""):  # type: ignore[union-attr]
             sys.stderr.buffer.write(chunk)
@@ -258,35 +260,42 @@ def run_job(job: Job, c: AppConfig, jobs_dir: Path) -> dict[str, Any]:
             tail.append(chunk)
             del tail[:-16]
 
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
     start = time.monotonic()
     error = None
-    interrupted = False
+    stopped: KeyboardInterrupt | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    reader = None
     try:
+        proc = subprocess.Popen([*WORKER_CMD, str(spec)], env=env, stderr=subprocess.PIPE, start_new_session=True,
+                                pass_fds=() if lock_fd is None else (lock_fd,))
+        reader = threading.Thread(target=pump, args=(proc,), daemon=True)
+        reader.start()
         code = proc.wait(timeout=c.framework.timeout_s)
         if code != 0:
             error = _describe_exit(code, job.config)
             _kill_group(proc.pid)  # what the worker started (compile workers) dies with it
     except subprocess.TimeoutExpired:
+        assert proc is not None
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         error = timeout_message(c.framework.timeout_s)
-    except KeyboardInterrupt:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        error, interrupted = "interrupted by the user", True
-    reader.join(timeout=5)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM to vaebench (job.Stopped)
+        if proc is not None:
+            _kill_group(proc.pid)
+            proc.wait()
+        error, stopped = stop_message(stop_signal(exc)), exc
+    if reader is not None:
+        reader.join(timeout=5)
     shutil.rmtree(cache_dir, ignore_errors=True)
     if record_path.exists():  # written by this worker (removed above): its final word, complete (atomic)
         try:
             rec = read_record(record_path)
         except RecordError as exc:
             error = error or f"worker wrote an unreadable record ({exc})"
-        else:  # a kill, timeout or Ctrl-C after the record was written loses nothing
+        else:  # a kill, timeout or stop after the record was written loses nothing
             partial_path(record_path).unlink(missing_ok=True)
-            if interrupted:
-                raise KeyboardInterrupt
+            if stopped is not None:
+                raise stopped
             return rec
     last = b"".join(tail).decode(errors="replace").strip().splitlines()
     reason = error or "worker wrote no record"
@@ -296,8 +305,8 @@ def run_job(job: Job, c: AppConfig, jobs_dir: Path) -> dict[str, Any]:
     rec = job_record(job, "failed", reason, {**host_env(), "wall_s": round(time.monotonic() - start, 3)}, metrics)
     write_record(record_path, rec)
     partial_path(record_path).unlink(missing_ok=True)
-    if interrupted:
-        raise KeyboardInterrupt  # the record is written; the caller stops the suite
+    if stopped is not None:
+        raise stopped  # the record is written; the caller stops the suite
     return rec
 
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from harness import report
 from harness.records import REQUIRED, read_records
 from tests.conftest import ROOT
 
@@ -34,10 +35,13 @@ def test_convergence_end_to_end_torch(cli) -> None:  # type: ignore[no-untyped-d
     assert rec["env"]["compile_cache"] == "cold"  # a fresh torch.compile cache per job
     run_dir = next(Path(cli.out_dir).glob("*/"))
     assert (run_dir / "convergence.png").stat().st_size > 1000
+    # the terminal gets plain `plot:` lines; report.md keeps its image tags
+    assert "![" not in r.stdout and f"plot: {run_dir / 'convergence.png'}" in r.stdout
+    assert "![convergence](convergence.png)" in (run_dir / "report.md").read_text()
     # tables are rebuilt from the records alone
     again = subprocess.run([sys.executable, "-m", "harness.report", str(run_dir)], cwd=ROOT, capture_output=True, text=True)
     assert again.returncode == 0
-    assert again.stdout.split("\nreport: ")[0].strip() == (run_dir / "report.md").read_text().strip()
+    assert again.stdout.split("\nreport: ")[0].strip() == report.console((run_dir / "report.md").read_text(), run_dir).strip()
 
 
 def test_failed_job_still_finishes_with_record(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -63,8 +67,9 @@ def test_diverged_training_is_reported(cli) -> None:  # type: ignore[no-untyped-
 
 
 def test_ctrl_c_stops_the_suite_and_keeps_a_record(tmp_path: Path) -> None:
-    """SIGINT while a job runs: the job gets a `failed` record saying so, the summary is still
-    written, no further job starts, exit code 130."""
+    """SIGINT while a job runs: the job gets a `failed` record saying so, no further job starts
+    and each gets a `failed` record saying it was not started, the report is still written,
+    exit code 130."""
     import os
     import signal
     import time
@@ -81,8 +86,11 @@ def test_ctrl_c_stops_the_suite_and_keeps_a_record(tmp_path: Path) -> None:
     proc.send_signal(signal.SIGINT)
     rest = proc.communicate(timeout=60)[0]
     assert proc.returncode == 130, rest
-    recs = read_records(out)
-    assert len(recs) == 1 and recs[0]["status"] == "failed" and "interrupted" in recs[0]["error"]
+    recs = {x["framework"]: x for x in read_records(out)}
+    assert set(recs) == {"torch", "tensorflow", "jax"} and all(x["status"] == "failed" for x in recs.values())
+    assert recs["torch"]["error"].startswith("interrupted by the user (SIGINT)"), recs["torch"]["error"]
+    for fw in ("tensorflow", "jax"):
+        assert recs[fw]["error"] == "not started: the run was stopped by SIGINT before this job began"
     assert "[2/3]" not in rest
     assert (next(out.glob("*/")) / "report.md").exists()
 

@@ -1,8 +1,9 @@
 """Faults, each injected on purpose, and what survives them: a worker killed mid-run, a job over
 its timeout, a job interrupted, a job out of memory, a loss that turns NaN, a framework that is
 not installed, a data file that is missing or malformed, a corrupt record in the results folder,
-eight writers in one folder at once, two runs started in the same second. Each test checks the
-fault's own record (status, reason, the metrics it had reached) and that nothing else was lost.
+eight writers in one folder at once, two runs started in the same second, `vaebench` itself
+stopped by SIGTERM or killed by SIGKILL. Each test checks the fault's own record (status,
+reason, the metrics it had reached) and that nothing else was lost.
 
 The fast tests drive `harness.worker.run_job` with stand-in worker commands; the slow ones run
 real torch jobs (`framework=torch`, digits, small models).
@@ -25,10 +26,20 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from harness import worker
-from harness.config import AppConfig
-from harness.job import Checkpointer, Job, Result, checkpoint, partial_path, read_partial
-from harness.records import REQUIRED, make_record, read_record, read_records, write_record
+from harness import cli, worker
+from harness.config import AppConfig, record_config
+from harness.job import Checkpointer, Job, Result, Stopped, checkpoint, partial_path, read_partial, write_spec
+from harness.records import (
+    HARNESS_STOPPED,
+    HARNESS_STOPPED_EARLY,
+    REQUIRED,
+    make_record,
+    read_record,
+    read_records,
+    recover_stopped_runs,
+    run_lock,
+    write_record,
+)
 from tests.conftest import ROOT, make_config, run_cli
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -45,13 +56,22 @@ def _job(tmp_path: Path, name: str = "convergence", fw: str = "torch", **section
 #: a stand-in worker: saves partial metrics as a measure would, says so, then does ACTION
 FAKE_WORKER = """
 import json, os, signal, sys, time
-from harness.job import Job, checkpoint
-job = Job(**json.load(open(sys.argv[1])))
+from harness.job import checkpoint, read_spec
+job = read_spec(sys.argv[1])
 checkpoint(job, {"epochs": [{"epoch": 1, "test_elbo": -40.0}, {"epoch": 2, "test_elbo": float("nan")}]})
 print("trained 2 epochs", file=sys.stderr, flush=True)
 ACTION
 """
 PARTIAL = {"epochs": [{"epoch": 1, "test_elbo": -40.0}, {"epoch": 2, "test_elbo": None}], "partial": True}
+
+
+def _nulled(o: Any) -> Any:
+    """`o` with NaN as None, to compare with PARTIAL however a record stores the stand-in's NaN."""
+    if isinstance(o, dict):
+        return {k: _nulled(v) for k, v in o.items()}
+    if isinstance(o, list):
+        return [_nulled(v) for v in o]
+    return None if isinstance(o, float) and o != o else o
 
 
 def _fake(action: str) -> list[str]:
@@ -104,29 +124,155 @@ def test_dead_job_keeps_its_partial_metrics(tmp_path: Path, monkeypatch: pytest.
     assert rec["status"] == "failed" and rec["error"].startswith(reason), rec["error"]
     assert "last output: trained 2 epochs" in rec["error"]
     stored = read_record(Path(job.record_path))
-    assert stored["metrics"] == PARTIAL  # the epochs reached, marked partial (the NaN stored as null)
+    assert _nulled(stored["metrics"]) == PARTIAL  # the epochs reached, marked partial
     assert (stored["status"], stored["error"]) == (rec["status"], rec["error"])
     _no_leftovers(tmp_path)
 
 
-def test_interrupted_job_keeps_its_partial_metrics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Ctrl-C while a job runs: its worker is killed, its record keeps the epochs, and the
-    interrupt goes on to the caller (the suite stops)."""
+@pytest.fixture
+def sigterm_stops() -> Any:
+    """SIGTERM handled in this process as `vaebench` handles it (raises job.Stopped)."""
+    old = signal.signal(signal.SIGTERM, cli._stop)
+    yield
+    signal.signal(signal.SIGTERM, old)
+
+
+def _signal_once_saved(record_path: str, signum: int, delay: float = 0.2) -> None:
+    """From a thread: send `signum` to this process once the job has saved its partial metrics."""
+    def send() -> None:
+        _wait_for(lambda: partial_path(record_path).exists(), 30, "the partial metrics")
+        time.sleep(delay)
+        os.kill(os.getpid(), signum)
+
+    threading.Thread(target=send, daemon=True).start()
+
+
+@pytest.mark.parametrize("signum,raised,reason", [
+    (signal.SIGINT, KeyboardInterrupt, "interrupted by the user (SIGINT): the run was stopped"),
+    (signal.SIGTERM, Stopped, "stopped by SIGTERM: the run was stopped"),
+])
+def test_interrupted_job_keeps_its_partial_metrics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sigterm_stops: Any,
+                                                   signum: int, raised: type, reason: str) -> None:
+    """Ctrl-C or SIGTERM while a job runs: its worker is killed, its record keeps the epochs and
+    names the signal, and the stop goes on to the caller (the suite stops)."""
     job, c = _job(tmp_path)
     monkeypatch.setattr(worker, "WORKER_CMD", _fake("time.sleep(60)"))
-
-    def interrupt_once_saved() -> None:
-        _wait_for(lambda: partial_path(job.record_path).exists(), 30, "the partial metrics")
-        time.sleep(0.2)
-        os.kill(os.getpid(), signal.SIGINT)
-
-    threading.Thread(target=interrupt_once_saved, daemon=True).start()
-    with pytest.raises(KeyboardInterrupt):
+    _signal_once_saved(job.record_path, signum)
+    with pytest.raises(raised):
         worker.run_job(job, c, tmp_path / "jobs")
     rec = read_record(Path(job.record_path))
-    assert rec["status"] == "failed" and rec["error"].startswith("interrupted by the user")
-    assert rec["metrics"] == PARTIAL
+    assert rec["status"] == "failed" and rec["error"].startswith(reason), rec["error"]
+    assert _nulled(rec["metrics"]) == PARTIAL
     assert not _pids_with(str(tmp_path / "jobs"), "trained 2 epochs")  # the worker is gone
+    _no_leftovers(tmp_path)
+
+
+def _suite(tmp_path: Path, names: list[str]) -> tuple[AppConfig, dict[str, Any], Path]:
+    """A torch run of the measures `names` into a run folder under `tmp_path/runs` (its out_dir)."""
+    c = make_config(measure={"names": names}, framework={"name": "torch", "timeout_s": 60}, out_dir=str(tmp_path / "runs"))
+    resolved = OmegaConf.to_container(OmegaConf.structured(c))
+    assert isinstance(resolved, dict)
+    return c, resolved, tmp_path / "runs" / "run"  # type: ignore[return-value]
+
+
+def test_sigterm_gives_every_job_of_the_run_a_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str], sigterm_stops: Any) -> None:
+    """SIGTERM while the first of three jobs runs (stand-in workers): exit 143; the running job's
+    record keeps its epochs, the two jobs never started have `failed` records naming the signal,
+    and the report is built. The plan (every job's spec) was written before the first job
+    started, and a stopped run found under out_dir at the start got its records first."""
+    c, resolved, run_dir = _suite(tmp_path, ["convergence", "identity", "gradflow"])
+    dead = tmp_path / "runs" / "dead"  # an earlier run whose vaebench was killed before its job began
+    write_spec(dead / "jobs" / "identity-torch-eager-float64.job.json",
+               Job("dead", "identity", "torch", "eager", record_config(resolved), str(dead / "identity-torch-eager-float64.json")))
+    seen = tmp_path / "seen.txt"
+    monkeypatch.setattr(worker, "WORKER_CMD", _fake(
+        f"open({str(seen)!r}, 'w').write(' '.join(sorted(os.listdir(os.path.dirname(sys.argv[1])))))\ntime.sleep(60)"))
+    _signal_once_saved(str(run_dir / "convergence-torch-eager-float32.json"), signal.SIGTERM)
+    assert cli.run_suite(c, resolved, run_dir) == 143
+    out = capsys.readouterr().out
+    recs = {r["measure"]: r for r in read_records(run_dir)}
+    assert set(recs) == {"convergence", "identity", "gradflow"} and all(r["status"] == "failed" for r in recs.values())
+    assert seen.read_text().split() == sorted(f"{Path(r['_file']).stem}.job.json" for r in recs.values())  # the plan
+    assert recs["convergence"]["error"].startswith("stopped by SIGTERM: the run was stopped"), recs["convergence"]["error"]
+    assert _nulled(recs["convergence"]["metrics"]) == PARTIAL
+    for m in ("identity", "gradflow"):
+        assert recs[m]["error"] == "not started: the run was stopped by SIGTERM before this job began"
+        assert recs[m]["metrics"] == {} and recs[m]["run_id"] == recs["convergence"]["run_id"]
+        assert recs[m]["config"] == recs["convergence"]["config"]
+    assert (run_dir / "report.md").exists() and (run_dir / "report.html").exists()
+    assert "-> stopped by SIGTERM" in out and "[2/3]" not in out
+    assert f"recovered {dead}: its vaebench was stopped; wrote 1 failed record(s)" in out
+    assert read_record(dead / "identity-torch-eager-float64.json")["error"] == HARNESS_STOPPED_EARLY
+    _no_leftovers(tmp_path)
+
+
+_HOLDER = "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR); fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)"
+
+
+def test_a_live_run_is_left_alone(tmp_path: Path) -> None:
+    """A run whose lock is held (by this process, or by another that is then SIGKILLed) is live:
+    its jobs without a record are not touched. Once no process holds the lock, they get their
+    records (a job with saved metrics: `failed`, its metrics kept and marked partial)."""
+    job, _ = _job(tmp_path / "run")
+    spec = tmp_path / "run" / "jobs" / f"{job.name}.job.json"
+    write_spec(spec, job)
+    checkpoint(job, {"epochs": [{"epoch": 1, "test_elbo": -40.0}]})
+    with run_lock(tmp_path / "run"):
+        assert recover_stopped_runs(tmp_path) == ([], [tmp_path / "run"])
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(tmp_path / "run" / ".vaebench.lock")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        assert recover_stopped_runs(tmp_path) == ([], [tmp_path / "run"])
+        assert not Path(job.record_path).exists() and partial_path(job.record_path).exists()
+    finally:
+        holder.kill()  # SIGKILL: the kernel releases the lock
+        holder.wait()
+    assert recover_stopped_runs(tmp_path) == ([(tmp_path / "run", 1)], [])
+    rec = read_record(Path(job.record_path))
+    assert rec["status"] == "failed" and rec["error"] == HARNESS_STOPPED and rec["run_id"] == job.run_id
+    assert rec["metrics"] == {"epochs": [{"epoch": 1, "test_elbo": -40.0}], "partial": True}
+    assert recover_stopped_runs(tmp_path) == ([], [])  # every job has its record now
+    _no_leftovers(tmp_path)
+
+
+_PARENT = """
+import sys
+from pathlib import Path
+from harness import worker
+from harness.records import run_lock
+from tests.test_faults import _fake, _job
+run = Path(sys.argv[1])
+job, c = _job(run)
+worker.WORKER_CMD = _fake("time.sleep(60)")  # a stand-in that does not end with its parent
+with run_lock(run) as lock:
+    worker.run_job(job, c, run / "jobs", lock)
+"""
+
+
+def test_a_worker_keeps_its_run_live_after_vaebench_dies(tmp_path: Path) -> None:
+    """The worker shares its run's lock: while it lives on after its `vaebench` was SIGKILLed,
+    the run is live and left alone; once it is gone, the job gets its record, with the epochs
+    it had saved and the reason that vaebench itself was stopped."""
+    run = tmp_path / "run"
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT, str(run)], cwd=ROOT, stderr=subprocess.DEVNULL,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    record = run / "convergence-torch-eager-float32.json"
+    try:
+        _wait_for(lambda: partial_path(record).exists(), 60, "the partial metrics")
+        parent.kill()
+        parent.wait()
+        workers = _pids_with("trained 2 epochs", str(run / "jobs"))
+        assert len(workers) == 1, workers
+        assert recover_stopped_runs(tmp_path) == ([], [run])
+    finally:
+        for pid in _pids_with("trained 2 epochs", str(run / "jobs")):
+            os.killpg(pid, signal.SIGKILL)
+    _wait_for(lambda: not _pids_with("trained 2 epochs", str(run / "jobs")), 30, "the worker to end")
+    assert recover_stopped_runs(tmp_path) == ([(run, 1)], [])
+    rec = read_record(record)
+    assert rec["status"] == "failed" and rec["error"] == HARNESS_STOPPED and _nulled(rec["metrics"]) == PARTIAL
     _no_leftovers(tmp_path)
 
 
@@ -169,7 +315,7 @@ def test_unreadable_record_from_the_worker_is_a_failed_record(tmp_path: Path, mo
     rec = worker.run_job(job, c, tmp_path / "jobs")
     assert rec["status"] == "failed" and rec["error"].startswith("worker wrote an unreadable record")
     stored = read_record(Path(job.record_path))
-    assert stored["status"] == "failed" and stored["metrics"] == PARTIAL
+    assert stored["status"] == "failed" and _nulled(stored["metrics"]) == PARTIAL
 
 
 class _Exploding:
@@ -398,7 +544,7 @@ def test_eight_jobs_in_one_results_folder_at_once(tmp_path: Path, monkeypatch: p
         t.join(timeout=120)
     recs = read_records(tmp_path)
     assert len(recs) == 8 and sorted(r["run_id"] for r in recs) == [f"r{i}" for i in range(8)]
-    assert all(r["status"] == "failed" and r["metrics"] == PARTIAL for r in recs)
+    assert all(r["status"] == "failed" and _nulled(r["metrics"]) == PARTIAL for r in recs)
     _no_leftovers(tmp_path)
 
 
@@ -494,6 +640,86 @@ def test_sigkill_mid_run_keeps_the_epochs_and_the_suite_goes_on(tmp_path: Path) 
     run_dir = next(out.glob("*/"))
     assert any((run_dir / f).exists() for f in ("report.md", "summary.md"))  # the run's report was still built
     assert "-> failed: worker died of SIGKILL" in stdout
+    _no_leftovers(out)
+
+
+def _start_long_run(out: Path, *extra: str) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+    """`vaebench` of LONG_THEN_IDENTITY into `out`, once its convergence job has saved two epochs:
+    the process and the partial metrics seen then."""
+    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", *extra, *LONG_THEN_IDENTITY, f"out_dir={out}",
+                             "progress=false"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def two_epochs_saved() -> list[dict[str, Any]] | None:
+        for p in out.rglob("convergence-torch-*.json.partial"):
+            saved = read_partial(p.with_name(p.name.removesuffix(".partial")))
+            if saved and len(saved.get("epochs", [])) >= 2:
+                return [saved]
+        return None
+
+    try:
+        return proc, _wait_for(two_epochs_saved, 180, "two epochs in the partial metrics")[0]
+    except BaseException:
+        proc.kill()
+        raise
+
+
+def _kept_epochs(rec: dict[str, Any], seen: dict[str, Any]) -> None:
+    """`rec` is a failed record that kept at least the epochs seen in the partial metrics."""
+    m = rec["metrics"]
+    assert rec["status"] == "failed" and m["partial"] is True and len(m["epochs"]) >= len(seen["epochs"]) >= 2
+    assert m["epochs"][: len(seen["epochs"])] == json.loads(json.dumps(seen["epochs"]))
+
+
+@pytest.mark.slow
+def test_sigkill_of_vaebench_leaves_a_record_for_every_job(tmp_path: Path) -> None:
+    """`vaebench` itself SIGKILLed mid-run: its worker ends, and `vaebench report DIR` gives every
+    planned job its record (the running one with its epochs, the one not started saying so)
+    and the report; a second `report` finds nothing left to recover."""
+    out = tmp_path / "runs"
+    proc, seen = _start_long_run(out)
+    proc.kill()
+    proc.communicate(timeout=60)
+    _wait_for(lambda: not _pids_with("harness.worker", str(out)), 30, "the worker to end with its parent")
+    run_dir = next(p for p in out.iterdir() if p.is_dir())
+    assert not read_records(run_dir)  # only the plan and the partial metrics: no record yet
+    r = subprocess.run([sys.executable, "-m", "harness.cli", "report", str(run_dir)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert f"recovered {run_dir}: its vaebench was stopped; wrote 2 failed record(s)" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    recs = {x["measure"]: x for x in read_records(run_dir)}
+    assert set(recs) == {"convergence", "identity"}
+    assert recs["convergence"]["error"] == HARNESS_STOPPED
+    _kept_epochs(recs["convergence"], seen)
+    assert recs["identity"]["status"] == "failed" and recs["identity"]["error"] == HARNESS_STOPPED_EARLY
+    assert (run_dir / "report.md").exists() and (run_dir / "report.html").exists()
+    assert "could not summarize" not in (run_dir / "report.md").read_text()
+    again = subprocess.run([sys.executable, "-m", "harness.cli", "report", str(run_dir)], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300)
+    assert "recovered" not in again.stdout and len(read_records(run_dir)) == 2
+    _no_leftovers(out)
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_sweep_like_ctrl_c(tmp_path: Path) -> None:
+    """SIGTERM (as `timeout` sends it) to `vaebench -m` with the basic launcher: exit 143, the
+    running job's worker is killed and its record keeps the epochs, the job not started gets a
+    record saying so, the run's report and the sweep's combined report are built, and the
+    sweep's next run does not start."""
+    out = tmp_path / "runs"
+    proc, seen = _start_long_run(out, "-m", "seed=0,1")
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stdout[-3000:] + stderr[-3000:]
+    assert not _pids_with("harness.worker", str(out))
+    sweep_dir = next(out.glob("multirun-*"))
+    assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith(".")) == ["0"]
+    recs = {x["measure"]: x for x in read_records(sweep_dir / "0")}
+    assert recs["convergence"]["error"].startswith("stopped by SIGTERM: the run was stopped"), recs["convergence"]["error"]
+    _kept_epochs(recs["convergence"], seen)
+    assert recs["identity"]["error"] == "not started: the run was stopped by SIGTERM before this job began"
+    for folder in (sweep_dir / "0", sweep_dir):
+        assert (folder / "report.md").exists() and (folder / "report.html").exists(), folder
+    assert "-> stopped by SIGTERM" in stdout and "sweep report (2 records: 0 ok, 2 not ok)" in stdout
     _no_leftovers(out)
 
 

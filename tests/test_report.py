@@ -157,6 +157,58 @@ def test_combined_runs_carry_differing_keys_and_aggregate_seeds(tmp_path: Path) 
     assert "model.latent" in md and "±" in md and md.count("| torch") == 2
 
 
+def _rerun(rec: dict[str, Any], run_id: str, created_at: str, status: str = "ok", shift: float = 0.0) -> dict[str, Any]:
+    r = copy.deepcopy(rec)
+    r.update(run_id=run_id, created_at=created_at, status=status, error=None if status == "ok" else "worker died of SIGKILL")
+    r["metrics"]["elbo_mean"] += shift
+    return r
+
+
+def test_combined_runs_keep_the_newest_record_of_each_config(tmp_path: Path) -> None:
+    """A killed run and its resumed run, reported together: one row per framework, from the
+    newest `ok` record of its config (the newest record where none is ok); the files dropped
+    are named in the report and on the terminal. `--all-runs` keeps every record, and a `run`
+    column tells the runs apart."""
+    base = {r["framework"]: r for r in read_records(REF) if r["measure"] == "identity"}
+    old, new = tmp_path / "killed", tmp_path / "resumed"
+    t0, t1 = "2026-01-01T00:00:00+00:00", "2026-01-02T00:00:00+00:00"
+    runs = {  # framework: (status, elbo shift) in the killed run, then in the resumed run
+        "torch": (("ok", 0.0), ("ok", 1.0)),  # both ok: the newer one
+        "tensorflow": (("ok", 2.0), ("failed", 0.0)),  # the newer one failed: the older ok one
+        "jax": (("failed", 0.0), ("failed", 3.0)),  # none ok: the newer one
+    }
+    for fw, ((s0, d0), (s1, d1)) in runs.items():
+        write_record(old / f"identity-{fw}.json", _rerun(base[fw], "killed", t0, s0, d0))
+        write_record(new / f"identity-{fw}.json", _rerun(base[fw], "resumed", t1, s1, d1))
+    out = tmp_path / "combined"
+    r = subprocess.run([sys.executable, "-m", "harness.cli", "report", str(old), str(new), "-o", str(out)], cwd=ROOT,
+                       capture_output=True, text=True)
+    tidy = pd.read_csv(out / "identity.csv").set_index("framework")
+    assert sorted(tidy.index) == ["jax", "tensorflow", "torch"] and "run" not in tidy.columns
+    assert tidy.loc["torch", "ELBO"] == pytest.approx(base["torch"]["metrics"]["elbo_mean"] + 1.0, rel=1e-12)
+    assert tidy.loc["tensorflow", "ELBO"] == pytest.approx(base["tensorflow"]["metrics"]["elbo_mean"] + 2.0, rel=1e-12)
+    assert list(tidy["status"].fillna("ok")) == ["ok" if fw != "jax" else "failed" for fw in tidy.index]
+    dropped = [str(old / "identity-torch.json"), str(new / "identity-tensorflow.json"), str(old / "identity-jax.json")]
+    note = next(ln for ln in r.stdout.splitlines() if ln.startswith("note: dropped 3 record(s)"))
+    assert all(f in note for f in dropped) and str(new / "identity-torch.json") not in note, note
+    assert note.removeprefix("note: ") in (out / "report.md").read_text()
+    everything = tmp_path / "everything"
+    assert report.main([str(old), str(new), "-o", str(everything), "--all-runs"]) == 1  # the failed jax records
+    tidy = pd.read_csv(everything / "identity.csv")
+    assert len(tidy) == 6 and sorted(set(tidy["run"])) == ["killed", "resumed"]
+    assert "dropped" not in (everything / "report.md").read_text()
+
+
+def test_newest_per_config_keeps_seeds_apart() -> None:
+    """Records that differ only in their seed have different config hashes: all are kept (the
+    report aggregates them, test_combined_runs_carry_differing_keys_and_aggregate_seeds)."""
+    rec = next(r for r in read_records(REF) if r["measure"] == "identity")
+    seeds = [_variant(rec, 2, seed, 0.0) for seed in range(3)]
+    again = {**copy.deepcopy(seeds[0]), "created_at": "2999-01-01T00:00:00+00:00"}
+    kept, dropped = report.newest_per_config([*seeds, again])
+    assert [r["config"]["seed"] for r in kept] == [1, 2, 0] and dropped == [seeds[0]]
+
+
 def test_report_html_is_self_contained(tmp_path: Path) -> None:
     run = _copy_ref(tmp_path)
     report.build(run)
@@ -215,6 +267,10 @@ def test_report_subcommand_and_errors(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "harness.cli", "report", str(run)], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (run / "report.html").exists() and "report:" in r.stdout
+    # the terminal gets `plot: path` lines, report.md its image tags
+    shown = [Path(ln.removeprefix("plot: ")) for ln in r.stdout.splitlines() if ln.startswith("plot: ")]
+    assert "![" not in r.stdout and shown and all(p.exists() for p in shown)
+    assert (run / "report.md").read_text().count("![") == len(shown)
     for args, msg in (([str(tmp_path / "nope")], "no such folder"), ([str(tmp_path / "empty")], "no records")):
         (tmp_path / "empty").mkdir(exist_ok=True)
         r = subprocess.run([sys.executable, "-m", "harness.cli", "report", *args], cwd=ROOT, capture_output=True, text=True)

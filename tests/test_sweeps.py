@@ -35,6 +35,7 @@ def test_joblib_sweep_has_one_combined_report_and_resumes(tmp_path: Path) -> Non
     assert len(tidy) == 6 and sorted(set(tidy["model.latent"])) == [2, 8]
     assert (sweep_dir / "report.html").exists() and "sweep report (6 records: 6 ok" in r.stdout
     assert "sweep: " in r.stdout and " left | [1/1]" in r.stdout  # the progress line
+    assert "recovered" not in r.stdout  # runs side by side are live: none finalizes another's jobs
     # `vaebench report` over the sweep folder gives the same table
     rebuilt = tmp_path / "rebuilt"
     assert subprocess.run([sys.executable, "-m", "harness.cli", "report", str(sweep_dir), "-o", str(rebuilt)],
