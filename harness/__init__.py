@@ -3,26 +3,55 @@
 This package is framework-neutral: importing it loads none of torch, tensorflow, jax.
 Notebook use::
 
-    from harness import load_backend, ModelSpec, init_params, data
-    ds = data.load("digits")
-    b = load_backend("torch", ModelSpec(x_dim=ds.x_dim), dtype="float64")
+    from harness import load_backend, MlpSpec, init_params, data
+    ds = data.load("digits").flat()
+    b = load_backend("torch", MlpSpec(x_dim=ds.x_dim), dtype="float64")
     b.terms(ds.x_train[:32], np.random.default_rng(0).standard_normal((32, 8)))
 """
 
-from harness.api import (
-    Backend,
-    FrameworkUnavailable,
-    ModelSpec,
-    OptimSpec,
-    RuntimeSpec,
-    Terms,
-    load_backend,
-)
-from harness.init import init_params
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from harness.api import (
+        Backend,
+        ConvSpec,
+        FrameworkUnavailable,
+        LinearSpec,
+        MlpSpec,
+        ModelSpec,
+        OptimSpec,
+        RuntimeSpec,
+        Terms,
+        load_backend,
+    )
+    from harness.init import init_params
+
+#: the public names, imported on first use: `import impls.<name>` (a framework's declaration,
+#: which imports `harness.frameworks`) must not build the framework registry while it runs
+_LAZY = {
+    **dict.fromkeys(("Backend", "FrameworkUnavailable", "ModelSpec", "MlpSpec", "LinearSpec", "ConvSpec", "OptimSpec",
+                     "RuntimeSpec", "Terms", "load_backend"), "harness.api"),
+    "init_params": "harness.init",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'harness' has no attribute {name!r}")
+
 
 __all__ = [
     "Backend",
+    "ConvSpec",
     "FrameworkUnavailable",
+    "LinearSpec",
+    "MlpSpec",
     "ModelSpec",
     "OptimSpec",
     "RuntimeSpec",

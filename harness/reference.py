@@ -2,12 +2,16 @@
 and the optimizers.
 
 Tests and the conformance measure compare every backend against this. It shares only the
-canonical parameter layout with the backends, no code.
+canonical parameter layout with the backends, no code: the layers' forward and backward are
+the model kind's own NumPy oracle (`np_forward` / `np_backward` in `harness.models.<kind>`),
+never the ops the frameworks run. Arrays are canonical: images NHWC.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -16,26 +20,27 @@ from harness.api import TERMS, ModelSpec, OptimSpec, Terms
 LOG_2PI = float(np.log(2.0 * np.pi))
 
 
-def _mlp(params: Mapping[str, np.ndarray], block: str, h: np.ndarray, spec: ModelSpec) -> np.ndarray:
-    return _forward(params, block, h, spec)[0]
-
-
 def encode(params: Mapping[str, np.ndarray], x: np.ndarray, spec: ModelSpec) -> tuple[np.ndarray, np.ndarray]:
-    out = _mlp(params, "encoder", x, spec)
+    out = _forward(params, "encoder", x, spec)[0]
     return out[..., : spec.latent], out[..., spec.latent :]
 
 
 def decode(params: Mapping[str, np.ndarray], z: np.ndarray, spec: ModelSpec) -> np.ndarray:
-    return _mlp(params, "decoder", z, spec)
+    return _forward(params, "decoder", z, spec)[0]
+
+
+def _event(spec: ModelSpec) -> tuple[int, ...]:
+    """The axes of one example (the last one, or an image's last three)."""
+    return tuple(range(-len(spec.input_shape), 0))
 
 
 def log_px_given_z(out: np.ndarray, x: np.ndarray, spec: ModelSpec) -> np.ndarray:
-    """log p(x|z) summed over dimensions; `out` is logits or Gaussian means."""
+    """log p(x|z) summed over one example's values; `out` is logits or Gaussian means."""
     if spec.likelihood == "bernoulli":
         # x*l - softplus(l), stably
-        return np.sum(x * out - np.logaddexp(0.0, out), axis=-1)
+        return np.sum(x * out - np.logaddexp(0.0, out), axis=_event(spec))
     s = spec.obs_sigma
-    return np.sum(-0.5 * ((x - out) / s) ** 2 - np.log(s) - 0.5 * LOG_2PI, axis=-1)
+    return np.sum(-0.5 * ((x - out) / s) ** 2 - math.log(s) - 0.5 * LOG_2PI, axis=_event(spec))
 
 
 def terms(params: Mapping[str, np.ndarray], x: np.ndarray, eps: np.ndarray, spec: ModelSpec) -> Terms:
@@ -53,10 +58,11 @@ def activation_pattern(params: Mapping[str, np.ndarray], x: np.ndarray, eps: np.
     """Signs of every hidden pre-activation (encoder and decoder) as one flat boolean array.
     Two parameter points with the same pattern lie on the same smooth piece of a ReLU net."""
     # a hidden layer's activation (relu or tanh) is > 0 exactly where its pre-activation is
-    out, enc_inputs = _forward(params, "encoder", x, spec)
+    out, enc_cache = _forward(params, "encoder", x, spec)
     mu, logvar = out[..., : spec.latent], out[..., spec.latent :]
-    _, dec_inputs = _forward(params, "decoder", mu + np.exp(0.5 * logvar) * eps, spec)
-    signs = [(h > 0).ravel() for h in enc_inputs[1:] + dec_inputs[1:]]
+    _, dec_cache = _forward(params, "decoder", mu + np.exp(0.5 * logvar) * eps, spec)
+    hidden = spec.module.np_pre_activations(enc_cache) + spec.module.np_pre_activations(dec_cache)
+    signs = [(h > 0).ravel() for h in hidden]
     return np.concatenate(signs) if signs else np.zeros(0, dtype=bool)
 
 
@@ -80,46 +86,17 @@ def iwae(params: Mapping[str, np.ndarray], x: np.ndarray, eps: np.ndarray, spec:
 # -- backward pass ------------------------------------------------------------------------
 
 
-def _forward(
-    params: Mapping[str, np.ndarray], block: str, h: np.ndarray, spec: ModelSpec
-) -> tuple[np.ndarray, list[np.ndarray]]:
-    """`block`'s output and the input of each of its layers (the previous layer's activation)."""
-    inputs = []
-    n = spec.n_layers(block)
-    for i in range(n):
-        inputs.append(h)
-        h = h @ params[f"{block}.{i}.weight"] + params[f"{block}.{i}.bias"]
-        if i < n - 1:
-            h = np.maximum(h, 0.0) if spec.activation == "relu" else np.tanh(h)
-    return h, inputs
+def _forward(params: Mapping[str, np.ndarray], block: str, h: np.ndarray, spec: ModelSpec) -> tuple[np.ndarray, Any]:
+    """`block`'s output and its cache for the backward pass (the kind's NumPy oracle)."""
+    return spec.module.np_forward(params, block, h, spec)  # type: ignore[no-any-return]
 
 
-def _backward(
-    params: Mapping[str, np.ndarray],
-    block: str,
-    inputs: list[np.ndarray],
-    d: np.ndarray,
-    spec: ModelSpec,
-    out: dict[str, np.ndarray],
-    per_example: bool = False,
-) -> np.ndarray:
-    """Backprop d = dF/d(block output) through `block`: writes its weight/bias grads into `out`
-    (summed over all leading axes; with `per_example`, summed over all but the batch axis, the
-    second to last, so that each has a leading batch axis) and returns dF/d(block input)."""
-    for i in reversed(range(spec.n_layers(block))):
-        h, w = inputs[i], params[f"{block}.{i}.weight"]
-        if per_example:
-            h = np.broadcast_to(h, d.shape[:-1] + h.shape[-1:]).reshape(-1, *d.shape[-2:-1], h.shape[-1])
-            out[f"{block}.{i}.weight"] = np.einsum("kbi,kbj->bij", h, d.reshape(-1, *d.shape[-2:]))
-            out[f"{block}.{i}.bias"] = d.reshape(-1, *d.shape[-2:]).sum(axis=0)
-        else:
-            d2 = d.reshape(-1, d.shape[-1])
-            out[f"{block}.{i}.weight"] = h.reshape(-1, h.shape[-1]).T @ d2
-            out[f"{block}.{i}.bias"] = d2.sum(axis=0)
-        d = d @ w.T
-        if i > 0:  # through the activation that produced h; relu'(0) = 0 (h > 0 iff pre-activation > 0)
-            d = d * ((h > 0) if spec.activation == "relu" else 1.0 - h**2)
-    return d
+def _backward(params: Mapping[str, np.ndarray], block: str, cache: Any, d: np.ndarray, spec: ModelSpec,
+              out: dict[str, np.ndarray], per_example: bool = False) -> np.ndarray:
+    """Backprop d = dF/d(block output) through `block`: writes its parameters' gradients into
+    `out` (summed over all leading axes; with `per_example`, over all but the batch axis, which
+    then leads) and returns dF/d(block input)."""
+    return spec.module.np_backward(params, block, cache, d, spec, out, per_example)  # type: ignore[no-any-return]
 
 
 def grads(
@@ -141,7 +118,7 @@ def grads(
             dll = x - np.exp(-np.logaddexp(0.0, -out))  # x - sigmoid(out)
         else:
             dll = (x - out) / spec.obs_sigma**2
-        n = out.size // out.shape[-1]  # B, or K*B: mean over B of the mean over K
+        n = out.size // int(np.prod(spec.input_shape))  # B, or K*B: mean over B of the mean over K
         dz = _backward(params, "decoder", dec_in, -dll / n, spec, g)
         if not spec.stop_gradient_z:  # z = mu + exp(0.5*logvar)*eps
             lead = (0,) if eps.ndim == 3 else ()
@@ -186,7 +163,8 @@ def iwae_grads(
     w = np.exp(log_w - log_w.max(axis=0))
     scale = -(w / w.sum(axis=0)) / (1.0 if per_example else len(x))  # dF/dlog w_kb, F = -mean_b IWAE_b
     dll = _dlog_px(out, x, spec)
-    dz = _backward(params, "decoder", dec_in, scale[..., None] * dll, spec, g, per_example)
+    per_value = scale.reshape(scale.shape + (1,) * len(spec.input_shape))  # one weight per example's values
+    dz = _backward(params, "decoder", dec_in, per_value * dll, spec, g, per_example)
     dz = dz - scale[..., None] * z  # log N(z; 0, I)
     dlogvar = np.broadcast_to(0.5 * scale.sum(axis=0)[:, None], logvar.shape)  # -log q along the path
     if spec.stop_gradient_z:  # z constant: -log q(z|x) = sum(LOG_2PI + logvar + (z-mu)^2 exp(-logvar))/2

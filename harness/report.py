@@ -4,7 +4,8 @@ built from records alone, for one run or several runs and sweeps combined.
     vaebench report results/runs/<run>                 # rebuild that run's report in place
     vaebench report results/runs/a results/runs/b -o results/combined
 
-Rows carry every config key that differs between the records combined (and the framework
+Rows carry every config key that differs between the records combined and that their measure
+reads (its READS), the measure's version where it differs (and the framework
 version, device and commit where those differ for one framework); records that differ only in
 their seed are aggregated to mean ± std. Of records with the same config (`records.config_hash`:
 say a killed run and its resumed run) only the newest `ok` one is kept (else the newest), and the
@@ -36,7 +37,14 @@ from tabulate import tabulate
 from harness import measures
 from harness.measures import MEASURES
 from harness.measures.common import Num, Summary, by_framework
-from harness.records import config_hash, measured_config, read_records, recover_stopped_runs, write_atomic
+from harness.records import (
+    config_hash,
+    measure_version,
+    measured_config,
+    read_records,
+    recover_stopped_runs,
+    write_atomic,
+)
 
 #: environment facts that become columns when they differ for one framework: (column, env key)
 ENV_COLUMNS = (("version", "framework_version"), ("device", "device_name"), ("cpu", "cpu_model"), ("commit", "git_commit"))
@@ -65,11 +73,13 @@ def _short(key: str, value: Any) -> Any:
 
 
 def variant_keys(records: Sequence[dict[str, Any]], by_run: bool = False) -> list[str]:
-    """Config keys whose values differ between `records`, then env columns that differ for one
+    """"measure_version" where the measure's versions differ, then the config keys (that the
+    measure reads) whose values differ between `records`, then env columns that differ for one
     framework, then (`by_run`) "run" where run ids differ; "seed" (if it differs) last."""
     configs = [measured_config(r) for r in records]
     keys = sorted({k for c in configs for k in c})
-    differ = [k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1]
+    differ = ["measure_version"] if len({measure_version(r) for r in records}) > 1 else []
+    differ += [k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1]
     for col, env_key in ENV_COLUMNS:
         per_fw: dict[str, set[str]] = {}
         for r in records:
@@ -85,7 +95,8 @@ def variant_keys(records: Sequence[dict[str, Any]], by_run: bool = False) -> lis
 
 def variant_of(rec: dict[str, Any], keys: Iterable[str]) -> dict[str, Any]:
     cfg, env, cols = measured_config(rec), rec.get("env") or {}, dict(ENV_COLUMNS)
-    return {k: rec["run_id"] if k == "run" else _short(k, env.get(cols[k])) if k in cols else cfg.get(k) for k in keys}
+    special = {"run": rec["run_id"], "measure_version": measure_version(rec)}
+    return {k: special[k] if k in special else _short(k, env.get(cols[k])) if k in cols else cfg.get(k) for k in keys}
 
 
 def newest_per_config(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

@@ -158,3 +158,25 @@ def like(cls: type, name: str, default: Any = dataclasses.MISSING) -> Any:
     if isinstance(value, list):
         return dataclasses.field(default_factory=lambda: list(value), metadata=f.metadata)
     return dataclasses.field(default=value, metadata=f.metadata)
+
+
+def _hydra_type(tp: Any) -> Any:
+    """The type OmegaConf can hold for a spec field's type: a Literal is a str (its choices are
+    on the field), a tuple of X a list of X."""
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is Literal:
+        return str
+    if origin is tuple:
+        return list[args[0]]  # type: ignore[valid-type]
+    return tp
+
+
+def config_class(spec: type, name: str, skip: tuple[str, ...] = ()) -> type:
+    """A Hydra config dataclass with the fields of `spec` (less `skip`), their defaults and
+    rules: the config group and the library's spec are declared once."""
+    hints = typing.get_type_hints(spec)
+    fields: list[tuple[str, Any, Any]] = []
+    for f in dataclasses.fields(spec):
+        if f.name not in skip:
+            fields.append((f.name, _hydra_type(hints[f.name]), like(spec, f.name)))
+    return dataclasses.make_dataclass(name, fields)

@@ -1,6 +1,8 @@
-"""The specs and choices every other module shares. Imports only the leaf `harness.schema`, so
-`api`, `init`, `config`, `data` and the measures all build on it without a cycle. Each choice
-list is written once, as a Literal alias; `choices(Alias)` gives its values.
+"""The specs and choices every other module shares. Imports only the leaves `harness.schema` and
+`harness.frameworks`, so `api`, `init`, `config`, `data` and the measures all build on it without
+a cycle. Each choice list is written once, as a Literal alias (`choices(Alias)` gives its values),
+except the frameworks and their modes: those come from the registry (`harness.frameworks`, each
+framework's `FACTS` in `impls/<name>/__init__.py`).
 
 The specs validate themselves when built (`__post_init__`, the rules declared on their fields
 with `harness.schema.setting`): the library API refuses what the CLI refuses, with the same
@@ -16,19 +18,23 @@ from typing import Any, Literal, get_args
 
 import numpy as np
 
+from harness import frameworks as _registry
 from harness.schema import ConfigError, check, setting
 
-Framework = Literal["torch", "tensorflow", "jax"]
+#: a framework's name: one of `FRAMEWORKS` (the registry; validated where it is used)
+Framework = str
 Dtype = Literal["float32", "float64"]
 Device = Literal["cpu", "gpu", "auto"]
 Likelihood = Literal["bernoulli", "gaussian"]
 Activation = Literal["relu", "tanh"]
 Freeze = Literal["none", "encoder", "decoder"]
 OptimName = Literal["adam", "sgd"]
-ModelKind = Literal["mlp", "linear"]
-DataSource = Literal["digits", "synthetic", "mnist", "fashion_mnist"]
+DataSource = Literal["digits", "synthetic", "mnist", "fashion_mnist", "mnist5k"]
 #: torch.compile modes (torch only; "reduce-overhead" adds CUDA graphs: small GPU steps are launch-bound)
 TorchCompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+
+
+ConvTranspose = Literal["native", "dilated"]
 
 
 def choices(alias: Any) -> tuple[str, ...]:
@@ -40,17 +46,14 @@ Term = Literal["loss", "recon", "kl"]
 TERMS: tuple[Term, ...] = ("loss", "recon", "kl")
 BLOCKS: tuple[str, ...] = ("encoder", "decoder")
 
-FRAMEWORKS: tuple[str, ...] = choices(Framework)
+#: The registered frameworks, in their declared order (`harness.frameworks.registry`).
+FRAMEWORKS: tuple[str, ...] = _registry.names()
 #: Modes each framework implements. "eager" runs op by op everywhere; the others compile.
-FRAMEWORK_MODES: dict[str, tuple[str, ...]] = {
-    "torch": ("eager", "compiled"),
-    "tensorflow": ("eager", "function", "xla"),
-    "jax": ("eager", "jit"),
-}
+FRAMEWORK_MODES: dict[str, tuple[str, ...]] = {n: f.modes for n, f in _registry.registry().items()}
 #: What the generic mode name "compiled" means in each framework.
-COMPILED_ALIAS: dict[str, str] = {"torch": "compiled", "tensorflow": "xla", "jax": "jit"}
+COMPILED_ALIAS: dict[str, str] = {n: f.compiled for n, f in _registry.registry().items()}
 #: The Python module each framework is imported as (to check availability without importing).
-FRAMEWORK_MODULES: dict[str, str] = {"torch": "torch", "tensorflow": "tensorflow", "jax": "jax"}
+FRAMEWORK_MODULES: dict[str, str] = {n: f.module for n, f in _registry.registry().items()}
 
 
 class FrameworkUnavailable(RuntimeError):
@@ -65,61 +68,6 @@ def _normalize(obj: Any, **values: Any) -> None:
     """Set fields of a frozen dataclass in its `__post_init__`."""
     for k, v in values.items():
         object.__setattr__(obj, k, v)
-
-
-def _ints(value: Any) -> Any:
-    """A list or tuple of (NumPy) integers as a tuple of ints; anything else unchanged (and
-    refused by the type check: a string is not a list of sizes)."""
-    if isinstance(value, list | tuple) and all(isinstance(v, int | np.integer) and not isinstance(v, bool) for v in value):
-        return tuple(int(v) for v in value)
-    return value
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """The VAE's shape. Encoder: x_dim -> hidden... -> 2*latent (mean first, then
-    log-variance). Decoder: latent -> reversed(hidden)... -> x_dim (Bernoulli logits or
-    Gaussian mean with fixed standard deviation `obs_sigma`). Validated when built."""
-
-    x_dim: int = setting(64, gt=0)
-    hidden: tuple[int, ...] = setting((128,), gt=0)
-    latent: int = setting(8, gt=0)
-    likelihood: Likelihood = setting("bernoulli", choices=choices(Likelihood))
-    activation: Activation = setting("relu", choices=choices(Activation))
-    obs_sigma: float = setting(1.0, gt=0)  # the Gaussian likelihood's standard deviation
-    stop_gradient_z: bool = False  # negative control: detach z from the encoder
-    freeze: Freeze = setting("none", choices=choices(Freeze))  # block that gets no gradient
-    kind: ModelKind = setting("mlp", choices=choices(ModelKind))  # linear: no hidden layers
-
-    def __post_init__(self) -> None:
-        _normalize(self, hidden=_ints(self.hidden), x_dim=_int(self.x_dim), latent=_int(self.latent))
-        check(self, "ModelSpec.")
-        _normalize(self, obs_sigma=float(self.obs_sigma))
-        if self.kind == "linear" and self.hidden:
-            raise ConfigError("ModelSpec.hidden", f"the linear model has no hidden layers, got {list(self.hidden)}; "
-                                                  "set hidden=[]")
-
-    def layer_dims(self, block: str) -> list[tuple[int, int]]:
-        """(in, out) of each dense layer of `block`, in order."""
-        if block == "encoder":
-            sizes = [self.x_dim, *self.hidden, 2 * self.latent]
-        elif block == "decoder":
-            sizes = [self.latent, *reversed(self.hidden), self.x_dim]
-        else:
-            raise ValueError(f"unknown block {block!r}")
-        return list(zip(sizes[:-1], sizes[1:]))
-
-    def param_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Canonical parameter names and shapes, encoder first, layers in order."""
-        shapes: dict[str, tuple[int, ...]] = {}
-        for block in BLOCKS:
-            for i, (n_in, n_out) in enumerate(self.layer_dims(block)):
-                shapes[f"{block}.{i}.weight"] = (n_in, n_out)
-                shapes[f"{block}.{i}.bias"] = (n_out,)
-        return shapes
-
-    def n_layers(self, block: str) -> int:
-        return len(self.layer_dims(block))
 
 
 def _int(value: Any) -> Any:
@@ -148,7 +96,7 @@ class OptimSpec:
 
 
 #: every framework's modes, and the generic "compiled" (a framework checks its own: `resolve_mode`)
-ALL_MODES: tuple[str, ...] = ("eager", "compiled", "function", "xla", "jit")
+ALL_MODES: tuple[str, ...] = tuple(dict.fromkeys(("eager", "compiled", *(m for ms in FRAMEWORK_MODES.values() for m in ms))))
 
 
 @dataclass(frozen=True)
@@ -163,6 +111,10 @@ class RuntimeSpec:
     threads: int = setting(0, ge=0)  # 0: the framework's default
     allow_tf32: bool = False  # reduced-precision matmuls off unless asked
     compile_mode: TorchCompileMode = setting("default", choices=choices(TorchCompileMode))  # torch.compile's mode
+    # how a transposed convolution is computed: each framework's own op (native), or its
+    # definition, zeros between the input's values and a plain convolution (dilated): the same
+    # numbers, another speed (XLA's CPU backward of its own op is slow); throughput reports both
+    conv_transpose: ConvTranspose = setting("native", choices=choices(ConvTranspose))
 
     def __post_init__(self) -> None:
         _normalize(self, seed=_int(self.seed), threads=_int(self.threads))

@@ -42,6 +42,8 @@ from omegaconf import OmegaConf
 from harness.api import FRAMEWORK_MODULES, DeviceUnavailable, FrameworkUnavailable
 from harness.config import AppConfig, to_app_config
 from harness.fingerprint import framework_isa
+from harness.frameworks import JobSettings, registry
+from harness.frameworks import get as get_facts
 from harness.job import Job, Result, partial_path, read_partial, read_spec, stop_signal, write_spec
 from harness.measures import MEASURES, precision
 from harness.records import REPO_ROOT, RecordError, host_env, make_record, read_record, write_record
@@ -55,18 +57,19 @@ def app_config(job: Job) -> AppConfig:
     return to_app_config(OmegaConf.create(job.config))
 
 
-def child_env(c: AppConfig, measure: str) -> dict[str, str]:
-    """Environment for a job's process, set before any framework is imported."""
+def child_env(c: AppConfig, measure: str, cache_dir: str | None = None) -> dict[str, str]:
+    """Environment for a job's process, set before any framework is imported: what every
+    registered framework asks for (`FrameworkFacts.env_before_import`: memory growth, float64,
+    platforms, its compile cache in `cache_dir` ...), CUDA hidden for `device=cpu`, the thread
+    variables."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"  # JAX: allocate GPU memory as needed
-    env["TF_FORCE_GPU_ALLOW_GROWTH"] = "true"  # TensorFlow: memory growth on
-    if "float64" in precision(measure, c):
-        env["JAX_ENABLE_X64"] = "1"  # JAX refuses float64 arrays without it
+    settings = JobSettings(device=c.framework.device, float64="float64" in precision(measure, c),
+                           threads=c.framework.threads, cache_dir=cache_dir, inherited=dict(env))
+    for facts in registry().values():
+        env.update(facts.env(settings))
     if c.framework.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
-        env["JAX_PLATFORMS"] = "cpu"
     if c.framework.threads > 0:
         n = str(c.framework.threads)
         env.update(OMP_NUM_THREADS=n, MKL_NUM_THREADS=n, OPENBLAS_NUM_THREADS=n)
@@ -75,10 +78,12 @@ def child_env(c: AppConfig, measure: str) -> dict[str, str]:
 
 def install_command(framework: str) -> str:
     """The exact command that installs `framework` (the package's extra) into this Python."""
+    facts = get_facts(framework)
+    extra = facts.extra if facts is not None else framework
     py = shlex.quote(sys.executable)
     if (REPO_ROOT / "pyproject.toml").exists():  # a source checkout
-        return f"{py} -m pip install -e {shlex.quote(f'{REPO_ROOT}[{framework}]')}"
-    return f"{py} -m pip install 'vaebench[{framework}]'"
+        return f"{py} -m pip install -e {shlex.quote(f'{REPO_ROOT}[{extra}]')}"
+    return f"{py} -m pip install 'vaebench[{extra}]'"
 
 
 #: what frameworks say when an allocation fails (torch: RuntimeError "can't allocate memory",
@@ -244,12 +249,10 @@ def run_job(job: Job, c: AppConfig, jobs_dir: Path, lock_fd: int | None = None) 
     record_path.unlink(missing_ok=True)
     partial_path(record_path).unlink(missing_ok=True)  # an earlier attempt's
     tail: list[bytes] = []
-    # compile caches start empty for every job, so compile times are cold, not a leftover
-    # of an earlier run (torch.compile keeps an on-disk cache across processes by default)
+    # compile caches start empty for every job, so compile times are cold, not a leftover of an
+    # earlier run: a framework that keeps an on-disk cache across processes points it here
     cache_dir = tempfile.mkdtemp(prefix="vaebench-compile-cache-")
-    env = child_env(c, job.measure)
-    env["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
-    env["TRITON_CACHE_DIR"] = os.path.join(cache_dir, "triton")
+    env = child_env(c, job.measure, cache_dir)
     env[PARENT_ENV] = str(os.getpid())  # the worker ends itself if this process dies
 
     def pump(proc: subprocess.Popen[bytes]) -> None:  # forward the child's stderr (progress bars) and keep its tail

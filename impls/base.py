@@ -28,12 +28,14 @@ import contextlib
 import dataclasses
 import functools
 import math
+import types
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, TypedDict, TypeVar
 
 import numpy as np
 
 from harness.api import TERMS, ModelSpec, OptimSpec, RuntimeSpec, Term, Terms, resolve_mode
+from harness.models.base import Param
 
 #: IWAE samples evaluated per chunk: bounds the device memory of `log_likelihood` to
 #: IWAE_CHUNK x batch x (widest layer) activations, whatever k is.
@@ -81,6 +83,16 @@ def check_runtime(framework: str, runtime: RuntimeSpec) -> RuntimeSpec:
     mode and the choices otherwise."""
     mode = resolve_mode(framework, runtime.mode)
     return runtime if mode == runtime.mode else dataclasses.replace(runtime, mode=mode)
+
+
+def formulation(ops: Any, runtime: RuntimeSpec | str) -> Any:
+    """The framework's ops as this runtime asks: `conv_transpose=dilated` puts the ops'
+    `conv2d_transpose_dilated` (the same numbers, its definition computed directly) in place of
+    `conv2d_transpose` (the framework's own op)."""
+    if (runtime if isinstance(runtime, str) else runtime.conv_transpose) == "native":
+        return ops
+    return types.SimpleNamespace(**{k: getattr(ops, k) for k in dir(ops) if not k.startswith("__")},
+                                 conv2d_transpose=ops.conv2d_transpose_dilated)
 
 
 def shape_of(x: Any) -> tuple[int, ...] | None:
@@ -238,6 +250,10 @@ class BackendBase:
     """
 
     name: ClassVar[str]
+    #: the framework's primitive ops (`impls.<fw>.ops`): what `harness.vae` and the model kinds run on
+    ops_module: ClassVar[Any]
+    #: those ops in the formulation the runtime asks for (`formulation`)
+    ops: Any
     spec: ModelSpec
     optim: OptimSpec
     runtime: RuntimeSpec
@@ -246,10 +262,15 @@ class BackendBase:
 
     def __init__(self, spec: ModelSpec, optim: OptimSpec, runtime: RuntimeSpec) -> None:
         self.runtime = check_runtime(self.name, runtime)
+        self.ops = formulation(type(self).ops_module, self.runtime)
         self.spec, self.optim = spec, optim
         self.np_dtype: np.dtype = np.dtype(self.runtime.dtype)
         self.compiled: bool = self.runtime.mode != "eager"
         self._param_shapes = spec.param_shapes()
+        # canonical layout outside, the framework's own inside (`ops.to_native`): the shapes
+        # the backend creates its tensors in
+        self._params_desc: dict[str, Param] = spec.params()
+        self._native_shapes = {k: self.ops.to_native(p, np.empty(p.shape)).shape for k, p in self._params_desc.items()}
         # traces/compilations, by function: incremented by the frameworks' `_compile`
         self._compiles: dict[str, int] = {"step": 0, "log_likelihood": 0}
         self._setup()
@@ -261,23 +282,57 @@ class BackendBase:
         """Load canonical weights (`encoder.<i>.weight` in x out, ...): every canonical name,
         nothing else, in the canonical shape (ValueError otherwise). Resets the optimizer
         state to zero (step 0)."""
-        self._set_params(check_params(params, self._param_shapes, self.runtime.dtype))
+        self._set_params(self._native(check_params(params, self._param_shapes, self.runtime.dtype)))
 
     def get_params(self) -> dict[str, np.ndarray]:
         """Host copies of the weights, canonical names and order, in the backend's dtype."""
-        got = self._get_params()
-        return {k: got[k] for k in self._param_shapes}
+        got = self._get_params()  # a framework may hold them in another order (JAX's pytrees sort their keys)
+        return self._canonical({k: got[k] for k in self._param_shapes})
+
+    def _native(self, arrays: Mapping[str, np.ndarray], prefix: str = "") -> dict[str, np.ndarray]:
+        """Canonical arrays named `<prefix><param>` (parameters, their gradients or moments) in the
+        framework's layout (contiguous copies); other names (a step count) pass as they are."""
+        out = {}
+        for k, a in arrays.items():
+            p = self._params_desc.get(k[len(prefix):]) if k.startswith(prefix) else None
+            out[k] = a if p is None else np.ascontiguousarray(self.ops.to_native(p, a))
+        return out
+
+    def _canonical(self, arrays: Mapping[str, np.ndarray], prefix: str = "") -> dict[str, np.ndarray]:
+        """The inverse of `_native`, in canonical order of the names given (leading axes, such as
+        per-example gradients', pass through)."""
+        out = {}
+        for k, a in arrays.items():
+            p = self._params_desc.get(k[len(prefix):]) if k.startswith(prefix) else None
+            out[k] = a if p is None or a is None else np.ascontiguousarray(self.ops.from_native(p, a))
+        return out
 
     # -- optimizer state ----------------------------------------------------------------------
     def get_state(self) -> dict[str, np.ndarray]:
         """The optimizer state under canonical names (see `harness.api.Backend.get_state`)."""
         got = self._get_state()
-        return {k: got[k] for k in state_shapes(self.spec, self.optim)}
+        return {k: self._canonical_state(k, got[k]) for k in state_shapes(self.spec, self.optim)}
 
     def set_state(self, state: Mapping[str, np.ndarray]) -> None:
         """Load a canonical optimizer state (see `harness.api.Backend.set_state`); validated
         first, so a rejected state changes nothing. Never recompiles the step."""
-        self._set_state(check_state(state, state_shapes(self.spec, self.optim), self.runtime.dtype))
+        checked = check_state(state, state_shapes(self.spec, self.optim), self.runtime.dtype)
+        self._set_state({k: self._native_state(k, a) for k, a in checked.items()})
+
+    def _state_param(self, key: str) -> Param | None:
+        """The parameter an optimizer-state key holds a moment of (`adam.m.<param>`, ...)."""
+        for prefix in ("adam.m.", "adam.v.", "sgd.momentum."):
+            if key.startswith(prefix):
+                return self._params_desc[key[len(prefix):]]
+        return None
+
+    def _native_state(self, key: str, a: np.ndarray) -> np.ndarray:
+        p = self._state_param(key)
+        return a if p is None else np.ascontiguousarray(self.ops.to_native(p, a))
+
+    def _canonical_state(self, key: str, a: np.ndarray) -> np.ndarray:
+        p = self._state_param(key)
+        return a if p is None else np.ascontiguousarray(self.ops.from_native(p, a))
 
     # -- data ---------------------------------------------------------------------------------
     def put(self, x: Any) -> Any:
@@ -287,7 +342,7 @@ class BackendBase:
         already have the backend's dtype and shape (batch, x_dim), and is returned as is (its
         values are not read: that would sync). ValueError otherwise, naming what is wrong."""
         if self._tensor_dtype(x) is not None:
-            self._check_batch(shape_of(x))
+            self._check_batch(shape_of(x), native=True)
             return self._stage(x)
         a = self._host(x, "x")
         self._check_batch(a.shape)
@@ -297,7 +352,7 @@ class BackendBase:
         if self.spec.likelihood == "bernoulli" and a.size and (a.min() < 0 or a.max() > 1):
             raise ValueError(f"x holds values in [{a.min():g}, {a.max():g}], but the Bernoulli likelihood needs data in "
                              "[0, 1]: binarize or rescale it, or use likelihood='gaussian'")
-        return self._to_device(np.asarray(a, dtype=self.np_dtype))
+        return self._to_device(np.asarray(self.ops.input_to_native(a, self.spec.input_shape), dtype=self.np_dtype))
 
     def _host(self, x: Any, what: str) -> np.ndarray:
         """`x` as a numeric NumPy array; ValueError naming `what` otherwise."""
@@ -309,10 +364,15 @@ class BackendBase:
             raise ValueError(f"put needs a numeric array (bool, int or float) for {what}, got dtype {a.dtype}")
         return a
 
-    def _check_batch(self, shape: tuple[int, ...] | None) -> None:
-        if shape is not None and (len(shape) != 2 or shape[1] != self.spec.x_dim or shape[0] < 1):
-            raise ValueError(f"x must have shape (batch, {self.spec.x_dim}): a batch of at least one example of this "
-                             f"model's x_dim = {self.spec.x_dim}, got shape {shape}")
+    def _check_batch(self, shape: tuple[int, ...] | None, native: bool = False) -> None:
+        """x must be (batch, *input) with batch >= 1: the canonical input (NumPy), or a tensor in
+        the framework's own layout (what `put` made)."""
+        want = self.ops.native_input(self.spec.input_shape) if native else self.spec.input_shape
+        if shape is not None and (len(shape) != 1 + len(want) or tuple(shape[1:]) != tuple(want) or shape[0] < 1):
+            what = ", ".join(map(str, want))
+            layout = " in this framework's layout" if native and tuple(want) != self.spec.input_shape else ""
+            raise ValueError(f"x must have shape (batch, {what}): a batch of at least one example of this model's input"
+                             f"{layout}, got shape {shape}")
 
     def _noise(self, eps: Any, batch: int | None, *, samples: bool = True, what: str = "eps") -> Any:
         """Stage noise `eps` of shape (batch, latent) or, with `samples`, (K, batch, latent);
@@ -361,6 +421,14 @@ class BackendBase:
             recon, kl = self._loss_terms(xd, self._noise(eps, self._rows(xd)))
         return Terms(recon=recon, kl=kl)
 
+    def encode(self, x: Any) -> tuple[np.ndarray, np.ndarray]:
+        """The encoder's q(z|x) = N(mean, exp(logvar)) per example: (mean, logvar), host arrays
+        of shape (B, latent): what measures read of the encoder (collapse diagnostics, local
+        inference's start), from the framework's own forward pass."""
+        xd = self.put(x)
+        with self._scope():
+            return self._encode(xd)
+
     def grads(self, x: Any, eps: np.ndarray, term: Term) -> dict[str, np.ndarray]:
         """Gradient of the batch mean of `term` ("loss", "recon" or "kl"; ValueError
         otherwise) w.r.t. every canonical parameter, as host arrays in canonical order:
@@ -369,11 +437,8 @@ class BackendBase:
         xd = self.put(x)
         with self._scope():
             gs = self._grads(xd, self._noise(eps, self._rows(xd)), term)
-        out: dict[str, np.ndarray] = {}
-        for k, shape in self._param_shapes.items():
-            g = gs.get(k)
-            out[k] = np.zeros(shape, dtype=self.np_dtype) if g is None else g
-        return out
+        got = self._canonical({k: g for k, g in gs.items() if g is not None})
+        return {k: got[k] if k in got else np.zeros(shape, dtype=self.np_dtype) for k, shape in self._param_shapes.items()}
 
     def iwae_grads(self, x: Any, eps: np.ndarray, per_example: bool = False) -> dict[str, np.ndarray]:
         """Gradient of the NEGATIVE IWAE-K bound (a loss, like `grads(..., "loss")` of -ELBO)
@@ -399,8 +464,8 @@ class BackendBase:
         with self._scope():
             gs = self._iwae_grads(xd, self._noise(eps, batch), bool(per_example))
         lead = (batch,) if per_example else ()
-        return {k: (np.zeros(lead + s, dtype=self.np_dtype) if gs.get(k) is None else gs[k])  # type: ignore[misc]
-                for k, s in self._param_shapes.items()}
+        got = self._canonical({k: g for k, g in gs.items() if g is not None})
+        return {k: (np.zeros(lead + s, dtype=self.np_dtype) if k not in got else got[k]) for k, s in self._param_shapes.items()}
 
     def local_grads(self, x: Any, mu: np.ndarray, logvar: np.ndarray, eps: np.ndarray) -> tuple[Terms, np.ndarray, np.ndarray]:
         """Local (non-amortised) inference: q_b = N(mu_b, diag exp(logvar_b)) given per example
@@ -547,6 +612,10 @@ class BackendBase:
 
     def _loss_terms(self, x: Any, eps: Any) -> tuple[np.ndarray, np.ndarray]:
         """Per-example (recon, kl) as host arrays, no gradient."""
+        raise NotImplementedError
+
+    def _encode(self, x: Any) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, logvar) of q(z|x) as host arrays, no gradient."""
         raise NotImplementedError
 
     def _grads(self, x: Any, eps: Any, term: Term) -> dict[str, np.ndarray | None]:

@@ -3,13 +3,38 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from harness.config import AppConfig, to_app_config
+from harness.frameworks import registry
 
 ROOT = Path(__file__).resolve().parent.parent
+#: the registered frameworks (`harness.frameworks`), in their declared order: tests iterate these,
+#: never a list of names written out
+FRAMEWORKS: tuple[str, ...] = tuple(registry())
+
+
+def each_framework(*, slow: Iterable[str] = ()) -> list[Any]:
+    """The registered frameworks as pytest parameters, those named in `slow` marked slow (a
+    framework's own speed: a new framework is fast until it says otherwise)."""
+    return [pytest.param(f, marks=pytest.mark.slow) if f in set(slow) else f for f in FRAMEWORKS]
+
+
+def framework_modes(*, eager: bool = True, compiled: bool = True, skip: Iterable[tuple[str, str]] = ()) -> list[tuple[str, str]]:
+    """(framework, mode) for every registered framework's modes: eager, its compiled ones, or both;
+    less those in `skip`."""
+    leave = set(skip)
+    return [(n, m) for n, f in registry().items() for m in f.modes
+            if (eager if m == "eager" else compiled) and (n, m) not in leave]
+
+
+def adam_convention(framework: str) -> str:
+    """Where `framework`'s Adam adds eps (`FrameworkFacts.adam_convention`)."""
+    return registry()[framework].adam_convention
 
 
 def make_config(**sections: object) -> AppConfig:

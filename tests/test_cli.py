@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 
 from harness import report
+from harness.frameworks import registry
 from harness.records import REQUIRED, read_records
-from tests.conftest import ROOT
+from tests.conftest import FRAMEWORKS, ROOT
 
 
 def test_convergence_end_to_end_torch(cli) -> None:  # type: ignore[no-untyped-def]
@@ -46,15 +47,17 @@ def test_convergence_end_to_end_torch(cli) -> None:  # type: ignore[no-untyped-d
 
 def test_failed_job_still_finishes_with_record(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """A framework that cannot be imported gives an `unavailable` record; the others run."""
+    *others, broken = FRAMEWORKS
+    module = registry()[broken].module
     fake = tmp_path / "fake"
-    (fake / "jax").mkdir(parents=True)
-    (fake / "jax" / "__init__.py").write_text("raise ImportError('simulated: jax is broken')\n")
+    (fake / module).mkdir(parents=True)
+    (fake / module / "__init__.py").write_text(f"raise ImportError('simulated: {module} is broken')\n")
     r = cli("framework=all", "+experiment=quick", "measure.convergence.epochs=1", env={"PYTHONPATH": str(fake)})
     assert r.returncode == 1
     recs = {x["framework"]: x for x in read_records(cli.out_dir)}
-    assert set(recs) == {"torch", "tensorflow", "jax"}
-    assert recs["jax"]["status"] == "unavailable" and "simulated" in recs["jax"]["error"]
-    assert recs["torch"]["status"] == "ok" and recs["tensorflow"]["status"] == "ok"
+    assert set(recs) == set(FRAMEWORKS)
+    assert recs[broken]["status"] == "unavailable" and "simulated" in recs[broken]["error"]
+    assert all(recs[f]["status"] == "ok" for f in others), {f: recs[f]["error"] for f in others}
     assert "unavailable" in r.stdout
 
 
@@ -81,17 +84,18 @@ def test_ctrl_c_stops_the_suite_and_keeps_a_record(tmp_path: Path) -> None:
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     assert proc.stdout is not None
-    assert proc.stdout.readline().startswith("[1/3]")
-    time.sleep(8)  # the torch job is training
+    first, *rest_fw = FRAMEWORKS
+    assert proc.stdout.readline().startswith(f"[1/{len(FRAMEWORKS)}]")
+    time.sleep(8)  # the first framework's job is training
     proc.send_signal(signal.SIGINT)
     rest = proc.communicate(timeout=60)[0]
     assert proc.returncode == 130, rest
     recs = {x["framework"]: x for x in read_records(out)}
-    assert set(recs) == {"torch", "tensorflow", "jax"} and all(x["status"] == "failed" for x in recs.values())
-    assert recs["torch"]["error"].startswith("interrupted by the user (SIGINT)"), recs["torch"]["error"]
-    for fw in ("tensorflow", "jax"):
+    assert set(recs) == set(FRAMEWORKS) and all(x["status"] == "failed" for x in recs.values())
+    assert recs[first]["error"].startswith("interrupted by the user (SIGINT)"), recs[first]["error"]
+    for fw in rest_fw:
         assert recs[fw]["error"] == "not started: the run was stopped by SIGINT before this job began"
-    assert "[2/3]" not in rest
+    assert f"[2/{len(FRAMEWORKS)}]" not in rest
     assert (next(out.glob("*/")) / "report.md").exists()
 
 

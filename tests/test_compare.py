@@ -186,6 +186,56 @@ def test_a_changed_learning_rate_fails_on_the_elbo(cli, tmp_path: Path) -> None:
     assert any("CHANGED" in ln and "test ELBO" in ln for ln in r.stdout.splitlines())
 
 
+def test_a_key_the_measure_does_not_read_is_no_config_difference(tmp_path: Path) -> None:
+    """identity builds its own model from `measure.identity`: a baseline whose model.hidden,
+    data.source and optim.lr differ is no config difference (its records, written before
+    measures declared their READS, hold the whole config); its own section is one."""
+    cur = _copy(tmp_path, "cur")
+
+    def unread(rec: dict[str, Any]) -> None:
+        rec["config"]["model"]["hidden"], rec["config"]["data"]["source"], rec["config"]["optim"]["lr"] = [7], "synthetic", 0.5
+    _edit(cur, "identity", unread)
+    changes, notes = compare.compare(read_records(REF), read_records(cur))
+    assert not [n for n in notes if "config differs" in n], notes
+    assert all(c.verdict == "ok" for c in changes if c.measure == "identity")
+
+    def read(rec: dict[str, Any]) -> None:
+        rec["config"]["measure"]["identity"]["mc_samples"] = 10
+    _edit(cur, "identity", read)
+    _, notes = compare.compare(read_records(REF), read_records(cur))
+    assert [n for n in notes if "config differs" in n] == ["identity [-]: config differs: measure.identity.mc_samples: 2000 -> 10"]
+
+
+def test_records_of_different_measure_versions_are_not_compared(tmp_path: Path) -> None:
+    """A measure whose current records come from version 2 of it, its baseline from version 1
+    (records from before versions: no `measure_version`): one line naming the measure and both
+    versions, the measure not compared, the others are, exit code 2."""
+    cur = _copy(tmp_path, "cur")
+    _edit(cur, "identity", lambda rec: rec.update(measure_version=2))
+    changes, _ = compare.compare(read_records(REF), read_records(cur))
+    identity = [c for c in changes if c.measure == "identity"]
+    assert len(identity) == 1 and identity[0].verdict == compare.INCOMPARABLE
+    assert (identity[0].baseline, identity[0].current) == ("1", "2") and not identity[0].regression
+    assert {c.measure for c in changes} > {"identity", "gradflow"}
+    assert all(c.verdict == "ok" for c in changes if c.measure != "identity")
+    r = _cmp(REF, cur)
+    assert r.returncode == 2, r.stdout[-3000:] + r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot compare identity" in lines[0], r.stderr
+    assert "measure version 1" in lines[0] and "version 2" in lines[0]
+    assert "1 measure(s) not compared" in r.stdout and "NOT COMPARED" in r.stdout
+    assert lines[0].removeprefix("vaebench compare: ") in (cur.parent / "compare.md").read_text()
+    # a regression elsewhere is still reported, and the exit code stays 2 (the comparison is incomplete)
+    _edit(cur, "gradflow", lambda r: r["metrics"]["matrix"]["kl"]["decoder"].__setitem__("nonzero_fraction", 0.5))
+    r = _cmp(REF, cur)
+    assert r.returncode == 2 and "CHANGED" in r.stdout and " 0 regression(s)" not in r.stdout
+    # the same version on both sides (2 and 2) compares as before
+    base = _copy(tmp_path, "base")
+    _edit(base, "identity", lambda rec: rec.update(measure_version=2))
+    _edit(cur, "gradflow", lambda r: r["metrics"]["matrix"]["kl"]["decoder"].__setitem__("nonzero_fraction", 0.0))
+    assert _cmp(base, cur).returncode == 0
+
+
 def test_bad_input(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     r = _cmp(REF, tmp_path / "nope")

@@ -186,12 +186,14 @@ def test_cli_subset_exit_2_one_line_nothing_written(data_files: dict[str, Path],
     import subprocess
     import sys
 
+    from harness.api import FRAMEWORK_MODULES
     from tests.conftest import ROOT
 
+    modules = tuple(FRAMEWORK_MODULES.values())
     assert len(CLI_SUBSET) >= 15
     code = ("import sys, runpy; sys.argv = ['vaebench', *sys.argv[1:]]\n"
             "try:\n    runpy.run_module('harness.cli', run_name='__main__')\n"
-            "finally:\n    print('imported:', sorted(m for m in ('torch', 'tensorflow', 'jax') if m in sys.modules), file=sys.stderr)\n")
+            f"finally:\n    print('imported:', sorted(m for m in {modules!r} if m in sys.modules), file=sys.stderr)\n")
     for args, key in CLI_SUBSET:
         out = tmp_path / "runs"
         argv = _args(args, data_files)

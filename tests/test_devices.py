@@ -9,33 +9,21 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from harness import ModelSpec, OptimSpec, load_backend
-from harness.api import DeviceUnavailable
+from harness import OptimSpec, load_backend
+from harness.api import DeviceUnavailable, MlpSpec
 from harness.records import write_record
 from harness.worker import Job, run_in_process
-from tests.conftest import make_config
+from tests.conftest import FRAMEWORKS, make_config
 
-SPEC = ModelSpec(x_dim=12, hidden=(10,), latent=3)
+SPEC = MlpSpec(x_dim=12, hidden=(10,), latent=3)
 
 
 def _has_gpu(framework: str) -> bool:
-    if framework == "torch":
-        import torch
-
-        return bool(torch.cuda.is_available())
-    if framework == "jax":
-        import jax
-
-        try:
-            return bool(jax.devices("gpu"))
-        except RuntimeError:
-            return False
-    import tensorflow as tf
-
-    return bool(tf.config.list_physical_devices("GPU"))
+    """Whether `framework` sees a GPU: device=auto takes one when there is one."""
+    return bool(load_backend(framework, SPEC, device="auto").version()["device_kind"] != "cpu")
 
 
-@pytest.mark.parametrize("framework", ["torch", "tensorflow", "jax"])
+@pytest.mark.parametrize("framework", FRAMEWORKS)
 def test_absent_gpu_is_a_clear_error(framework: str) -> None:
     if _has_gpu(framework):
         pytest.skip("this machine has a GPU")

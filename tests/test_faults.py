@@ -28,6 +28,7 @@ from omegaconf import OmegaConf
 
 from harness import cli, worker
 from harness.config import AppConfig, record_config
+from harness.frameworks import registry
 from harness.job import Checkpointer, Job, Result, Stopped, checkpoint, partial_path, read_partial, write_spec
 from harness.records import (
     HARNESS_STOPPED,
@@ -40,7 +41,7 @@ from harness.records import (
     run_lock,
     write_record,
 )
-from tests.conftest import ROOT, make_config, run_cli
+from tests.conftest import FRAMEWORKS, ROOT, make_config, run_cli
 
 # --- helpers ---------------------------------------------------------------------------------
 
@@ -199,7 +200,7 @@ def test_sigterm_gives_every_job_of_the_run_a_record(tmp_path: Path, monkeypatch
     for m in ("identity", "gradflow"):
         assert recs[m]["error"] == "not started: the run was stopped by SIGTERM before this job began"
         assert recs[m]["metrics"] == {} and recs[m]["run_id"] == recs["convergence"]["run_id"]
-        assert recs[m]["config"] == recs["convergence"]["config"]
+        assert recs[m]["config"] == record_config(resolved, m)  # what that measure reads
     assert (run_dir / "report.md").exists() and (run_dir / "report.html").exists()
     assert "-> stopped by SIGTERM" in out and "[2/3]" not in out
     assert f"recovered {dead}: its vaebench was stopped; wrote 1 failed record(s)" in out
@@ -422,12 +423,14 @@ def test_convergence_saves_epochs_as_it_goes(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_throughput_saves_after_each_batch_size(tmp_path: Path) -> None:
+    from harness.api import MlpSpec
     from harness.measures import throughput as T
 
-    cfg = T.ThroughputConfig(batch_sizes=[16, 8], hidden=[12], latent=3, x_dim=16, repeats=2, steps=2, warmup=0,
-                             matmul_n=32, matmul_repeats=2, plain=False)
+    cfg = T.ThroughputConfig(batch_sizes=[16, 8], repeats=2, steps=2, warmup=0, matmul_n=32, matmul_repeats=2, plain=False,
+                               layers=False)
     saves: list[dict[str, Any]] = []
-    metrics, _ = T.run_batches("torch", "eager", cfg, save=lambda m: saves.append(json.loads(json.dumps(m))))
+    metrics, _ = T.run_batches("torch", "eager", cfg, MlpSpec(x_dim=16, hidden=(12,), latent=3),
+                               save=lambda m: saves.append(json.loads(json.dumps(m))))
     assert [s["batch_sizes"] for s in saves] == [[8], [8, 16]]
     assert [r["batch"] for r in saves[-1]["batches"]] == [8, 16] and saves[-1]["settings"] == metrics["settings"]
     assert "matmul_flops_per_s" not in saves[-1] and "matmul_flops_per_s" in metrics
@@ -436,16 +439,21 @@ def test_throughput_saves_after_each_batch_size(tmp_path: Path) -> None:
 # --- missing framework, missing data ---------------------------------------------------------
 
 
-def test_missing_framework_gives_unavailable_with_the_install_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_missing_framework_gives_unavailable_with_the_install_command(framework: str, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The framework's module (`FrameworkFacts.module`) not found: `unavailable`, with the
+    command that installs its extra (`FrameworkFacts.extra`)."""
     import importlib.util
 
+    facts = registry()[framework]
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "jax" else real(name, *a))
-    job, _ = _job(tmp_path, fw="jax")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == facts.module else real(name, *a))
+    job, _ = _job(tmp_path, fw=framework)
     rec = worker.run_in_process(job)
-    cmd = worker.install_command("jax")
+    cmd = worker.install_command(framework)
     assert rec["status"] == "unavailable" and rec["error"].endswith(f"install it with: {cmd}"), rec["error"]
-    assert cmd.startswith(sys.executable) and " -m pip install -e " in cmd and f"{ROOT}[jax]" in cmd
+    assert cmd.startswith(sys.executable) and " -m pip install -e " in cmd and f"{ROOT}[{facts.extra}]" in cmd
     assert all(k in rec for k in REQUIRED)
 
 
@@ -748,9 +756,9 @@ def test_timeout_counts_import_and_keeps_the_epochs(tmp_path: Path) -> None:
 def test_memory_limit_gives_an_out_of_memory_record_with_the_batches_reached(tmp_path: Path) -> None:
     """Throughput at batch sizes 8 and 8,000,000 under framework.memory_limit_mb=800: batch 8 is
     measured, the 1 GB batch does not fit; the record says out of memory and keeps batch 8."""
-    tiny = {"batch_sizes": [8, 8_000_000], "hidden": [12], "latent": 3, "x_dim": 16, "repeats": 2, "steps": 1,
-            "warmup": 0, "matmul_n": 32, "matmul_repeats": 2, "plain": False}
-    job, c = _job(tmp_path, "throughput", framework={"memory_limit_mb": 800},
+    tiny = {"batch_sizes": [8, 8_000_000], "repeats": 2, "steps": 1, "warmup": 0, "matmul_n": 32,
+            "matmul_repeats": 2, "plain": False, "layers": False}
+    job, c = _job(tmp_path, "throughput", framework={"memory_limit_mb": 800}, model={"hidden": [12], "latent": 3},
                   measure={"names": ["throughput"], "throughput": tiny})
     rec = worker.run_job(job, c, tmp_path / "jobs")
     assert rec["status"] == "failed", rec
@@ -776,18 +784,19 @@ def test_nan_loss_is_diverged_at_its_step_and_the_suite_goes_on(tmp_path: Path) 
 
 @pytest.mark.slow
 def test_missing_framework_unavailable_and_the_others_run(tmp_path: Path) -> None:
-    """TensorFlow looks uninstalled (find_spec gives None, import fails): its record is
-    `unavailable` with the exact install command; torch and jax run to `ok`."""
+    """One framework looks uninstalled (find_spec gives None, import fails): its record is
+    `unavailable` with the exact install command; the others run to `ok`."""
+    *others, hidden = FRAMEWORKS
     hide = tmp_path / "hide"
     hide.mkdir()
-    (hide / "sitecustomize.py").write_text(_HIDE.format(names=["tensorflow"]))
+    (hide / "sitecustomize.py").write_text(_HIDE.format(names=[registry()[hidden].module]))
     out = tmp_path / "runs"
     r = run_cli("framework=all", "measure=convergence", "measure.convergence.epochs=1", "measure.convergence.iwae_k=10",
                 "model.hidden=[32]", out_dir=out, env={"PYTHONPATH": str(hide)}, timeout=400)
     assert r.returncode == 1, r.stderr[-3000:]
     recs = {x["framework"]: x for x in read_records(out)}
-    assert set(recs) == {"torch", "tensorflow", "jax"}
-    tf = recs["tensorflow"]
-    assert tf["status"] == "unavailable" and tf["error"].endswith(f"install it with: {worker.install_command('tensorflow')}")
-    assert "-m pip install" in tf["error"] and "[tensorflow]" in tf["error"]
-    assert recs["torch"]["status"] == "ok" and recs["jax"]["status"] == "ok"
+    assert set(recs) == set(FRAMEWORKS)
+    gone = recs[hidden]
+    assert gone["status"] == "unavailable" and gone["error"].endswith(f"install it with: {worker.install_command(hidden)}")
+    assert "-m pip install" in gone["error"] and f"[{registry()[hidden].extra}]" in gone["error"]
+    assert all(recs[f]["status"] == "ok" for f in others), {f: recs[f]["error"] for f in others}

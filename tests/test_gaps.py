@@ -12,18 +12,16 @@ import numpy as np
 import pytest
 from scipy.optimize import minimize
 
-from harness import ModelSpec, load_backend, reference
+from harness import MlpSpec, ModelSpec, load_backend, reference
 from harness.init import init_params
 from harness.job import Job
 from harness.measures import gaps
 from harness.measures import identity as idm
-from tests.conftest import make_config
-
-FRAMEWORKS = ["torch", "tensorflow", "jax"]
+from tests.conftest import FRAMEWORKS, each_framework, make_config
 
 
 def _linear(seed: int = 0, x_dim: int = 5, latent: int = 3, sigma: float = 0.6) -> tuple[ModelSpec, dict[str, np.ndarray], np.ndarray]:
-    spec = ModelSpec(x_dim=x_dim, hidden=(), latent=latent, likelihood="gaussian", obs_sigma=sigma)
+    spec = MlpSpec(x_dim=x_dim, hidden=(), latent=latent, likelihood="gaussian", obs_sigma=sigma)
     rng = np.random.default_rng(seed)
     params = {k: rng.normal(0, 0.7, s) for k, s in spec.param_shapes().items()}
     return spec, params, rng.normal(size=(7, x_dim))
@@ -58,14 +56,14 @@ def test_best_diagonal_gaussian_minimises_kl() -> None:
 
 def test_approximation_gap_vanishes_for_a_diagonal_posterior() -> None:
     """Orthogonal decoder rows: the posterior is diagonal, so the Gaussian family is exact."""
-    spec = ModelSpec(x_dim=6, hidden=(), latent=2, likelihood="gaussian", obs_sigma=0.5)
+    spec = MlpSpec(x_dim=6, hidden=(), latent=2, likelihood="gaussian", obs_sigma=0.5)
     p = idm.orthogonal_decoder_params(spec, 0)
     assert abs(gaps.approximation_gap(p, 0.5)) < 1e-14
     _, params, _ = _linear()
     assert gaps.approximation_gap(params, 0.6) > 1e-3
 
 
-@pytest.mark.parametrize("framework", ["torch", "tensorflow", pytest.param("jax", marks=pytest.mark.slow)])  # jax: eager steps ~6 s
+@pytest.mark.parametrize("framework", each_framework(slow=["jax"]))  # jax: eager steps ~6 s
 def test_linear_gaps_close_in_every_framework(framework: str) -> None:
     """The linear part in float64: both gaps sum to log p(x) - ELBO within 1e-9 per example
     (random and trained encoder), each gap equals its own backend difference, and the local
@@ -86,7 +84,7 @@ def test_local_optimiser_on_an_mlp_improves_every_example(framework: str) -> Non
     """Bernoulli MLP with fixed noise: L-BFGS with the backend's per-example gradients raises
     every example's ELBO on that noise and stops where the gradient vanishes; the gradient of
     the returned optimum, from the NumPy reference, is ~0."""
-    spec = ModelSpec(x_dim=12, hidden=(10,), latent=3, activation="tanh")
+    spec = MlpSpec(x_dim=12, hidden=(10,), latent=3, activation="tanh")
     params = {k: v + 0.1 for k, v in init_params(spec, 1).items()}
     x = (np.random.default_rng(0).uniform(size=(5, 12)) > 0.5).astype(np.float64)
     eps = np.random.default_rng(1).standard_normal((8, 5, 3))

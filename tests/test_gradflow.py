@@ -14,7 +14,7 @@ from harness.init import init_params
 from harness.measures import gradflow as gf
 from harness.measures.common import backend, dataset, model_spec
 from harness.worker import Job
-from tests.conftest import make_config
+from tests.conftest import FRAMEWORKS, make_config
 
 
 def test_block_stats_against_numpy() -> None:
@@ -29,7 +29,7 @@ def _config(**model: object) -> AppConfig:
                        measure={"gradflow": {"train_steps": 20, "log_every": 10, "fd_directions": 2}})
 
 
-@pytest.mark.parametrize("framework", ["torch", "tensorflow", "jax"])
+@pytest.mark.parametrize("framework", FRAMEWORKS)
 @pytest.mark.parametrize(
     "model,matches,decoder,recon_enc",
     [({}, True, True, True), ({"stop_gradient_z": True}, False, True, False), ({"freeze": "decoder"}, False, False, True)],
@@ -91,7 +91,7 @@ class _Planted:
 
 def _fd_setup(c: AppConfig, framework: str = "torch") -> tuple[Backend, dict[str, np.ndarray], np.ndarray, np.ndarray]:
     ds = dataset(c)
-    spec = model_spec(c, ds.x_dim)
+    spec = model_spec(c, ds)
     params = init_params(spec, c.seed)
     x = ds.x_train[: gf.MONITOR_BATCH]
     eps = data_mod.noise((len(x), spec.latent), c.seed, 0)
@@ -167,3 +167,26 @@ def test_smooth_step_has_no_kink_in_the_interval() -> None:
     base = reference.activation_pattern(params, x, eps, spec)
     for t in np.linspace(-h, h, 9):
         assert np.array_equal(reference.activation_pattern({k: v + t * d[k] if k in d else v for k, v in params.items()}, x, eps, spec), base)
+
+
+def test_fd_point_keeps_blank_image_patches_off_the_kink() -> None:
+    """A convolution over a blank patch with the initial zero biases is exactly 0, on its ReLU's
+    kink: no kink-free step exists there and the check fails; at `fd_point` (random biases) it
+    passes, with the backend's own gradient."""
+    from harness.api import load_backend
+    from harness.models import MODELS
+
+    spec = MODELS["conv"].example()
+    params = init_params(spec, 0)
+    x = np.zeros((2, *spec.input_shape))
+    x[:, : spec.input_shape[0] // 2] = 1.0  # the lower half blank
+    eps = data_mod.noise((2, spec.latent), 0, 0)
+    b = load_backend("torch", spec, dtype="float64", params=params)
+    at_init = gf.fd_verdict(gf.finite_difference_check(b, params, x, eps, 1, 0))
+    assert not at_init["fd_ok"] and at_init["fd_kinked"] > 0
+    at = gf.fd_point(params, 0)
+    assert all(np.all(at[k] != 0) for k in at if k.endswith(".bias")) and all(
+        np.array_equal(at[k], params[k]) for k in at if not k.endswith(".bias"))
+    b.set_params(at)
+    v = gf.fd_verdict(gf.finite_difference_check(b, at, x, eps, 1, 0))
+    assert v["fd_ok"] and v["fd_kinked"] == 0, v

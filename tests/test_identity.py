@@ -11,11 +11,11 @@ import pytest
 from scipy import integrate
 from scipy.stats import norm
 
-from harness import ModelSpec, reference
+from harness import MlpSpec, reference
 from harness.config import AppConfig
 from harness.measures import identity as idm
 from harness.worker import Job
-from tests.conftest import make_config
+from tests.conftest import FRAMEWORKS, make_config
 
 
 def _tiny(seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray, float]:
@@ -55,7 +55,7 @@ def test_closed_forms_match_numerical_integration_over_1d_latent() -> None:
 
 
 def test_sigma_points_give_the_exact_expectation() -> None:
-    spec = ModelSpec(x_dim=5, hidden=(), latent=3, likelihood="gaussian", obs_sigma=0.4)
+    spec = MlpSpec(x_dim=5, hidden=(), latent=3, likelihood="gaussian", obs_sigma=0.4)
     rng = np.random.default_rng(2)
     params = {k: rng.normal(0, 0.5, s) for k, s in spec.param_shapes().items()}
     x = rng.normal(size=(7, 5))
@@ -65,7 +65,7 @@ def test_sigma_points_give_the_exact_expectation() -> None:
 
 
 def test_orthogonal_decoder_posterior_is_exact() -> None:
-    spec = ModelSpec(x_dim=6, hidden=(), latent=2, likelihood="gaussian", obs_sigma=0.5)
+    spec = MlpSpec(x_dim=6, hidden=(), latent=2, likelihood="gaussian", obs_sigma=0.5)
     p = idm.orthogonal_decoder_params(spec, 0)
     W = p["decoder.0.weight"]
     G = W @ W.T
@@ -80,7 +80,7 @@ def _config(**identity: object) -> AppConfig:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("framework", ["torch", "tensorflow", "jax"])
+@pytest.mark.parametrize("framework", FRAMEWORKS)
 def test_identity_measure(framework: str, tmp_path: Path) -> None:
     c = _config(mc_samples=500, iwae_ks=[1, 10, 100, 1000])
     res = idm.run(c, Job("r", "identity", framework, "eager", {}, str(tmp_path / "r.json")))

@@ -1,17 +1,23 @@
-"""The harness core is framework-neutral: importing it (and `vaebench --help`) loads none of
-torch, tensorflow, jax."""
+"""The harness core is framework-neutral: importing it (and `vaebench --help`, and a framework's
+declaration `impls.<name>`) loads no framework."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 
-from tests.conftest import ROOT
+import pytest
 
-CHECK = """
+from harness.api import FRAMEWORK_MODULES
+from harness.models import MODELS
+from tests.conftest import FRAMEWORKS, ROOT
+
+#: every registered framework's module, and the companions they bring
+HEAVY = sorted({*FRAMEWORK_MODULES.values(), "jaxlib", "keras", "optax"})
+CHECK = f"""
 import sys
-{body}
-loaded = sorted({{'torch', 'tensorflow', 'jax', 'jaxlib', 'keras', 'optax'}} & set(sys.modules))
+{{body}}
+loaded = sorted(set({HEAVY!r}) & set(sys.modules))
 print('LOADED', loaded)
 """
 
@@ -41,6 +47,14 @@ def test_help_loads_no_framework() -> None:
 def test_help_lists_groups_and_options() -> None:
     r = subprocess.run([sys.executable, "-m", "harness.cli", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0
-    for line in ("framework: all, jax, tensorflow, torch", "measure: ", "model: linear, mlp", "data: digits"):
+    for line in (f"framework: {', '.join(sorted(['all', *FRAMEWORKS]))}", "measure: ", f"model: {', '.join(sorted(MODELS))}", "data: digits"):
         assert line in r.stdout, line
     assert "Exit codes" in r.stdout
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_a_framework_declaration_loads_no_framework(framework: str) -> None:
+    """`import impls.<name>` (its FACTS) imports no framework, also when it is the first import
+    (the registry is then built after the declaration has run, not in the middle of it)."""
+    body = f"import impls.{framework} as m\nfrom harness.spec import FRAMEWORKS\nassert m.FACTS.name in FRAMEWORKS"
+    assert _loaded(body) == "LOADED []"

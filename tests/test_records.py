@@ -11,8 +11,18 @@ from omegaconf import OmegaConf
 
 from harness import worker
 from harness.config import AppConfig
-from harness.records import REQUIRED, RecordError, make_record, read_record, read_records, write_record
-from tests.conftest import make_config
+from harness.measures import MEASURES
+from harness.records import (
+    REQUIRED,
+    RecordError,
+    make_record,
+    measure_version,
+    read_record,
+    read_records,
+    schema_problem,
+    write_record,
+)
+from tests.conftest import FRAMEWORKS, make_config
 
 
 def _rec(**kw) -> dict:  # type: ignore[no-untyped-def,type-arg]
@@ -50,6 +60,26 @@ def test_bad_records_are_rejected(tmp_path: Path) -> None:
     with pytest.raises(RecordError, match="lacks"):
         read_record(tmp_path / "x.json")
     assert read_records(tmp_path) == []
+
+
+def test_measure_version_is_stored_and_optional(tmp_path: Path) -> None:
+    """A new record holds its measure's VERSION (`measure_version`); a record from before
+    versions (without the field) is still a record, of version 1; anything but an int >= 1 in
+    the field is refused by name."""
+    rec = _rec()
+    assert rec["measure_version"] == MEASURES["convergence"].VERSION and schema_problem(rec) is None
+    assert _rec(measure_version=3)["measure_version"] == 3
+    old = {k: v for k, v in rec.items() if k != "measure_version"}
+    assert schema_problem(old) is None and measure_version(old) == 1 and measure_version(rec) == rec["measure_version"]
+    write_record(tmp_path / "old.json", old)
+    assert measure_version(read_record(tmp_path / "old.json")) == 1
+    for bad in (True, "2", 1.5, None, 0, -1):
+        problem = schema_problem({**rec, "measure_version": bad})
+        assert problem is not None and "measure_version" in problem, bad
+    write_record(tmp_path / "bad.json", {**rec, "measure_version": "2"})
+    with pytest.raises(RecordError, match="measure_version"):
+        read_record(tmp_path / "bad.json")
+    assert [r["_file"] for r in read_records(tmp_path)] == [str((tmp_path / "old.json").resolve())]
 
 
 def _job(tmp_path: Path, **cfg) -> tuple[worker.Job, AppConfig]:  # type: ignore[no-untyped-def]
@@ -145,7 +175,7 @@ def test_onednn_isa_follows_onednn_order_and_cap() -> None:
     assert onednn_isa(epyc, "AVX9000").startswith("unknown cap")
 
 
-@pytest.mark.parametrize("framework", ["torch", "tensorflow", "jax"])
+@pytest.mark.parametrize("framework", FRAMEWORKS)
 def test_framework_isa_probe(framework: str) -> None:
     from harness.fingerprint import framework_isa
 
@@ -167,8 +197,34 @@ def test_framework_isa_probe(framework: str) -> None:
     assert json.loads(json.dumps(r)) == r
 
 
-def test_framework_isa_rejects_unknown_framework() -> None:
+def test_framework_isa_of_an_unknown_or_unprobed_framework_is_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unregistered framework, one without a probe and one whose probe raises (or returns
+    something odd) each record "unknown", with the reason, and never raise: the ISA is a note on
+    the record, not a reason to fail its job."""
+    import dataclasses
+
+    from harness import frameworks
     from harness.fingerprint import framework_isa
 
-    with pytest.raises(ValueError, match="unknown framework"):
-        framework_isa("mxnet")
+    assert framework_isa("mxnet") == {"framework": "mxnet", "isa": "unknown"}
+    base = frameworks.registry()[FRAMEWORKS[0]]
+
+    def boom() -> dict[str, str]:
+        raise RuntimeError("no such kernel\nsecond line")
+
+    fake = {"noprobe": dataclasses.replace(base, name="noprobe", isa_probe=None),
+            "raises": dataclasses.replace(base, name="raises", isa_probe=boom),
+            "odd": dataclasses.replace(base, name="odd", isa_probe=lambda: "AVX2")}  # type: ignore[arg-type, return-value]
+    real = frameworks.registry()
+    monkeypatch.setattr(frameworks, "registry", lambda: {**real, **fake})
+    assert framework_isa("noprobe") == {"framework": "noprobe", "isa": "unknown"}
+    assert framework_isa("raises") == {"framework": "raises", "isa": "unknown", "error": "RuntimeError: no such kernel"}
+    odd = framework_isa("odd")
+    assert odd["isa"] == "unknown" and "not a mapping" in odd["error"]
+
+    def broken() -> dict[str, frameworks.FrameworkFacts]:
+        raise ImportError("a broken declaration")
+
+    monkeypatch.setattr(frameworks, "registry", broken)
+    assert framework_isa(FRAMEWORKS[0]) == {"framework": FRAMEWORKS[0], "isa": "unknown",
+                                            "error": "ImportError: a broken declaration"}

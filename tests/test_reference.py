@@ -11,7 +11,8 @@ from scipy.special import expit
 from scipy.stats import bernoulli, norm
 
 from harness import reference
-from harness.api import BLOCKS, TERMS, ModelSpec, OptimSpec
+from harness.api import BLOCKS, TERMS, MlpSpec, ModelSpec, OptimSpec
+from harness.models import MODELS
 
 B, K = 5, 3
 
@@ -21,9 +22,9 @@ def make_problem(spec: ModelSpec, k: int, seed: int = 0) -> tuple[dict[str, np.n
     rng = np.random.default_rng(seed)
     params = {n: rng.normal(0.0, 0.5, size=s) for n, s in spec.param_shapes().items()}
     if spec.likelihood == "bernoulli":
-        x = (rng.random((B, spec.x_dim)) < 0.5).astype(np.float64)
+        x = (rng.random((B, *spec.input_shape)) < 0.5).astype(np.float64)
     else:
-        x = rng.normal(size=(B, spec.x_dim))
+        x = rng.normal(size=(B, *spec.input_shape))
     eps = rng.normal(size=(B, spec.latent) if k == 0 else (k, B, spec.latent))
     return params, x, eps
 
@@ -36,12 +37,25 @@ def shifted(params: dict[str, np.ndarray], direction: dict[str, np.ndarray], t: 
     return {n: p + t * direction.get(n, 0.0) for n, p in params.items()}
 
 
+def small(kind: str, **kw: object) -> ModelSpec:
+    """The kind's small example, with an activation only where the kind has one."""
+    module = MODELS[kind]
+    if not hasattr(module.Spec, "activation"):
+        kw.pop("activation", None)
+    return module.example(**kw)  # type: ignore[no-any-return]
+
+
+CASES = [(kind, act) for kind, m in MODELS.items() for act in (("tanh", "relu") if hasattr(m.Spec, "activation") else ("none",))]
+
+
 @pytest.mark.parametrize("k", [0, K], ids=["eps2d", "eps3d"])
 @pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
-@pytest.mark.parametrize("activation", ["tanh", "relu"])
-def test_grads_match_finite_differences(activation: str, likelihood: str, k: int) -> None:
-    kw = {"activation": activation, "likelihood": likelihood}
-    spec = ModelSpec(x_dim=6, hidden=(5, 4), latent=3, obs_sigma=0.7, **kw)  # type: ignore[arg-type]
+@pytest.mark.parametrize("kind,activation", CASES, ids=[f"{k}-{a}" for k, a in CASES])
+def test_grads_match_finite_differences(kind: str, activation: str, likelihood: str, k: int) -> None:
+    """The hand-written backward pass of every model kind (dense layers, convolutions,
+    transposed convolutions) and of the VAE's terms against central differences of the NumPy
+    forward pass."""
+    spec = small(kind, activation=activation, likelihood=likelihood)
     params, x, eps = make_problem(spec, k)
     rng = np.random.default_rng(1)
     h = 1e-6
@@ -74,7 +88,7 @@ def test_grads_match_finite_differences(activation: str, likelihood: str, k: int
 
 
 def test_grad_zero_patterns() -> None:
-    spec = ModelSpec(x_dim=6, hidden=(5,), latent=3, activation="tanh")
+    spec = MlpSpec(x_dim=6, hidden=(5,), latent=3, activation="tanh")
     params, x, eps = make_problem(spec, 0)
     base = {t: reference.grads(params, x, eps, spec, t) for t in TERMS}
     enc = [n for n in params if n.startswith("encoder.")]
@@ -102,7 +116,7 @@ def test_grad_zero_patterns() -> None:
 
 
 def test_relu_derivative_at_zero_is_zero() -> None:
-    spec = ModelSpec(x_dim=4, hidden=(3,), latent=2, activation="relu")
+    spec = MlpSpec(x_dim=4, hidden=(3,), latent=2, activation="relu")
     params, _, eps = make_problem(spec, 0)
     params["encoder.0.bias"][:] = 0.0
     x = np.zeros((B, spec.x_dim))  # every first-layer pre-activation is exactly 0
@@ -112,7 +126,7 @@ def test_relu_derivative_at_zero_is_zero() -> None:
 
 
 def test_unknown_term_rejected() -> None:
-    spec = ModelSpec(x_dim=4, hidden=(3,), latent=2)
+    spec = MlpSpec(x_dim=4, hidden=(3,), latent=2)
     params, x, eps = make_problem(spec, 0)
     with pytest.raises(ValueError):
         reference.grads(params, x, eps, spec, "elbo")
@@ -123,11 +137,11 @@ def test_log_likelihoods_against_scipy() -> None:
     x = (rng.random((7, 10)) < 0.4).astype(np.float64)
     logits = rng.uniform(-6.0, 6.0, size=(7, 10))
     want = bernoulli.logpmf(x, expit(logits)).sum(axis=-1)
-    got = reference.log_px_given_z(logits, x, ModelSpec(likelihood="bernoulli"))
+    got = reference.log_px_given_z(logits, x, MlpSpec(likelihood="bernoulli"))
     np.testing.assert_allclose(got, want, rtol=1e-10)
 
     xg, mean = rng.normal(size=(7, 10)), rng.normal(size=(7, 10))
-    got = reference.log_px_given_z(mean, xg, ModelSpec(likelihood="gaussian", obs_sigma=0.3))
+    got = reference.log_px_given_z(mean, xg, MlpSpec(likelihood="gaussian", obs_sigma=0.3))
     np.testing.assert_allclose(got, norm.logpdf(xg, loc=mean, scale=0.3).sum(axis=-1), rtol=1e-12)
 
 

@@ -19,7 +19,7 @@ import pytest
 
 from harness import report
 from harness.measures import MEASURES
-from harness.records import read_records, write_record
+from harness.records import config_hash, read_records, write_record
 from tests.conftest import ROOT
 
 REF = ROOT / "results" / "reference" / "cpu-2core"
@@ -128,7 +128,7 @@ def test_malformed_records_are_skipped_by_name(tmp_path: Path, capsys: pytest.Ca
 
 def _variant(rec: dict[str, Any], latent: int, seed: int, shift: float) -> dict[str, Any]:
     r = copy.deepcopy(rec)
-    r["config"]["model"]["latent"] = latent
+    r["config"]["measure"]["identity"]["latent"] = latent  # identity's own model: the latent size it reads
     r["config"]["seed"] = seed
     r["metrics"]["elbo_mean"] += shift
     r["run_id"] = f"sweep-{latent}-{seed}"
@@ -136,7 +136,7 @@ def _variant(rec: dict[str, Any], latent: int, seed: int, shift: float) -> dict[
 
 
 def test_combined_runs_carry_differing_keys_and_aggregate_seeds(tmp_path: Path) -> None:
-    """Records from a sweep over model.latent x seed: rows name the latent size; seeds
+    """Records from a sweep over measure.identity.latent x seed: rows name the latent size; seeds
     aggregate to mean ± std (checked against NumPy)."""
     base = {r["framework"]: r for r in read_records(REF) if r["measure"] == "identity"}
     shifts = {(2, 0): 0.0, (2, 1): 0.5, (2, 2): 1.5, (8, 0): -1.0, (8, 1): -3.0, (8, 2): -2.0}
@@ -147,14 +147,58 @@ def test_combined_runs_carry_differing_keys_and_aggregate_seeds(tmp_path: Path) 
     assert report.main([str(p) for p in sorted(tmp_path.glob("run-*"))] + ["-o", str(out)]) == 0
     tidy = pd.read_csv(out / "identity.csv")
     assert len(tidy) == 2 * len(base)
-    assert set(tidy["model.latent"]) == {2, 8} and (tidy["seeds"] == 3).all()
+    key = "measure.identity.latent"
+    assert set(tidy[key]) == {2, 8} and (tidy["seeds"] == 3).all()
     for latent in (2, 8):
         vals = [base["torch"]["metrics"]["elbo_mean"] + shifts[(latent, s)] for s in range(3)]
-        row = tidy[(tidy["model.latent"] == latent) & (tidy["framework"] == "torch")].iloc[0]
+        row = tidy[(tidy[key] == latent) & (tidy["framework"] == "torch")].iloc[0]
         assert row["ELBO"] == pytest.approx(np.mean(vals), rel=1e-12)
         assert row["ELBO std"] == pytest.approx(np.std(vals, ddof=1), rel=1e-12)
     md = (out / "identity.md").read_text()
-    assert "model.latent" in md and "±" in md and md.count("| torch") == 2
+    assert key in md and "±" in md and md.count("| torch") == 2
+
+
+def test_a_key_the_measure_does_not_read_makes_no_variant(tmp_path: Path) -> None:
+    """identity builds its own model from `measure.identity`: records whose model.*, data.* or
+    optim.* differ (and which were written before measures declared their READS, with the whole
+    config) are one variant, not several; a key it reads (its own section) still is a column."""
+    base = {r["framework"]: r for r in read_records(REF) if r["measure"] == "identity"}
+    for i, (hidden, source, lr) in enumerate(((["128"], "digits", 1e-3), (["32", "16"], "synthetic", 0.1))):
+        for fw, rec in base.items():
+            r = copy.deepcopy(rec)
+            r["config"]["model"]["hidden"], r["config"]["data"]["source"], r["config"]["optim"]["lr"] = hidden, source, lr
+            r["config"]["framework"]["precision"] = ["float32", "float64"][i]  # identity computes in float64 anyway
+            r["run_id"] = f"run-{i}"
+            write_record(tmp_path / f"run-{i}" / f"identity-{fw}.json", r)
+    recs = report.load([tmp_path / "run-0", tmp_path / "run-1"])
+    assert report.variant_keys(recs) == []
+    assert len({config_hash(r) for r in recs}) == len(base)  # one config per framework: the newer run's is kept
+    out = tmp_path / "combined"
+    assert report.main([str(tmp_path / "run-0"), str(tmp_path / "run-1"), "-o", str(out)]) == 0
+    tidy = pd.read_csv(out / "identity.csv")
+    assert len(tidy) == len(base) and not [c for c in tidy.columns if c.startswith(("model.", "data.", "optim.", "framework."))]
+    # and a key it reads is a variant
+    r = copy.deepcopy(recs[0])
+    r["config"]["measure"]["identity"]["obs_sigma"] = 0.25
+    assert report.variant_keys([recs[0], r]) == ["measure.identity.obs_sigma"]
+
+
+def test_records_of_two_measure_versions_are_told_apart(tmp_path: Path) -> None:
+    """A record from before measure versions (no `measure_version`: version 1) and one of version
+    2 of the same config: both kept (different config hashes), a `measure_version` column."""
+    base = {r["framework"]: r for r in read_records(REF) if r["measure"] == "identity"}
+    for fw, rec in base.items():
+        assert "measure_version" not in rec  # written before versions
+        write_record(tmp_path / "v1" / f"identity-{fw}.json", rec)
+        write_record(tmp_path / "v2" / f"identity-{fw}.json", {**rec, "measure_version": 2, "run_id": "v2"})
+    recs = report.load([tmp_path / "v1", tmp_path / "v2"])
+    kept, dropped = report.newest_per_config(recs)
+    assert len(kept) == 2 * len(base) and not dropped
+    assert report.variant_keys(recs) == ["measure_version"]
+    out = tmp_path / "combined"
+    assert report.main([str(tmp_path / "v1"), str(tmp_path / "v2"), "-o", str(out)]) == 0
+    tidy = pd.read_csv(out / "identity.csv")
+    assert sorted(tidy["measure_version"]) == [1] * len(base) + [2] * len(base)
 
 
 def _rerun(rec: dict[str, Any], run_id: str, created_at: str, status: str = "ok", shift: float = 0.0) -> dict[str, Any]:

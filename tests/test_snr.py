@@ -17,9 +17,7 @@ from harness.config import ConfigError
 from harness.job import Job
 from harness.measures import identity as idm
 from harness.measures import snr
-from tests.conftest import make_config
-
-FRAMEWORKS = ["torch", "tensorflow", "jax"]
+from tests.conftest import FRAMEWORKS, each_framework, make_config
 
 
 def _moments(draws: np.ndarray, groups: int = 20, batch: int = 250) -> snr.DrawMoments:
@@ -102,7 +100,7 @@ def _closed_form_t(params: dict[str, np.ndarray], x: np.ndarray, L: int) -> dict
     return {"decoder": float(np.mean(mean_c**2 / var_c)), "encoder": float(np.mean(mean_m**2 / var_m))}
 
 
-@pytest.mark.parametrize("framework", ["torch", pytest.param("tensorflow", marks=pytest.mark.slow), "jax"])  # tf: ~5 s of pfor tracing
+@pytest.mark.parametrize("framework", each_framework(slow=["tensorflow"]))  # tensorflow: ~5 s of pfor tracing
 def test_snr_at_k1_matches_closed_form(framework: str) -> None:
     """The measure's pipeline (backend per-example gradients, moments, bias correction) on the
     biases of the linear toy at K=1, against the closed-form SNR."""

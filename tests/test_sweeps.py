@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from harness.records import read_records, write_record
-from tests.conftest import ROOT
+from tests.conftest import FRAMEWORKS, ROOT
 
 QUICK = ("+experiment=quick", "measure.convergence.epochs=1", "progress=false")
 
@@ -24,16 +24,17 @@ def _vaebench(*args: str, out: Path, timeout: int = 600) -> subprocess.Completed
 
 @pytest.mark.slow
 def test_joblib_sweep_has_one_combined_report_and_resumes(tmp_path: Path) -> None:
-    """3 frameworks x 2 latent sizes under joblib: a combined report with 6 rows. With one job
-    turned into a failure, a rerun with resume=true runs only that job."""
+    """Every framework x 2 latent sizes under joblib: a combined report with a row each. With one
+    job turned into a failure, a rerun with resume=true runs only that job."""
     out = tmp_path / "runs"
-    sweep = ("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "framework=torch,tensorflow,jax", "model.latent=2,8")
+    n = 2 * len(FRAMEWORKS)
+    sweep = ("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"framework={','.join(FRAMEWORKS)}", "model.latent=2,8")
     r = _vaebench(*sweep, *QUICK, out=out)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     sweep_dir = next(out.glob("multirun-*"))
     tidy = pd.read_csv(sweep_dir / "convergence.csv")
-    assert len(tidy) == 6 and sorted(set(tidy["model.latent"])) == [2, 8]
-    assert (sweep_dir / "report.html").exists() and "sweep report (6 records: 6 ok" in r.stdout
+    assert len(tidy) == n and sorted(set(tidy["model.latent"])) == [2, 8]
+    assert (sweep_dir / "report.html").exists() and f"sweep report ({n} records: {n} ok" in r.stdout
     assert "sweep: " in r.stdout and " left | [1/1]" in r.stdout  # the progress line
     assert "recovered" not in r.stdout  # runs side by side are live: none finalizes another's jobs
     # `vaebench report` over the sweep folder gives the same table
@@ -42,15 +43,15 @@ def test_joblib_sweep_has_one_combined_report_and_resumes(tmp_path: Path) -> Non
                           cwd=ROOT, capture_output=True).returncode == 0
     assert (rebuilt / "convergence.md").read_text() == (sweep_dir / "convergence.md").read_text()
     # one job failed (as a kill leaves it): resume reruns just that one
-    victim = next(x for x in read_records(sweep_dir) if x["framework"] == "jax" and x["config"]["model"]["latent"] == 8)
+    victim = next(x for x in read_records(sweep_dir) if x["framework"] == FRAMEWORKS[-1] and x["config"]["model"]["latent"] == 8)
     write_record(Path(victim["_file"]), {**victim, "status": "failed", "error": "worker died of SIGKILL"})
     again = _vaebench(*sweep, *QUICK, "resume=true", out=out)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert again.stdout.count("resume: skipped 1 of 1 jobs") == 5 and again.stdout.count("resume: skipped 0 of 1 jobs") == 1
+    assert again.stdout.count("resume: skipped 1 of 1 jobs") == n - 1 and again.stdout.count("resume: skipped 0 of 1 jobs") == 1
     new_sweep = max(out.glob("multirun-*"), key=lambda p: p.stat().st_mtime)
     recs = read_records(new_sweep)
-    assert len(recs) == 6 and all(x["status"] == "ok" for x in recs)
-    assert len({x["run_id"] for x in recs}) == 6  # five adopted records keep their own run ids
+    assert len(recs) == n and all(x["status"] == "ok" for x in recs)
+    assert len({x["run_id"] for x in recs}) == n  # the adopted records keep their own run ids
 
 
 @pytest.mark.slow

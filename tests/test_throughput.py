@@ -15,16 +15,18 @@ import numpy as np
 import pytest
 
 from harness import timing
-from harness.api import ModelSpec, OptimSpec, load_backend
+from harness.api import COMPILED_ALIAS, ConvSpec, MlpSpec, ModelSpec, OptimSpec, load_backend
 from harness.config import AppConfig
 from harness.measures import throughput as T
 from harness.records import host_env, make_record
 from harness.worker import Job
+from tests.conftest import FRAMEWORKS
 
-TINY = T.ThroughputConfig(
-    batch_sizes=[16, 8], hidden=[12], latent=3, x_dim=16, repeats=2, steps=3, warmup=1, matmul_n=64, matmul_repeats=3
-)
-CASES = [("torch", "eager"), ("torch", "compiled"), ("tensorflow", "eager"), ("tensorflow", "xla"), ("jax", "eager"), ("jax", "jit")]
+TINY = T.ThroughputConfig(batch_sizes=[16, 8], repeats=2, steps=3, warmup=1, matmul_n=64, matmul_repeats=3)
+#: the model the tiny runs time (throughput times the configured model)
+TINY_SPEC = MlpSpec(x_dim=16, hidden=(12,), latent=3)
+#: every framework in eager and in its compiled mode (what "compiled" means there)
+CASES = [(f, m) for f in FRAMEWORKS for m in ("eager", COMPILED_ALIAS[f])]
 
 
 # -- FLOP count ----------------------------------------------------------------------------------
@@ -33,7 +35,7 @@ CASES = [("torch", "eager"), ("torch", "compiled"), ("tensorflow", "eager"), ("t
 def test_step_flops_by_hand_one_layer() -> None:
     """x_dim 3, no hidden layer, latent 2, batch 5: encoder 3 -> 4 (mean and log-variance),
     decoder 2 -> 3."""
-    spec = ModelSpec(x_dim=3, hidden=(), latent=2)
+    spec = MlpSpec(x_dim=3, hidden=(), latent=2)
     B = 5
     fwd = 2 * B * 3 * 4 + 2 * B * 2 * 3  # 120 + 60
     weight_grads = fwd  # 180
@@ -44,12 +46,11 @@ def test_step_flops_by_hand_one_layer() -> None:
     assert T.step_flops(spec, B) == 720
     assert T.step_flops(spec, B, "sgd") == 420 + 2 * n_params
     # stop_gradient_z: the decoder's input gradient is not computed
-    assert T.matmul_flops(ModelSpec(x_dim=3, hidden=(), latent=2, stop_gradient_z=True), B) == 360
+    assert T.matmul_flops(MlpSpec(x_dim=3, hidden=(), latent=2, stop_gradient_z=True), B) == 360
 
 
-def test_step_flops_default_model() -> None:
-    spec = T.ThroughputConfig().model()
-    assert (spec.x_dim, spec.hidden, spec.latent) == (784, (512, 256), 20)
+def test_step_flops_784_512_256_mlp() -> None:
+    spec = MlpSpec(x_dim=784, hidden=(512, 256), latent=20)
     assert T.matmul_flops(spec, 1) == 5_679_104
     assert T.step_flops(spec, 2048) == 5_679_104 * 2048 + 12 * 1_082_680
 
@@ -57,31 +58,38 @@ def test_step_flops_default_model() -> None:
 @pytest.mark.parametrize(
     "spec",
     [
-        ModelSpec(x_dim=16, hidden=(12,), latent=3),
-        ModelSpec(x_dim=20, hidden=(16, 8), latent=4),
-        ModelSpec(x_dim=20, hidden=(16, 8), latent=4, stop_gradient_z=True),
-        ModelSpec(x_dim=20, hidden=(16, 8), latent=4, freeze="decoder"),
-        ModelSpec(x_dim=20, hidden=(16, 8), latent=4, freeze="encoder"),
-        ModelSpec(x_dim=20, hidden=(16, 8), latent=4, freeze="decoder", stop_gradient_z=True),
+        MlpSpec(x_dim=16, hidden=(12,), latent=3),
+        MlpSpec(x_dim=20, hidden=(16, 8), latent=4),
+        MlpSpec(x_dim=20, hidden=(16, 8), latent=4, stop_gradient_z=True),
+        MlpSpec(x_dim=20, hidden=(16, 8), latent=4, freeze="decoder"),
+        MlpSpec(x_dim=20, hidden=(16, 8), latent=4, freeze="encoder"),
+        MlpSpec(x_dim=20, hidden=(16, 8), latent=4, freeze="decoder", stop_gradient_z=True),
+        ConvSpec(x_dim=96, image=(8, 4, 3), filters=(4, 5), dense=6, latent=3),
+        ConvSpec(x_dim=96, image=(8, 4, 3), filters=(4, 5), dense=6, latent=3, stop_gradient_z=True),
+        ConvSpec(x_dim=64, image=(8, 8, 1), filters=(2, 3, 4), dense=6, latent=3, freeze="encoder"),
     ],
-    ids=["1hidden", "2hidden", "stop_gradient_z", "freeze_decoder", "freeze_encoder", "freeze_decoder_stop_z"],
+    ids=["1hidden", "2hidden", "stop_gradient_z", "freeze_decoder", "freeze_encoder", "freeze_decoder_stop_z",
+         "conv", "conv_stop_gradient_z", "conv3_freeze_encoder"],
 )
 def test_matmul_flops_match_torch_flop_counter(spec: ModelSpec) -> None:
     """Independent count: torch's FlopCounterMode over the loss and its backward (it counts
-    the matmuls autograd actually runs)."""
+    the matmuls and convolutions autograd actually runs)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    from harness import vae
     from harness.init import init_params
-    from impls.torch import model
+    from impls.torch import ops
 
     B = 7
-    params = {k: torch.tensor(v, dtype=torch.float32, requires_grad=True) for k, v in init_params(spec, 0).items()}
-    x = torch.tensor(T.synthetic_batch(B, spec.x_dim), dtype=torch.float32)
+    desc = spec.params()
+    params = {k: torch.tensor(ops.to_native(desc[k], v).copy(), dtype=torch.float32, requires_grad=True)
+              for k, v in init_params(spec, 0).items()}
+    x = torch.tensor(ops.input_to_native(T.synthetic_batch(B, spec.input_shape), spec.input_shape), dtype=torch.float32)
     eps = torch.randn(B, spec.latent)
     counter = FlopCounterMode(display=False)
     with counter:
-        recon, kl = model.loss_terms(params, x, eps, spec)
+        recon, kl = vae.loss_terms(ops, params, x, eps, spec)
         (recon + kl).mean().backward()
     assert counter.get_total_flops() == T.matmul_flops(spec, B)
 
@@ -186,8 +194,8 @@ def test_a_compile_count_change_while_timing_raises() -> None:
 def test_a_real_retrace_raises() -> None:
     """A jitted backend fed a new batch shape on every call really recompiles; the timing
     core's compile-count check catches it."""
-    b = load_backend("jax", TINY.model(), mode="jit")
-    xs = [b.put(T.synthetic_batch(n, TINY.x_dim)) for n in range(2, 8)]
+    b = load_backend("jax", TINY_SPEC, mode="jit")
+    xs = [b.put(T.synthetic_batch(n, TINY_SPEC.x_dim)) for n in range(2, 8)]
     it = iter(xs)
     with pytest.raises(timing.RecompiledWhileTiming):
         timing.time_steps(lambda: b.train_step(next(it)), b.sync, 2, 2, 1, compile_count=b.compile_count)
@@ -212,7 +220,7 @@ def test_planted_retrace_in_run_one_raises() -> None:
             return self.calls // 4  # moves as steps run: a retrace every 4 steps
 
     with pytest.raises(timing.RecompiledWhileTiming):
-        T.run_one("torch", "eager", 8, TINY, backend_factory=Retracing)
+        T.run_one("torch", "eager", 8, TINY, TINY_SPEC, backend_factory=Retracing)
 
 
 def test_cpu_peak_memory_sees_an_allocation() -> None:
@@ -249,7 +257,7 @@ NUMERIC = (
 @pytest.mark.slow
 @pytest.mark.parametrize("framework,mode", CASES, ids=[f"{f}-{m}" for f, m in CASES])
 def test_run_batches(framework: str, mode: str) -> None:
-    metrics, env = T.run_batches(framework, mode, TINY, optim=OptimSpec(lr=1e-3))
+    metrics, env = T.run_batches(framework, mode, TINY, TINY_SPEC, optim=OptimSpec(lr=1e-3))
     assert env["framework"] == framework
     assert metrics["batch_sizes"] == [8, 16]  # increasing order
     assert metrics["matmul_flops_per_s"] > 0 and math.isfinite(metrics["matmul_flops_per_s"])
@@ -265,7 +273,7 @@ def test_run_batches(framework: str, mode: str) -> None:
         if mode != "eager":
             assert row["compile_count_first_call"] >= 1  # the first call compiled
         assert row["compile_count"] == row["compile_count_first_call"]
-        assert row["step_flops"] == T.step_flops(TINY.model(), row["batch"])
+        assert row["step_flops"] == T.step_flops(TINY_SPEC, row["batch"])
         assert row["step_flops"] == metrics["matmul_flops_per_example"] * row["batch"] + metrics["optimizer_flops"]
         assert row["samples_per_s"] == pytest.approx(row["batch"] / row["step_s_median"])
         assert row["roofline_fraction"] == pytest.approx(row["achieved_flops"] / metrics["matmul_flops_per_s"])
@@ -281,7 +289,7 @@ def test_plain_step_trains(framework: str, mode: str) -> None:
     from harness.api import resolve_mode
     from harness.init import init_params
 
-    spec = TINY.model()
+    spec = TINY_SPEC
     pl = T.plain_module(framework)
     p = pl.PlainStep(spec, OptimSpec(), init_params(spec, 0), mode=resolve_mode(framework, mode))
     x = p.put(T.synthetic_batch(8, spec.x_dim))
@@ -368,7 +376,7 @@ def test_settings_come_from_the_config() -> None:
 
     c = to_app_config({"measure": {"throughput": {"batch_sizes": [4], "repeats": 3}}})
     s = T.settings(c)
-    assert isinstance(s, T.ThroughputConfig) and s.batch_sizes == [4] and s.repeats == 3 and s.hidden == [512, 256]
+    assert isinstance(s, T.ThroughputConfig) and s.batch_sizes == [4] and s.repeats == 3
 
 
 def _record(tmp_path: Path, status: str, metrics: dict[str, Any], framework: str = "torch", mode: str = "eager",

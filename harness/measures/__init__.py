@@ -13,7 +13,19 @@ Each measure is one module here that declares everything that is its own:
 - `JUDGED`: the quantities its verdict reads (`harness.judged.Judged`: a path into the record
   and a name). A NaN, inf or missing number at any of them fails the measure, named, whatever
   its own comparisons made of it (`summarize` below); tests/test_nonfinite.py plants one at
-  every path of real records, so a new measure is covered by declaring its `JUDGED`.
+  every path of real records, so a new measure is covered by declaring its `JUDGED`;
+- `READS`: the config it reads, as dotted prefixes of config keys ("framework", "seed",
+  "model", "data.batch_size", "measure.<name>", ...; "-prefix" excepts keys under an earlier
+  one, e.g. "-framework.precision" for a measure that fixes its own dtype). A record keeps only
+  these keys and the neutral ones (`harness.records.NEUTRAL_KEYS`), and only these tell two
+  records apart (report variants, resume, compare): a key it does not read is not its input.
+  A measure whose reads depend on its config also defines `reads(config) -> tuple[str, ...]`
+  (`config`: the nested plain dict a record holds), a subset of its READS. The job runs with
+  what its record keeps (the schema's defaults elsewhere), so READS must cover every key the
+  measure's `run` uses (tests/test_reads.py checks);
+- `VERSION`: an int (from 1) its author bumps when what it measures changes (asv's
+  benchmark_version); stored in each record (`measure_version`); `vaebench compare` refuses to
+  compare records of different versions, and resume never reuses a record of another version.
 
 Adding a measure: write the module, add its line below, add `conf/measure/<name>.yaml`.
 Measures import neither `harness.config` (only for type checking) nor the worker.
@@ -22,6 +34,7 @@ Measures import neither `harness.config` (only for type checking) nor the worker
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
 
@@ -40,6 +53,23 @@ MEASURES: dict[str, ModuleType] = {
         "snr": "harness.measures.snr",
     }.items()
 }
+
+
+def reads(name: str, config: Mapping[str, Any]) -> tuple[str, ...] | None:
+    """What measure `name` reads of `config` (a nested plain dict: the resolved config, or a
+    record's): its `reads(config)` or its `READS`; None for a measure that declares neither or is
+    not registered (then every key counts, as before measures declared their reads)."""
+    module = MEASURES.get(name)
+    fn = getattr(module, "reads", None)
+    if callable(fn):
+        return tuple(fn(config))
+    declared = getattr(module, "READS", None)
+    return None if declared is None else tuple(declared)
+
+
+def version(name: str) -> int:
+    """Measure `name`'s current `VERSION` (1 for a measure without one, or not registered)."""
+    return int(getattr(MEASURES.get(name), "VERSION", 1))
 
 
 def precision(name: str, c: object) -> str:

@@ -13,7 +13,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from harness import data as data_mod
+from harness import models
 from harness.api import Backend, ModelSpec, OptimSpec, load_backend, resolve_mode
+from harness.frameworks import rank
 
 if TYPE_CHECKING:
     from harness.config import AppConfig
@@ -54,10 +56,14 @@ class Quantity:
     unit: str = ""
 
 
-def model_spec(c: AppConfig, x_dim: int) -> ModelSpec:
-    """The configured model (every `model.*` key: the config group is built from ModelSpec's
-    fields, so none can be left out) for inputs of width `x_dim`."""
-    return ModelSpec(x_dim=x_dim, **dataclasses.asdict(c.model))
+def model_spec(c: AppConfig, data: data_mod.Dataset | tuple[int, ...] | int) -> ModelSpec:
+    """The configured model (every `model.*` key: the config group is its kind's spec's fields,
+    so none can be left out) for this data: a Dataset, one example's shape, or a width."""
+    if isinstance(data, data_mod.Dataset):
+        shape: tuple[int, ...] = data.image_shape or (data.x_dim,)
+    else:
+        shape = (data,) if isinstance(data, int) else tuple(data)
+    return models.spec_for_data(dataclasses.asdict(c.model), shape)
 
 
 def optim_spec(c: AppConfig) -> OptimSpec:
@@ -67,9 +73,12 @@ def optim_spec(c: AppConfig) -> OptimSpec:
 
 def dataset(c: AppConfig) -> data_mod.Dataset:
     """The configured data set (every `data.*` key but batch_size, which the measures read),
-    refused under the Bernoulli likelihood if its values leave [0, 1]."""
+    refused under the Bernoulli likelihood if its values leave [0, 1], in the shape the
+    configured model takes: flat (N, x_dim) for a vector model (mlp, linear), images
+    (N, H, W, C) for one that takes images (conv): `Dataset.reshaped`, views of the same arrays."""
     d = {k: v for k, v in dataclasses.asdict(c.data).items() if k != "batch_size"}
-    return data_mod.load(d.pop("source"), **d, seed=c.seed, likelihood=c.model.likelihood)
+    ds = data_mod.load(d.pop("source"), **d, seed=c.seed, likelihood=c.model.likelihood)
+    return ds.reshaped(model_spec(c, ds).input_shape)
 
 
 def backend(
@@ -98,6 +107,7 @@ def backend(
         threads=f.threads,
         allow_tf32=f.allow_tf32,
         compile_mode=f.compile_mode,
+        conv_transpose=f.conv_transpose,
         params=params,
     )
 
@@ -114,8 +124,8 @@ def on_terminal() -> bool:
 
 
 def by_framework(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    order = {"torch": 0, "tensorflow": 1, "jax": 2}
-    return sorted(records, key=lambda r: (order.get(r["framework"], 9), r["mode"]))
+    """`records` in the frameworks' declared order (`harness.frameworks`; others last), then by mode."""
+    return sorted(records, key=lambda r: (rank(r["framework"]), r["mode"]))
 
 
 class Num(str):

@@ -38,12 +38,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from harness import data as data_mod
-from harness import reference
+from harness import frameworks, reference
+from harness.api import ModelSpec
 from harness.init import init_params
 from harness.job import Job, Result
 from harness.judged import Judged, describe
 from harness.schema import ConfigError, setting
-from harness.spec import FRAMEWORKS, TERMS, Dtype, ModelSpec, OptimSpec, choices
+from harness.spec import FRAMEWORKS, TERMS, Dtype, OptimSpec, choices
 
 if TYPE_CHECKING:
     from harness.config import AppConfig
@@ -57,8 +58,7 @@ TOLERANCES: dict[tuple[str, str], float] = {
     ("terms", "float64"): 1e-10,
     ("grads", "float32"): 1e-4,
     ("grads", "float64"): 1e-9,
-    ("sgd trajectory", "float64"): 1e-8,
-    ("adam trajectory", "float64"): 1e-5,  # Keras' Adam eps convention: see KERAS_ADAM_NOTE
+    ("sgd trajectory", "float64"): 1e-8,  # free-running float64 trajectories of the same step (SGD, Adam per convention)
 }
 #: per-step checks: the median step's deviation / (rounding floor of that step) must stay below
 #: this factor. The floor is what the dtype alone makes unavoidable (see `step_floor`); healthy
@@ -82,12 +82,17 @@ KINK_NOTE = (
     "frameworks implement the same step (the per-step rows judge that). The one-ulp control shows one "
     "framework's sensitivity to its own rounding: a cross-framework parting of the same size is rounding."
 )
+#: {keras}: the frameworks in Keras' Adam convention (`FrameworkFacts.adam_convention`), {standard}: the others
 KERAS_ADAM_NOTE = (
-    "Keras adds Adam's eps to the uncorrected sqrt(v) (torch and optax to the bias-corrected one): an effective "
-    "eps of eps/sqrt(1-beta2^t). The per-step rows compare TensorFlow with a NumPy step in Keras' convention; "
+    "Keras adds Adam's eps to the uncorrected sqrt(v) ({standard} to the bias-corrected one): an effective "
+    "eps of eps/sqrt(1-beta2^t). The per-step rows compare {keras} with a NumPy step in Keras' convention; "
     "the convention itself moves Adam's update by {effect:.1e} relative (largest over the steps, NumPy), which "
-    "is why TensorFlow's free-running float64 Adam trajectory differs from torch/jax at ~1e-6 (tolerance 1e-5)."
+    "is why {keras}'s free-running float64 Adam trajectory drifts from {standard}'s (reported, not judged: the "
+    "trajectories of one convention are judged against each other)."
 )
+#: the arrays file's key holding the number of check batches (a record without it has one batch,
+#: its terms and gradients without the leading batch axis)
+CHECK_BATCHES = "meta/check_batches"
 BIG_STEP = 10**9  # Adam's 1 - beta^t is exactly 1 in float64 from t ~ 4e4 on
 
 
@@ -95,7 +100,12 @@ BIG_STEP = 10**9  # Adam's 1 - beta^t is exactly 1 in float64 from t ~ 4e4 on
 class ConformanceConfig:
     dtypes: list[str] = setting(["float32", "float64"], choices=choices(Dtype), nonempty=True)
     steps: int = setting(50, gt=0)  # optimizer steps per trajectory (SGD and Adam)
-    batch_size: int = setting(32, gt=0)
+    batch_size: int = setting(32, gt=0)  # the trajectories' batches
+    # terms and gradients are compared on this many batches of check_batch_size examples each:
+    # judged on the worst batch in float64 and on the median batch in float32, where a ReLU
+    # within rounding of its kink may flip in one framework and not in another (`KINK_NOTE`)
+    check_batches: int = setting(5, gt=0)
+    check_batch_size: int = setting(4, gt=0)
     sgd_lr: float = setting(0.05, gt=0)
     # halve sgd_lr until the float64 NumPy reference trajectory is stable (`stable_step`; the
     # step used is in the record and the notes); false: sgd_lr as given (a divergent step fails)
@@ -108,6 +118,17 @@ class ConformanceConfig:
 
 
 Config = ConformanceConfig
+#: what it reads (`harness.measures`): the configured model and data set, but its own dtypes,
+#: batch size and SGD/Adam steps (of optim.* only beta1, beta2, eps)
+READS = ("framework", "-framework.precision", "seed", "model", "data", "-data.batch_size", "optim", "-optim.name",
+         "-optim.lr", "-optim.momentum", "measure.conformance")
+VERSION = 1
+
+
+def reads(config: dict[str, Any]) -> tuple[str, ...]:
+    """READS; without `plant_framework` when nothing is planted (`plant=none`)."""
+    plant = ((config.get("measure") or {}).get("conformance") or {}).get("plant", ConformanceConfig().plant)
+    return READS if plant != "none" else (*READS, "-measure.conformance.plant_framework")
 
 
 def precision(c: AppConfig) -> str:
@@ -120,14 +141,18 @@ def validate(c: AppConfig) -> None:
         raise ConfigError("measure.conformance.plant_framework", f"plant={cf.plant} needs the framework to plant it in")
 
 
-def inputs(c: AppConfig) -> tuple[ModelSpec, dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray]:
-    """The shared inputs: spec, canonical weights, one batch, its noise, and the training data."""
+def inputs(c: AppConfig) -> tuple[ModelSpec, dict[str, np.ndarray], list[tuple[np.ndarray, np.ndarray]], np.ndarray]:
+    """The shared inputs: spec, canonical weights, the check batches (consecutive training
+    examples, each batch with its own noise), and the training data."""
     ds = dataset(c)
-    spec = model_spec(c, ds.x_dim)
+    spec = model_spec(c, ds)
     cf = c.measure.conformance
-    x = ds.x_train[: cf.batch_size]
-    eps = data_mod.noise((len(x), spec.latent), c.seed, 0)
-    return spec, init_params(spec, c.seed), x, eps, ds.x_train
+    n = cf.check_batch_size
+    checks = [(ds.x_train[i * n : (i + 1) * n], data_mod.noise((n, spec.latent), c.seed, i)) for i in range(cf.check_batches)]
+    if any(len(x) < n for x, _ in checks):
+        raise ConfigError("measure.conformance.check_batches",
+                          f"{cf.check_batches} x {n} examples exceed the {len(ds.x_train)} training examples")
+    return spec, init_params(spec, c.seed), checks, ds.x_train
 
 
 def trajectory_batches(c: AppConfig, x_train: np.ndarray, latent: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -252,11 +277,16 @@ def step_floor(theta: np.ndarray, new: np.ndarray, dtype: str) -> float:
         return float(np.linalg.norm(half_ulp + unit)) / max(float(np.linalg.norm(new - theta)), 1e-300)
 
 
+def adam_convention(framework: str) -> str:
+    """Where `framework`'s Adam adds eps (`FrameworkFacts.adam_convention`: "standard" | "keras")."""
+    return frameworks.facts(framework).adam_convention
+
+
 def per_step(c: AppConfig, framework: str, spec: ModelSpec, dtype: str, opt_name: str, optim: OptimSpec,
              traj: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]],
              steps: list[tuple[np.ndarray, np.ndarray]], plant: str) -> dict[str, np.ndarray]:
     """One step per reference state, in the framework and in NumPy (its own Adam convention)."""
-    convention = "keras" if framework == "tensorflow" and opt_name == "adam" else "standard"
+    convention = adam_convention(framework) if opt_name == "adam" else "standard"
     b = backend(c, framework, spec=spec, dtype=dtype, optim=plant_optim(optim, plant))
     dev, loss_dev, floor, keras = [], [], [], []
     for (p, s), (xb, e) in zip(traj, steps):
@@ -295,7 +325,7 @@ def free_run(c: AppConfig, framework: str, spec: ModelSpec, dtype: str, optim: O
 def run(c: AppConfig, job: Job) -> Result:
     cf = c.measure.conformance
     plant = cf.plant if cf.plant_framework == job.framework else "none"
-    spec, params, x, eps, x_train = inputs(c)
+    spec, params, checks, x_train = inputs(c)
     steps = trajectory_batches(c, x_train, spec.latent)
     optims = _optims(c)
     halved: list[str] = []
@@ -305,24 +335,34 @@ def run(c: AppConfig, job: Job) -> Result:
     arrays: dict[str, np.ndarray] = {}
     env: dict[str, Any] = {}
     metrics: dict[str, Any] = {"dtypes": list(cf.dtypes), "steps": cf.steps, "batch_size": cf.batch_size, "plant": plant,
+                               "check_batches": cf.check_batches, "check_batch_size": cf.check_batch_size,
                                "sgd_lr": optims["sgd"].lr, "adam_lr": optims["adam"].lr, "sgd_lr_halved": halved}
     for name in optims:
         arrays[f"ref/{name} trajectory"] = reference_losses(spec, trajs[name], steps)
     for dtype in cf.dtypes:
         start = plant_params(params, plant, dtype, c.seed)
         b = backend(c, job.framework, spec=spec, dtype=dtype, params=start)
-        t = b.terms(x, eps)
-        # NumPy at the unplanted inputs as `dtype` holds them (a plant must show as a deviation)
+        # NumPy at the unplanted inputs as `dtype` holds them (a plant must show as a deviation),
+        # in float64 (the oracle) and in `dtype` (NumPy's own rounding: the floor of the tolerance)
         pd = {k: v.astype(dtype).astype(np.float64) for k, v in params.items()}
-        ed = eps.astype(dtype).astype(np.float64)
-        ref = reference.terms(pd, x, ed, spec)
-        for part in TERMS:
-            arrays[f"{dtype}/terms/{part}"] = getattr(t, part)
-            arrays[f"ref/{dtype}/terms/{part}"] = getattr(ref, part)
-            ref_g = reference.grads(pd, x, ed, spec, part)  # type: ignore[arg-type]
-            for name, g in b.grads(x, eps, part).items():  # type: ignore[arg-type]
-                arrays[f"{dtype}/grads/{part}/{name}"] = g
-                arrays[f"{dtype}/grads vs numpy/{part}/{name}"] = np.array(_rel_l2(g, ref_g[name]))
+        pn = {k: v.astype(dtype) for k, v in params.items()}
+        per: dict[str, list[Any]] = {}
+        for x, eps in checks:
+            t = b.terms(x, eps)
+            ed = eps.astype(dtype).astype(np.float64)
+            xn, en = x.astype(dtype), eps.astype(dtype)
+            ref, low = reference.terms(pd, x, ed, spec), reference.terms(pn, xn, en, spec)
+            for part in TERMS:
+                per.setdefault(f"{dtype}/terms/{part}", []).append(getattr(t, part))
+                per.setdefault(f"ref/{dtype}/terms/{part}", []).append(getattr(ref, part))
+                per.setdefault(f"ref/{dtype}/floor terms/{part}", []).append(_rel(getattr(low, part), getattr(ref, part)))
+                ref_g = reference.grads(pd, x, ed, spec, part)  # type: ignore[arg-type]
+                low_g = reference.grads(pn, xn, en, spec, part)  # type: ignore[arg-type]
+                for name, g in b.grads(x, eps, part).items():  # type: ignore[arg-type]
+                    per.setdefault(f"{dtype}/grads/{part}/{name}", []).append(g)
+                    per.setdefault(f"{dtype}/grads vs numpy/{part}/{name}", []).append(_rel_l2(g, ref_g[name]))
+                    per.setdefault(f"ref/{dtype}/floor grads/{part}/{name}", []).append(_rel_l2(low_g[name], ref_g[name]))
+        arrays.update({k: np.stack([np.asarray(v) for v in vs]) for k, vs in per.items()})
         for name, o in optims.items():
             for key, arr in per_step(c, job.framework, spec, dtype, name, o, trajs[name], steps, plant).items():
                 arrays[f"{dtype}/{name} step/{key}"] = arr
@@ -330,8 +370,9 @@ def run(c: AppConfig, job: Job) -> Result:
             if dtype == "float32":
                 arrays[f"{dtype}/{name} trajectory/ulp control"] = free_run(
                     c, job.framework, spec, dtype, o, one_ulp(start, dtype), steps, plant)
-        metrics[dtype] = {"loss": float(t.loss.mean())}
+        metrics[dtype] = {"loss": float(np.mean(arrays[f"{dtype}/terms/loss"]))}
         env = b.version()
+    arrays[CHECK_BATCHES] = np.array(cf.check_batches)
     path = Path(job.record_path).with_suffix(".npz")
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)  # type: ignore[arg-type]
@@ -450,22 +491,76 @@ def _row(quantity: str, dtype: str, pair: str, where: str, dev: float, tol: floa
 
 def _pairwise(loaded: dict[str, dict[str, np.ndarray]], quantity: str, dtype: str) -> tuple[float, str, str]:
     worst, pair, where = -1.0, "-", ""
+    per_batch = quantity in ("terms", "grads")
     for fa, fb in itertools.combinations(loaded, 2):
-        dev, w = deviation(quantity, dtype, loaded[fa], loaded[fb], names=(fa, fb))
+        if per_batch:
+            dev, w = judged_over_batches(dtype, [deviation(quantity, dtype, a, b, names=(fa, fb))
+                                                 for a, b in zip(batches(loaded[fa]), batches(loaded[fb]))])
+        else:
+            dev, w = deviation(quantity, dtype, loaded[fa], loaded[fb], names=(fa, fb))
         if _worse(dev, worst):
             worst, pair, where = dev, f"{fa} vs {fb}", w
     return worst, pair, where
 
 
-def _worst_vs_numpy(loaded: dict[str, dict[str, np.ndarray]], prefix: str) -> tuple[float, str, str]:
-    """Largest stored deviation against NumPy among keys under `prefix`, over frameworks."""
-    worst, who, where = -1.0, "-", ""
-    for fw, arrs in loaded.items():
-        for key in (k for k in arrs if k.startswith(prefix)):
-            dev = float(np.max(arrs[key])) if _finite(arrs[key]) else math.nan
-            if _worse(dev, worst):
-                worst, who, where = dev, f"{fw} vs numpy", key[len(prefix):] + ("" if math.isfinite(dev) else ": not finite")
-    return worst, who, where
+#: arrays compared per check batch (their first axis, in records that have CHECK_BATCHES)
+BATCHED = ("/terms/", "/grads/", "/grads vs numpy/", "/floor terms/", "/floor grads/")
+
+
+def batches(a: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """One framework's per-batch arrays, one dict per check batch (the other arrays left out);
+    a record from before the check batches is one batch."""
+    keyed = {k: v for k, v in a.items() if any(m in "/" + k for m in BATCHED)}
+    if CHECK_BATCHES not in a:
+        return [keyed]
+    return [{k: v[i] for k, v in keyed.items()} for i in range(int(a[CHECK_BATCHES]))]
+
+
+def judged_over_batches(dtype: str, per_batch: list[tuple[float, str]]) -> tuple[float, str]:
+    """The judged deviation over the check batches and where: the worst batch in float64; in
+    float32 the median batch, since a ReLU within rounding of its kink flips in one framework
+    and not in another, a discrete jump in that one batch's numbers (KINK_NOTE). A deviation that
+    is not finite in any batch is judged as such (NaN fails)."""
+    devs = np.array([d for d, _ in per_batch], dtype=np.float64)
+    i = int(np.argmax(np.where(np.isfinite(devs), devs, np.inf)))
+    where = per_batch[i][1] if len(devs) == 1 else f"batch {i + 1}/{len(devs)}: {per_batch[i][1]}"
+    if not np.all(np.isfinite(devs)):
+        return math.nan, where
+    if dtype == "float64" or len(devs) == 1:
+        return float(devs[i]), where
+    med = float(np.median(devs))
+    return med, f"median of {len(devs)} batches; worst {where}: {devs[i]:.2g}"
+
+
+def floor_tolerance(loaded: dict[str, dict[str, np.ndarray]], quantity: str, dtype: str) -> tuple[float, float]:
+    """(tolerance, floor) of `quantity` ("terms" | "grads") in `dtype`: the fixed tolerance, or
+    FLOOR_FACTOR x the floor where that is larger. The floor is NumPy's own deviation from its
+    float64 result when it computes in `dtype` (worst over parts or tensors, median over the
+    batches): how much rounding this model and data make unavoidable (e.g. the KL near the prior
+    cancels: float32 NumPy's KL of model=conv at initialisation deviates 3e-5). A floor that is
+    not finite makes the tolerance NaN (the row fails); a record without floors: the fixed one."""
+    fixed = TOLERANCES[(quantity, dtype)]
+    per = [[float(np.max(v)) for k, v in b.items() if k.startswith(f"ref/{dtype}/floor {quantity}/")]
+           for a in loaded.values() for b in batches(a)]
+    per = [p for p in per if p]
+    if not per:
+        return fixed, 0.0
+    worst = np.array([max(p) if all(math.isfinite(x) for x in p) else math.nan for p in per])
+    if not np.all(np.isfinite(worst)):
+        return math.nan, math.nan
+    floor = float(np.median(worst))
+    return max(fixed, FLOOR_FACTOR * floor), floor
+
+
+def _worst_vs_numpy(arrs: dict[str, np.ndarray], prefix: str) -> tuple[float, str]:
+    """Largest stored deviation against NumPy among one framework's keys under `prefix`, and
+    where ("" when it has none)."""
+    worst, where = -1.0, ""
+    for key in (k for k in arrs if k.startswith(prefix)):
+        dev = float(np.max(arrs[key])) if _finite(arrs[key]) else math.nan
+        if _worse(dev, worst):
+            worst, where = dev, key[len(prefix):] + ("" if math.isfinite(dev) else ": not finite")
+    return worst, where
 
 
 def _per_step_rows(loaded: dict[str, dict[str, np.ndarray]], dtype: str, opt: str) -> list[dict[str, Any]]:
@@ -508,6 +603,41 @@ def _per_step_rows(loaded: dict[str, dict[str, np.ndarray]], dtype: str, opt: st
     return rows
 
 
+def _convention(label: str) -> str:
+    """The Adam convention of the framework of a "framework/mode" label ("standard" when the
+    framework is not registered here)."""
+    try:
+        return adam_convention(label.split("/")[0])
+    except Exception:
+        return "standard"
+
+
+def _free_running_float64(loaded: dict[str, dict[str, np.ndarray]], opt: str) -> list[dict[str, Any]]:
+    """Free-running float64 trajectories, judged between frameworks that take the same step:
+    SGD all of them; Adam within each eps convention (Keras' moves the update by up to a few
+    percent where sqrt(v) ~ eps, so across conventions the trajectories drift apart and, on a
+    ReLU net, part at a kink: reported, not judged; the per-step rows judge each framework
+    against NumPy in its own convention)."""
+    quantity = f"{opt} trajectory"
+    groups: dict[str, dict[str, dict[str, np.ndarray]]] = {}
+    for label, a in loaded.items():
+        groups.setdefault(_convention(label) if opt == "adam" else "all", {})[label] = a
+    rows = []
+    worst, pair, where = -1.0, "-", ""
+    for group in groups.values():
+        if len(group) >= 2:
+            dev, p, w = _pairwise(group, quantity, "float64")
+            if _worse(dev, worst):
+                worst, pair, where = dev, p, w
+    if pair != "-":
+        tol = TOLERANCES[("sgd trajectory", "float64")]  # the same step: rounding apart
+        rows.append(_row(f"free-running {quantity}", "float64", pair, where, worst, tol))
+    if len(groups) > 1:
+        dev, p, w = _pairwise(loaded, quantity, "float64")
+        rows.append(_row(f"free-running {quantity}, across Adam conventions", "float64", p, w, dev, "reported"))
+    return rows
+
+
 def _reference_rows(loaded: dict[str, dict[str, np.ndarray]]) -> list[dict[str, Any]]:
     """The NumPy reference trajectories (float64) that the per-step rows start from: judged to
     stay below DIVERGENCE_FACTOR x their first loss (a divergent step makes every per-step
@@ -533,21 +663,25 @@ def compare(loaded: dict[str, dict[str, np.ndarray]], dtypes: list[str]) -> list
     pairs = len(loaded) >= 2  # with one framework there is no pair: no row that cannot fail
     for dtype in dtypes:
         for quantity in ("terms", "grads"):
-            tol = TOLERANCES[(quantity, dtype)]
+            tol, _ = floor_tolerance(loaded, quantity, dtype)
             if pairs:
                 worst, pair, where = _pairwise(loaded, quantity, dtype)
                 rows.append(_row(quantity, dtype, pair, where, worst, tol))
-            if quantity == "terms":
-                worst, who, where = -1.0, "-", ""
-                for fw, a in loaded.items():
-                    ref = {k[len("ref/"):]: v for k, v in a.items() if k.startswith(f"ref/{dtype}/terms/")}
-                    if not ref:
-                        continue
-                    dev, w = deviation("terms", dtype, a, ref, names=(fw, "numpy"))
-                    if _worse(dev, worst):
-                        worst, who, where = dev, f"{fw} vs numpy", w
-            else:
-                worst, who, where = _worst_vs_numpy(loaded, f"{dtype}/grads vs numpy/")
+            worst, who, where = -1.0, "-", ""
+            for fw, a in loaded.items():
+                per_batch = []
+                for bt in batches(a):
+                    if quantity == "terms":
+                        ref = {k[len("ref/"):]: v for k, v in bt.items() if k.startswith(f"ref/{dtype}/terms/")}
+                        if ref:
+                            per_batch.append(deviation("terms", dtype, bt, ref, names=(fw, "numpy")))
+                    else:
+                        per_batch.append(_worst_vs_numpy(bt, f"{dtype}/grads vs numpy/"))
+                if not per_batch or (quantity == "grads" and per_batch[0][1] == ""):
+                    continue
+                dev, w = judged_over_batches(dtype, per_batch)
+                if _worse(dev, worst):
+                    worst, who, where = dev, f"{fw} vs numpy", w
             if who != "-":
                 rows.append(_row(f"{quantity} (vs NumPy)", dtype, who, where, worst, tol))
         for opt in ("sgd", "adam"):
@@ -561,10 +695,10 @@ def compare(loaded: dict[str, dict[str, np.ndarray]], dtypes: list[str]) -> list
                     if bad is not None:
                         rows.append(_row(f"free-running {quantity}", dtype, fw, bad, math.nan, "reported"))
                 continue
-            worst, pair, where = _pairwise(loaded, quantity, dtype)
             if dtype == "float64":
-                rows.append(_row(f"free-running {quantity}", dtype, pair, where, worst, TOLERANCES[(quantity, dtype)]))
+                rows.extend(_free_running_float64(loaded, opt))
                 continue
+            worst, pair, where = _pairwise(loaded, quantity, dtype)
             rows.append(_row(f"free-running {quantity}", dtype, pair, where, worst, "reported"))
             cworst, cwho, cwhere = -1.0, "-", ""
             for fw, a in loaded.items():
@@ -606,7 +740,10 @@ def summarize(records: list[dict[str, Any]]) -> Summary:
                      f"({'; '.join(m0['sgd_lr_halved'])}), so it was halved to {m0['sgd_lr']:g} (stable_sgd=true)")
     keras = [float(np.max(a[k])) for a in loaded.values() for k in a if k.endswith("adam step/keras convention effect")]
     if keras:
-        notes.append(KERAS_ADAM_NOTE.format(effect=max(keras)))
+        in_keras = [k.split("/")[0] for k, a in loaded.items() if any(n.endswith("adam step/keras convention effect") for n in a)]
+        others = [n for n, f in frameworks.registry().items() if f.adam_convention != "keras"]
+        notes.append(KERAS_ADAM_NOTE.format(effect=max(keras), keras="/".join(dict.fromkeys(in_keras)),
+                                            standard="/".join(others) or "the others"))
     if "float32" in dtypes and len(loaded) >= 2:
         notes.append(KINK_NOTE)
     if len(loaded) < 2:
@@ -623,6 +760,7 @@ JUDGED = (
     Judged("arrays:*/terms/*", "loss part", axis="example"),
     Judged("arrays:*/grads/*", "gradient"),
     Judged("arrays:*/grads vs numpy/*", "gradient deviation from NumPy"),
+    Judged("arrays:ref/*/floor */*", "NumPy's own rounding in the dtype (the tolerance's floor)"),
     Judged("arrays:*/* step/dtheta", "one step's update deviation (Δθ)", axis="step"),
     Judged("arrays:*/* step/floor", "one step's rounding floor", axis="step"),
     Judged("arrays:*/* step/loss", "one step's loss deviation", axis="step"),

@@ -26,7 +26,7 @@ Recorded per seed:
 - at the end: the IWAE-k test log-likelihood (`iwae_k`, 1000 by default; the test set in row
   chunks, the backend chunks the samples) with its standard error, the gap IWAE minus final
   test ELBO (paired per example, with its standard error), and posterior-collapse diagnostics
-  computed in NumPy from the trained parameters (`harness.reference.encode`): KL(q(z_i|x) ||
+  computed from the backend's own encoder (`encode`): KL(q(z_i|x) ||
   N(0, 1)) per latent dimension (mean over test examples) and the active units,
   Cov_x(E_q[z_i]) > `active_threshold` (Burda et al. 2015).
 - Linear-Gaussian model (model.kind=linear, gaussian likelihood): at every evaluation the exact
@@ -69,7 +69,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from harness import data as data_mod
-from harness import ppca, reference
+from harness import frameworks, ppca
 from harness.api import ModelSpec
 from harness.init import init_params
 from harness.job import Checkpointer, Job, Result
@@ -109,6 +109,17 @@ class ConvergenceConfig:
 
 
 Config = ConvergenceConfig
+#: what it reads (`harness.measures`): the configured model, data and optimizer
+READS = ("framework", "seed", "model", "data", "optim", "measure.convergence")
+VERSION = 1
+
+
+def reads(config: dict[str, Any]) -> tuple[str, ...]:
+    """READS; without the top-level `seed` when `measure.convergence.seeds` names the seeds and
+    the data set does not depend on it (only synthetic data is drawn from it)."""
+    seeds = ((config.get("measure") or {}).get("convergence") or {}).get("seeds") or []
+    source = (config.get("data") or {}).get("source")
+    return READS if not seeds or source == "synthetic" else tuple(r for r in READS if r != "seed")
 #: settings the summary reads back from the record (defaults for older records)
 SETTINGS = ("target_margin", "agree_nats", "lockstep_steps", "lockstep_tol", "optimum_tol", "posterior_gap_tol")
 
@@ -309,7 +320,7 @@ def final_evaluation(c: AppConfig, b: Any, x: np.ndarray, spec: ModelSpec, elbo:
     k = c.measure.convergence.iwae_k
     ll = iwae(b, x, k)
     gap = ll - elbo
-    mu, logvar = reference.encode(params64(b), x, spec)
+    mu, logvar = (np.asarray(a, dtype=np.float64) for a in b.encode(x))
     n = math.sqrt(len(x))
     se = (lambda v: float(v.std(ddof=1) / n)) if len(x) > 1 else (lambda v: math.nan)
     return {
@@ -326,7 +337,7 @@ def final_evaluation(c: AppConfig, b: Any, x: np.ndarray, spec: ModelSpec, elbo:
 
 def run(c: AppConfig, job: Job) -> Result:
     ds = dataset(c)
-    spec = model_spec(c, ds.x_dim)
+    spec = model_spec(c, ds)
     cc = c.measure.convergence
     evaluate = Evaluator(c, ds, spec)
     metrics: dict[str, Any] = {
@@ -572,11 +583,10 @@ def summarize(records: list[dict[str, Any]]) -> Summary:
     n_seeds = max((len(done(r)) for r in recs), default=0)
     notes.append(f"ELBO and log p(x) in nats per example (higher is better); ± is the standard deviation over {n_seeds} seeds"
                  if n_seeds > 1 else "ELBO and log p(x) in nats per example (higher is better); one seed")
-    cached = any(r["framework"] == "torch" and r["mode"] == "compiled" and len(done(r)) > 1 for r in recs)
+    cached = list(dict.fromkeys(cache_note(r) for r in recs if len(done(r)) > 1 and cache_note(r)))
     notes.append(f"time to target: training wall time (evaluation excluded) to the first evaluation with {target_note}; "
                  "'… after first step' leaves out the first step, which includes tracing and compilation"
-                 + (" (torch.compile reuses its in-process cache for later seeds, so only torch's first seed pays it)"
-                    if cached else ""))
+                 + (f" ({'; '.join(cached)})" if cached else ""))
     completed = [r for r in recs if done(r)]
     if len(completed) > 1:
         finals = {f"{r['framework']}/{r['mode']}": final_elbo(r) for r in completed}
@@ -601,6 +611,13 @@ def summarize(records: list[dict[str, Any]]) -> Summary:
 
 
 # --- plots (from records alone) ------------------------------------------------------------
+
+
+def cache_note(r: dict[str, Any]) -> str:
+    """What the record's framework says when its compiled mode reuses an in-process compile cache
+    for later seeds (`FrameworkFacts.compile_cache_note`), "" otherwise."""
+    f = frameworks.get(r["framework"])
+    return f.compile_cache_note if f is not None and r["mode"] == f.compiled else ""
 
 
 def _label(r: dict[str, Any], recs: list[dict[str, Any]]) -> str:

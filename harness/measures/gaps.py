@@ -31,7 +31,7 @@ float64). It is trained for `epochs` epochs with the backend's own optimizer and
 `n_test` test examples:
 - log p(x) is estimated by IWAE with `iwae_k` samples (`log_likelihood`). This is a lower
   bound, so the approximation gap below is a lower bound too;
-- ELBO(q): the encoder's q (NumPy `reference.encode` of the backend's weights), averaged
+- ELBO(q): the encoder's q (the backend's own `encode`), averaged
   over `elbo_samples` fresh noise draws per example;
 - q* is found by local optimisation. Each example's own mean and log-variance start at the
   encoder's output and are moved to maximise the ELBO with the decoder fixed. The gradient
@@ -57,8 +57,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from harness import data as data_mod
-from harness import reference
-from harness.api import ModelSpec, OptimSpec
+from harness.api import LinearSpec, ModelSpec, OptimSpec
 from harness.init import init_params
 from harness.job import Job, Result
 from harness.judged import Judged, finite, ge, le
@@ -107,6 +106,21 @@ class GapsConfig:
 
 
 Config = GapsConfig
+#: what it reads (`harness.measures`): the linear part builds its model and Adam from its
+#: section (and batches its data by data.batch_size), in float64; the trained part reads the
+#: configured model, data and optimizer (`reads`: only with `trained=true`)
+READS = ("framework", "-framework.precision", "seed", "data.batch_size", "model", "data", "optim", "measure.gaps")
+VERSION = 1
+#: what only the trained part reads
+TRAINED_READS = ("model", "data", "optim")
+TRAINED_SETTINGS = ("epochs", "n_test", "iwae_k", "elbo_samples", "local_samples")
+
+
+def reads(config: dict[str, Any]) -> tuple[str, ...]:
+    """READS; without the trained part's inputs and settings when `measure.gaps.trained` is false."""
+    if ((config.get("measure") or {}).get("gaps") or {}).get("trained", GapsConfig().trained):
+        return READS
+    return (*(r for r in READS if r not in TRAINED_READS), *(f"-measure.gaps.{k}" for k in TRAINED_SETTINGS))
 
 
 def precision(c: AppConfig) -> str:
@@ -190,7 +204,7 @@ def local_optimum(
 
 def linear_spec(c: AppConfig) -> ModelSpec:
     g = c.measure.gaps
-    return ModelSpec(x_dim=g.x_dim, hidden=(), latent=g.latent, likelihood="gaussian", obs_sigma=g.obs_sigma)
+    return LinearSpec(x_dim=g.x_dim, latent=g.latent, likelihood="gaussian", obs_sigma=g.obs_sigma)
 
 
 def linear_problem(c: AppConfig) -> tuple[ModelSpec, dict[str, np.ndarray], np.ndarray, np.ndarray]:
@@ -315,7 +329,7 @@ def _se(v: np.ndarray) -> float:
 def run_trained(c: AppConfig, job: Job) -> dict[str, Any]:
     g = c.measure.gaps
     ds = dataset(c)
-    spec = model_spec(c, ds.x_dim)
+    spec = model_spec(c, ds)
     b = backend(c, job.framework, spec=spec, dtype="float64", params=init_params(spec, c.seed))
     t0 = time.perf_counter()
     steps = 0
@@ -327,8 +341,7 @@ def run_trained(c: AppConfig, job: Job) -> dict[str, Any]:
     train_s = time.perf_counter() - t0
     x = ds.x_test[: g.n_test]
     B, L = len(x), spec.latent
-    params = {k: np.asarray(v, dtype=np.float64) for k, v in b.get_params().items()}
-    mu_q, logvar_q = reference.encode(params, x, spec)
+    mu_q, logvar_q = b.encode(x)
     eps_eval = data_mod.noise((g.elbo_samples, B, L), c.seed, NOISE_TAG["eval"])
     eps_fit = data_mod.noise((g.local_samples, B, L), c.seed, NOISE_TAG["fit"])
     elbo_q = -b.terms(x, eps_eval).loss
@@ -342,7 +355,7 @@ def run_trained(c: AppConfig, job: Job) -> dict[str, Any]:
     iwae_s = time.perf_counter() - t2
     total, approx, amort = log_p - elbo_q, log_p - elbo_star, elbo_star - elbo_q
     out = {
-        "model": f"{c.model.kind} {list(spec.hidden)} latent {L} on {ds.name}",
+        "model": f"{spec.describe()} on {ds.name}",
         "epochs": g.epochs,
         "steps": steps,
         "train_s": train_s,

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from harness.api import ModelSpec
+from harness.api import LinearSpec, ModelSpec
 from harness.init import init_params
 from harness.job import Job, Result
 from harness.judged import Judged, ge, le
@@ -46,6 +46,11 @@ class IdentityConfig:
 
 
 Config = IdentityConfig
+#: what it reads (`harness.measures`): its own linear-Gaussian model, built from its section
+#: alone; no model/data/optim (the backend's optimizer is built, never stepped) and no
+#: framework.precision (it computes in float64 whatever that says)
+READS = ("framework", "-framework.precision", "seed", "measure.identity")
+VERSION = 1
 
 
 def precision(c: AppConfig) -> str:
@@ -128,7 +133,7 @@ def orthogonal_decoder_params(spec: ModelSpec, seed: int) -> dict[str, np.ndarra
 
 def identity_spec(c: AppConfig) -> ModelSpec:
     i = c.measure.identity
-    return ModelSpec(x_dim=i.x_dim, hidden=(), latent=i.latent, likelihood="gaussian", obs_sigma=i.obs_sigma)
+    return LinearSpec(x_dim=i.x_dim, latent=i.latent, likelihood="gaussian", obs_sigma=i.obs_sigma)
 
 
 def problem(c: AppConfig) -> tuple[ModelSpec, dict[str, np.ndarray], np.ndarray]:

@@ -74,7 +74,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from harness import data as data_mod
-from harness.api import ModelSpec
+from harness.api import LinearSpec, ModelSpec
 from harness.init import init_params
 from harness.job import Job, Result
 from harness.judged import Judged, describe, finite, le
@@ -125,6 +125,20 @@ class SnrConfig:
 
 
 Config = SnrConfig
+#: what it reads (`harness.measures`): the toy builds its model from its section, in float64;
+#: the trained part reads the configured model, data and optimizer (`reads`: only with `trained=true`)
+READS = ("framework", "-framework.precision", "seed", "model", "data", "optim", "measure.snr")
+VERSION = 1
+#: what only the trained part reads
+TRAINED_READS = ("model", "data", "optim")
+TRAINED_SETTINGS = ("trained_epochs", "trained_ks", "trained_draws", "trained_samples", "trained_points")
+
+
+def reads(config: dict[str, Any]) -> tuple[str, ...]:
+    """READS; without the trained part's inputs and settings when `measure.snr.trained` is false."""
+    if ((config.get("measure") or {}).get("snr") or {}).get("trained", SnrConfig().trained):
+        return READS
+    return (*(r for r in READS if r not in TRAINED_READS), *(f"-measure.snr.{k}" for k in TRAINED_SETTINGS))
 
 
 def precision(c: AppConfig) -> str:
@@ -361,7 +375,7 @@ def summarize_part(ks: list[int], drawn: dict[str, Any], sel: Selection, spec: M
 
 
 def toy_spec(dim: int) -> ModelSpec:
-    return ModelSpec(x_dim=dim, hidden=(), latent=dim, likelihood="gaussian", obs_sigma=1.0)
+    return LinearSpec(x_dim=dim, latent=dim, likelihood="gaussian", obs_sigma=1.0)
 
 
 def toy_problem(dim: int, perturb: float, points: int, seed: int) -> tuple[ModelSpec, dict[str, np.ndarray], np.ndarray]:
@@ -447,7 +461,7 @@ def nonfinite_ks(part: dict[str, Any]) -> list[str]:
 def run_trained(c: AppConfig, job: Job) -> dict[str, Any]:
     s = c.measure.snr
     ds = dataset(c)
-    spec = model_spec(c, ds.x_dim)
+    spec = model_spec(c, ds)
     b = backend(c, job.framework, spec=spec, dtype="float64", params=init_params(spec, c.seed))
     bs = c.data.batch_size
     steps = 0
@@ -463,7 +477,7 @@ def run_trained(c: AppConfig, job: Job) -> dict[str, Any]:
                             on_k=_progress_line(c, job, "trained"))
     part = summarize_part(list(s.trained_ks), drawn, sel, spec, groups=s.groups, floor_ratio=s.floor_ratio,
                           points=len(x))
-    part.update(model=f"{c.model.kind} {list(spec.hidden)} latent {spec.latent} on {ds.name}", epochs=s.trained_epochs,
+    part.update(model=f"{spec.describe()} on {ds.name}", epochs=s.trained_epochs,
                 steps=steps, test_elbo=test_elbo)
     return part
 

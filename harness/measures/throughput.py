@@ -45,43 +45,44 @@ from harness.api import ModelSpec, OptimSpec, load_backend, resolve_mode
 from harness.init import init_params
 from harness.job import Job, Result, checkpoint
 from harness.judged import Judged, describe, finite, le
-from harness.measures.common import Quantity, Summary, by_framework, fmt, optim_spec
+from harness.measures.common import Quantity, Summary, by_framework, dataset, fmt, model_spec, optim_spec
+from harness.models.base import layer_step_flops, optimizer_flops
+from harness.models.base import step_flops as models_step_flops
 from harness.plots import COLORS, pyplot, save_png
 from harness.records import compile_cache_state
 from harness.schema import check, setting
-from harness.timing import Contender, first_call, median, time_interleaved, warm_up
+from harness.timing import Contender, first_call, median, time_interleaved, time_steps, warm_up
 
 if TYPE_CHECKING:
     from harness.config import AppConfig
 
-#: FLOP per parameter of one optimizer update (see step_flops)
-OPTIMIZER_FLOPS_PER_PARAM = {"adam": 12, "sgd": 2, "sgd_momentum": 4}
 #: seed of the synthetic binary batch
 DATA_SEED = 0
 
 
 @dataclass
 class ThroughputConfig:
-    """`measure.throughput.*`. The model timed: 784-512-256, 20 latents, Bernoulli, ReLU, on
-    synthetic binary input (not model.*/data.*: the throughput default is its own)."""
+    """`measure.throughput.*`. The model timed is the configured one (model.*), on inputs of the
+    configured data's shape (its own batch sizes, not data.batch_size)."""
 
     batch_sizes: list[int] = setting([32, 128, 512, 2048], gt=0, nonempty=True)
-    hidden: list[int] = setting([512, 256], gt=0)
-    latent: int = setting(20, gt=0)
-    x_dim: int = setting(784, gt=0)
     repeats: int = setting(10, gt=1)  # R: timed repeats (one sample each)
     steps: int = setting(10, gt=0)  # N: steps per repeat
     warmup: int = setting(3, ge=0)  # untimed steps after the first call, before timing
     matmul_n: int = setting(1024, gt=0)  # the roofline matmul is matmul_n x matmul_n
     matmul_repeats: int = setting(10, gt=0)
     plain: bool = True  # also time the plain hand-written loop (overhead ratio)
+    layers: bool = True  # also time each layer alone, forward and backward, at the largest batch size
+    layer_repeats: int = setting(5, gt=1)
     clock_tol: float = setting(0.05, gt=0)  # |clock_ratio - 1| allowed
-
-    def model(self) -> ModelSpec:
-        return ModelSpec(x_dim=self.x_dim, hidden=tuple(int(h) for h in self.hidden), latent=self.latent)
 
 
 Config = ThroughputConfig
+#: what it reads (`harness.measures`): the configured model on the configured data's input shape
+#: (its own batch sizes: not data.batch_size), the configured optimizer (timed, and counted in
+#: the FLOPs), the seed of the backend's RNG
+READS = ("framework", "seed", "model", "data", "-data.batch_size", "optim", "measure.throughput")
+VERSION = 2  # 2: measures the configured model and data, not its own MLP
 
 
 def settings(c: AppConfig) -> ThroughputConfig:
@@ -93,75 +94,36 @@ def settings(c: AppConfig) -> ThroughputConfig:
 
 
 def matmul_flops(spec: ModelSpec, batch: int) -> int:
-    """Multiply-add FLOP (2 per multiply-add) of the matmuls of one training step.
-
-    Each dense layer (in, out) on B rows costs in the forward pass 2 B in out. Backward, the
-    weight gradient h^T dY costs 2 B in out and the input gradient dY W^T another 2 B in out.
-    Counted only where autograd computes them:
-    - weight gradients of every layer of a block that is trained (none for model.freeze's block);
-    - input gradients of a layer when something below it needs a gradient: never for the first
-      encoder layer (x needs none); for the first decoder layer (input z, shape (B, latent))
-      only if the gradient flows through z into a trained encoder (not stop_gradient_z, not
-      freeze=encoder); for a later layer of a block if that block is trained or the gradient
-      must pass through it to z and on to the encoder.
-    """
-    B = int(batch)
-    enc_trained = spec.freeze != "encoder"
-    dec_trained = spec.freeze != "decoder"
-    to_encoder = enc_trained and not spec.stop_gradient_z  # gradient flows through z
-    total = 0
-    for block, trained in (("encoder", enc_trained), ("decoder", dec_trained)):
-        for i, (n_in, n_out) in enumerate(spec.layer_dims(block)):
-            mm = 2 * B * n_in * n_out
-            total += mm  # forward
-            if trained:
-                total += mm  # weight gradient
-            # input gradient: x needs none; z needs one only on the way to a trained encoder
-            needs_input_grad = (enc_trained and i > 0) if block == "encoder" else (to_encoder or (dec_trained and i > 0))
-            if needs_input_grad:
-                total += mm
-    return total
-
-
-def optimizer_flops(spec: ModelSpec, optim: str = "adam", momentum: float = 0.0) -> int:
-    """FLOP of one optimizer update, per parameter: Adam 12 (first moment b1 m + (1 - b1) g: 3;
-    second moment b2 v + (1 - b2) g^2: 4; sqrt, + eps, divide, times the step size, subtract:
-    5; the bias corrections are per-tensor scalars folded into the step size and eps);
-    SGD 2 (lr g, subtract), 4 with momentum."""
-    n = sum(math.prod(s) for s in spec.param_shapes().values())
-    key = "adam" if optim == "adam" else ("sgd_momentum" if momentum else "sgd")
-    return OPTIMIZER_FLOPS_PER_PARAM[key] * n
+    """Multiply-add FLOP (2 per multiply-add) of the layers in one training step: the model
+    kind's layers (`layer_flops`: dense and convolutions alike), each forward, and its weight
+    and input gradients where autograd computes them (`harness.models.base.layer_step_flops`:
+    freeze and stop_gradient_z leave some out)."""
+    return layer_step_flops(spec.module.layer_flops(spec), spec, batch)
 
 
 def step_flops(spec: ModelSpec, batch: int, optim: str = "adam", momentum: float = 0.0) -> int:
-    """Analytic FLOP count of one training step (forward, ELBO, backward, optimizer update).
-
-        step_flops = matmul_flops(spec, B) + optimizer_flops(spec)
-
-    matmul part: sum over dense layers (in, out) of 2 B in out forward + 2 B in out for the
-    weight gradient + 2 B in out for the input gradient, the last omitted for the first encoder
-    layer (x needs no gradient); the decoder's first layer runs on z of shape (B, latent). See
-    `matmul_flops` for stop_gradient_z / freeze. Optimizer part: FLOP per parameter x number
-    of parameters (Adam 12).
+    """Analytic FLOP count of one training step (forward, ELBO, backward, optimizer update):
+    `matmul_flops(spec, B) + optimizer_flops(spec)` (`harness.models.base.step_flops`).
 
     Neglected: elementwise work (bias adds and their gradients, activations, the
     reparameterisation, softplus / the likelihood, the KL, the means): O(B x sum of layer
-    widths) against O(B x sum of in x out). For the default 784-512-256-20 model that is about
+    widths) against O(B x the layers' multiply-adds). For the 784-512-256-20 MLP that is about
     2 360 activations per example, some 10-30 FLOP each forward and backward, against 5.7 M
     matmul FLOP per example: under 1%.
 
-    Default model (784-512-256, 20 latents): 5 679 104 B + 12 x 1 082 680 (Adam), e.g. 11.64 GFLOP
-    at B = 2048.
+    784-512-256 MLP, 20 latents: 5 679 104 B + 12 x 1 082 680 (Adam), e.g. 11.64 GFLOP at B = 2048.
     """
-    return matmul_flops(spec, batch) + optimizer_flops(spec, optim, momentum)
+    return models_step_flops(spec, batch, optim, momentum)
 
 
 # -- one framework x mode x batch --------------------------------------------------------------
 
 
-def synthetic_batch(batch: int, x_dim: int, seed: int = DATA_SEED) -> np.ndarray:
-    """Binary pixels, each 1 with probability 1/2."""
-    return (np.random.default_rng(seed).random((batch, x_dim)) < 0.5).astype(np.float64)
+def synthetic_batch(batch: int, shape: int | tuple[int, ...], seed: int = DATA_SEED) -> np.ndarray:
+    """Binary pixels, each 1 with probability 1/2: `batch` examples of `shape` (a width, or
+    the model's input shape)."""
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    return (np.random.default_rng(seed).random((batch, *shape)) < 0.5).astype(np.float64)
 
 
 def plain_module(framework: str) -> Any:
@@ -184,6 +146,7 @@ def run_one(
     mode: str,
     batch: int,
     cfg: ThroughputConfig,
+    spec: ModelSpec,
     *,
     optim: OptimSpec | None = None,
     dtype: str = "float32",
@@ -192,6 +155,7 @@ def run_one(
     threads: int = 0,
     allow_tf32: bool = False,
     compile_mode: str = "default",
+    conv_transpose: str = "native",
     fresh_compile_state: bool = True,
     backend_factory: Callable[..., Any] | None = None,
 ) -> dict[str, Any]:
@@ -200,14 +164,14 @@ def run_one(
     which run_batches moves to the record's env). Raises RecompiledWhileTiming on a retrace.
     `backend_factory` replaces load_backend (same arguments), for tests."""
     mode = resolve_mode(framework, mode)
-    spec, opt = cfg.model(), optim or OptimSpec()
+    opt = optim or OptimSpec()
     pl = plain_module(framework)
     if fresh_compile_state:
         pl.reset_compile_state()
     make = backend_factory or load_backend
     b = make(framework, spec, opt, dtype=dtype, mode=mode, device=device, seed=seed, threads=threads, allow_tf32=allow_tf32,
-             compile_mode=compile_mode)
-    x_host = synthetic_batch(batch, spec.x_dim)
+             compile_mode=compile_mode, conv_transpose=conv_transpose)
+    x_host = synthetic_batch(batch, spec.input_shape)
     x = b.put(x_host)
     b.sync()
     h = harness_contender(b, x)
@@ -221,7 +185,7 @@ def run_one(
     row: dict[str, Any] = {"batch": int(batch)}
     if cfg.plain:
         p = pl.PlainStep(spec, opt, init_params(spec, seed), dtype=dtype, mode=mode, device=device, seed=seed,
-                         allow_tf32=allow_tf32, compile_mode=compile_mode)
+                         allow_tf32=allow_tf32, compile_mode=compile_mode, conv_transpose=conv_transpose)
         px = p.put(x_host)
         pc = plain_contender(p, px)
         row["plain_first_call_s"] = first_call(pc.step, pc.sync)
@@ -263,6 +227,7 @@ def run_batches(
     framework: str,
     mode: str,
     cfg: ThroughputConfig,
+    spec: ModelSpec,
     *,
     optim: OptimSpec | None = None,
     dtype: str = "float32",
@@ -271,6 +236,7 @@ def run_batches(
     threads: int = 0,
     allow_tf32: bool = False,
     compile_mode: str = "default",
+    conv_transpose: str = "native",
     progress: Callable[[str], None] | None = None,
     save: Callable[[dict[str, Any]], Any] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -282,15 +248,13 @@ def run_batches(
     rows: list[dict[str, Any]] = []
     env: dict[str, Any] = {}
     opt = optim or OptimSpec()
-    spec = cfg.model()
     settings_metrics: dict[str, Any] = {
         "matmul_n": cfg.matmul_n,
         # step_flops(B) = matmul_flops_per_example * B + optimizer_flops (the roofline's curve)
         "matmul_flops_per_example": matmul_flops(spec, 1),
         "optimizer_flops": optimizer_flops(spec, opt.name, opt.momentum),
-        "model": {"x_dim": spec.x_dim, "hidden": list(spec.hidden), "latent": spec.latent,
-                  "likelihood": spec.likelihood, "activation": spec.activation,
-                  "params": sum(math.prod(s) for s in spec.param_shapes().values())},
+        "model": {**{k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(spec).items()},
+                  "describe": spec.describe(), "params": sum(math.prod(s) for s in spec.param_shapes().values())},
         "optimizer": opt.name,
         "settings": dataclasses.asdict(cfg),
         "repeats": cfg.repeats,
@@ -301,13 +265,14 @@ def run_batches(
         "threads": threads,
         "allow_tf32": allow_tf32,
         "compile_mode": compile_mode,
+        "conv_transpose": conv_transpose,
         "compile_cache": compile_cache_state(),
     }
     for batch in sorted({int(b) for b in cfg.batch_sizes}):
         if progress is not None:
             progress(f"throughput {framework}/{mode} batch {batch}")
-        row = run_one(framework, mode, batch, cfg, optim=optim, dtype=dtype, device=device, seed=seed,
-                      threads=threads, allow_tf32=allow_tf32, compile_mode=compile_mode)
+        row = run_one(framework, mode, batch, cfg, spec, optim=optim, dtype=dtype, device=device, seed=seed,
+                      threads=threads, allow_tf32=allow_tf32, compile_mode=compile_mode, conv_transpose=conv_transpose)
         env = row.pop("_version")
         rows.append(row)
         if progress is not None:  # a line per combination as it finishes
@@ -317,6 +282,8 @@ def run_batches(
         if save is not None:
             save({"batches": rows, "batch_sizes": [r["batch"] for r in rows], **settings_metrics})
     pl = plain_module(framework)
+    layer_rows = time_layers(framework, mode, spec, max(r["batch"] for r in rows), cfg, dtype=dtype, device=device,
+                             seed=seed, progress=progress) if cfg.layers else []
     rate = float(pl.matmul_rate(dtype, device, cfg.matmul_n, repeats=cfg.matmul_repeats, allow_tf32=allow_tf32))
     for row in rows:
         row["roofline_fraction"] = row["achieved_flops"] / rate
@@ -326,7 +293,42 @@ def run_batches(
         "batch_sizes": [r["batch"] for r in rows],
         **settings_metrics,
     }
+    if cfg.layers:
+        metrics["layers"] = layer_rows
     return metrics, env
+
+
+def time_layers(framework: str, mode: str, spec: ModelSpec, batch: int, cfg: ThroughputConfig, *, dtype: str = "float32",
+                device: str = "cpu", seed: int = 0, progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Each layer of the model (`layers(spec)` of its kind) alone on a batch of `batch`: the
+    median time of its forward pass and of its forward and backward passes (every input's
+    gradient), with the timing core, in the framework's own layout and mode
+    (`impls.<fw>.plain.layer_steps`). Where one layer's kernel is the bottleneck of a step, this
+    says which and how much: the evidence a step time alone cannot give."""
+    pl = plain_module(framework)
+    ops = importlib.import_module(f"impls.{framework}.ops")
+    desc = spec.params()
+    weights = init_params(spec, seed)
+    rng = np.random.default_rng([seed, 55])
+    out = []
+    for layer in spec.module.layers(spec):
+        x = rng.standard_normal((batch, *layer.in_shape))
+        x = ops.input_to_native(x, layer.in_shape)
+        w = ops.to_native(desc[layer.weight], weights[layer.weight])
+        b = ops.to_native(desc[layer.bias], weights[layer.bias] + 0.1)
+        # a transposed convolution both ways (framework.conv_transpose): the same numbers, timed apart
+        forms = [("native", layer.op)] + ([("dilated", "conv2d_transpose_dilated")] if layer.op == "conv2d_transpose" else [])
+        for form, op in forms:
+            fwd, both, sync = pl.layer_steps(op, layer.stride, x, w, b, dtype=dtype, device=device, mode=mode)
+            f = time_steps(fwd, sync, cfg.layer_repeats, cfg.steps, max(cfg.warmup, 1))
+            fb = time_steps(both, sync, cfg.layer_repeats, cfg.steps, max(cfg.warmup, 1))
+            name = layer.name + ("" if len(forms) == 1 else f" [{form}]")
+            out.append({"layer": name, "op": op, "formulation": form, "batch": batch, "forward_s": f.median,
+                        "forward_backward_s": fb.median, "backward_s": max(fb.median - f.median, 0.0),
+                        "forward_s_samples": f.samples_s, "forward_backward_s_samples": fb.samples_s})
+            if progress is not None:
+                progress(f"  layer {name}: forward {f.median * 1e3:.3f} ms, backward {max(fb.median - f.median, 0) * 1e3:.3f} ms")
+    return out
 
 
 def run(c: AppConfig, job: Job) -> Result:
@@ -338,9 +340,11 @@ def run(c: AppConfig, job: Job) -> Result:
         if c.progress:
             print(msg, file=sys.stderr, flush=True)
 
-    metrics, env = run_batches(job.framework, job.mode, cfg, optim=optim_spec(c), dtype=dtype, device=f.device,
+    spec = model_spec(c, dataset(c))  # the configured model, on inputs of the configured data's shape
+    metrics, env = run_batches(job.framework, job.mode, cfg, spec, optim=optim_spec(c), dtype=dtype, device=f.device,
                                seed=c.seed, threads=f.threads, allow_tf32=f.allow_tf32,
-                               compile_mode=f.compile_mode, progress=say, save=lambda m: checkpoint(job, m))
+                               compile_mode=f.compile_mode, conv_transpose=f.conv_transpose, progress=say,
+                               save=lambda m: checkpoint(job, m))
     status, error = "ok", None
     bad = [r["batch"] for r in metrics["batches"] if not math.isfinite(r["loss_after"])]
     if bad:
@@ -445,10 +449,46 @@ def summarize(records: list[dict[str, Any]]) -> Summary:
         notes.append(f"clock check: the timed repeats are {min(ratios):.3f} to {max(ratios):.3f} of an outer wall clock "
                      f"around the whole timed block (required: 1 ± {tol:g}; outside it, time escaped the timed region)")
     notes.extend(_best_modes(good))
+    notes.extend(layer_notes(good))
     model = good[0]["metrics"].get("model", {}) if good else {}
-    shape = "-".join(str(v) for v in [model.get("x_dim"), *model.get("hidden", []), model.get("latent")]) if model else "?"
-    title = f"Throughput (MLP {shape}, one training step) on {where}"
+    if model.get("describe"):
+        shape = str(model["describe"])
+    else:  # a record from before the model kinds: its own MLP
+        shape = "MLP " + "-".join(str(v) for v in [model.get("x_dim"), *model.get("hidden", []), model.get("latent")]) if model else "?"
+    title = f"Throughput ({shape}, one training step) on {where}"
     return Summary(title, rows, ok, notes)
+
+
+def layer_notes(records: list[dict[str, Any]]) -> list[str]:
+    """Per record timed layer by layer: the layers that take most of the time alone (forward
+    and backward, in the formulation the step used), their share of the layers' total, and
+    each transposed convolution's time in the other formulation (framework.conv_transpose)."""
+    out = []
+    for r in records:
+        used = r["metrics"].get("conv_transpose", "native")
+        every = [x for x in (r["metrics"].get("layers") or []) if finite(x.get("forward_backward_s"))]
+        rows = [x for x in every if x.get("formulation", "native") in ("native", used) and
+                not (x.get("formulation") == "native" and used != "native" and x["op"] == "conv2d_transpose")]
+        if not rows:
+            continue
+        total = sum(x["forward_backward_s"] for x in rows)
+        top = sorted(rows, key=lambda x: -x["forward_backward_s"])[:2]
+        parts = [f"{x['layer']} {x['forward_backward_s'] * 1e3:.3g} ms (backward {x['backward_s'] * 1e3:.3g}), "
+                 f"{x['forward_backward_s'] / total:.0%}" for x in top]
+        note = (f"{r['framework']}/{r['mode']} layer by layer at batch {rows[0]['batch']} (forward + backward, each "
+                f"layer alone; throughput_layers.png): {'; '.join(parts)} of the layers' {total * 1e3:.3g} ms")
+        pairs: dict[str, dict[str, float]] = {}
+        for x in every:
+            if "formulation" in x and x["op"].startswith("conv2d_transpose"):
+                pairs.setdefault(x["layer"].rsplit(" [", 1)[0], {})[x["formulation"]] = x["forward_backward_s"]
+        both = {k: v for k, v in pairs.items() if {"native", "dilated"} <= set(v)}
+        if both:
+            ratio = sum(v["native"] for v in both.values()) / sum(v["dilated"] for v in both.values())
+            note += (f"; its transposed convolutions, as the framework's own op, take {ratio:.2g} x the time of their "
+                     f"definition computed directly (framework.conv_transpose=dilated: the same numbers; this run's "
+                     f"step used {used})")
+        out.append(note)
+    return out
 
 
 def _best_modes(records: list[dict[str, Any]]) -> list[str]:
@@ -518,7 +558,33 @@ def plot_throughput(records: list[dict[str, Any]], path: Path) -> Path | None:
     return save_png(fig, path)
 
 
-PLOTS = {"throughput.png": plot_throughput}
+def plot_layers(records: list[dict[str, Any]], path: Path) -> Path | None:
+    """Each layer's time alone, forward and backward stacked, a bar per framework x mode."""
+    recs = [r for r in by_framework(records) if r.get("status") == "ok" and (r.get("metrics") or {}).get("layers")]
+    if not recs:
+        return None
+    plt = pyplot()
+    names = list(dict.fromkeys(x["layer"] for r in recs for x in r["metrics"]["layers"]))
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) * len(recs) + 1.5))
+    height = 0.8 / len(recs)
+    for i, r in enumerate(recs):
+        rows = {x["layer"]: x for x in r["metrics"]["layers"]}
+        ys = np.arange(len(names)) + i * height
+        fwd = [rows[n]["forward_s"] * 1e3 if n in rows else 0.0 for n in names]
+        bwd = [rows[n]["backward_s"] * 1e3 if n in rows else 0.0 for n in names]
+        color = COLORS.get(r["framework"])
+        ax.barh(ys, fwd, height, color=color, label=f"{r['framework']}/{r['mode']} forward")
+        ax.barh(ys, bwd, height, left=fwd, color=color, alpha=0.45, hatch="//", label=f"{r['framework']}/{r['mode']} backward")
+    ax.set_yticks(np.arange(len(names)) + 0.4 - height / 2, names, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"ms per call, batch {recs[0]['metrics']['layers'][0]['batch']} (each layer alone)")
+    ax.set_title("Layer by layer: where a step's time goes", fontsize=9)
+    ax.grid(alpha=0.3, axis="x")
+    ax.legend(fontsize=6)
+    return save_png(fig, path)
+
+
+PLOTS = {"throughput.png": plot_throughput, "throughput_layers.png": plot_layers}
 
 JUDGED = tuple(Judged(f"batches.*.{key}", name, axis="repeat") for key, name in FINITE_KEYS.items())
 

@@ -15,9 +15,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+from harness import vae  # noqa: E402
 from harness.api import Backend, DeviceUnavailable, Term  # noqa: E402
 from impls.base import BackendBase, F, StepDrawn, StepGiven, VersionCommon, pick_term  # noqa: E402
-from impls.jax import model  # noqa: E402
+from impls.jax import ops  # noqa: E402
 
 DTYPES: dict[str, np.dtype] = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
 
@@ -41,6 +42,7 @@ class JaxBackend(BackendBase):
     """
 
     name: ClassVar[str] = "jax"
+    ops_module: ClassVar[Any] = ops
     device: Any
     precision: str
     dtype: np.dtype
@@ -63,7 +65,7 @@ class JaxBackend(BackendBase):
         self._jitted: dict[str, list[Any]] = {what: [] for what in self._compiles}
         with self._scope():
             self.params = {
-                k: jax.device_put(jnp.zeros(s, dtype=self.dtype), self.device) for k, s in self._param_shapes.items()
+                k: jax.device_put(jnp.zeros(s, dtype=self.dtype), self.device) for k, s in self._native_shapes.items()
             }
             self.key = jax.device_put(jax.random.key(runtime.seed), self.device)
         o = self.optim
@@ -177,14 +179,18 @@ class JaxBackend(BackendBase):
 
     # -- measurement -----------------------------------------------------------------------------
     def _loss_terms(self, x: jax.Array, eps: jax.Array) -> tuple[np.ndarray, np.ndarray]:
-        recon, kl = model.loss_terms(self.params, x, eps, self.spec)
+        recon, kl = vae.loss_terms(self.ops, self.params, x, eps, self.spec)
         return self._from_device(recon), self._from_device(kl)
+
+    def _encode(self, x: jax.Array) -> tuple[np.ndarray, np.ndarray]:
+        mu, logvar = vae.encode(self.ops, self.params, x, self.spec)
+        return self._from_device(mu), self._from_device(logvar)
 
     def _grads(self, x: jax.Array, eps: jax.Array, term: Term) -> dict[str, np.ndarray | None]:
         spec = self.spec
 
         def value(params: dict[str, jax.Array], x: jax.Array, eps: jax.Array) -> jax.Array:
-            recon, kl = model.loss_terms(params, x, eps, spec)
+            recon, kl = vae.loss_terms(self.ops, params, x, eps, spec)
             return pick_term(term, recon, kl).mean()
 
         # jax.grad gives zeros (never None) where no gradient flows
@@ -203,15 +209,15 @@ class JaxBackend(BackendBase):
 
         def batch(params: dict[str, jax.Array], x: jax.Array, eps: jax.Array) -> Any:
             with jax.default_matmul_precision(precision):
-                return jax.grad(lambda p: -model.iwae_bound(p, x, eps, spec).mean())(params)
+                return jax.grad(lambda p: -vae.iwae_bound(self.ops, p, x, eps, spec).mean())(params)
 
         def one(params: dict[str, jax.Array], xb: jax.Array, eb: jax.Array) -> jax.Array:
             with jax.default_matmul_precision(precision):
-                return -model.iwae_bound(params, xb, eb, spec)  # xb (D,), eb (K, L): a scalar
+                return -vae.iwae_bound(self.ops, params, xb, eb, spec)  # xb (D,), eb (K, L): a scalar
 
         def local(params: dict[str, jax.Array], x: jax.Array, mu: jax.Array, logvar: jax.Array, eps: jax.Array) -> Any:
             def total(q: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-                recon, kl = model.terms_at(params, x, q[0], q[1], eps, spec)
+                recon, kl = vae.terms_at(self.ops, params, x, q[0], q[1], eps, spec)
                 return (recon + kl).sum(), (recon, kl)
 
             with jax.default_matmul_precision(precision):
@@ -263,7 +269,7 @@ class JaxBackend(BackendBase):
         spec, opt, dtype, precision = self.spec, self.opt, self.dtype, self.precision
 
         def loss_fn(params: dict[str, jax.Array], x: jax.Array, eps: jax.Array) -> jax.Array:
-            recon, kl = model.loss_terms(params, x, eps, spec)
+            recon, kl = vae.loss_terms(self.ops, params, x, eps, spec)
             return pick_term("loss", recon, kl).mean()
 
         def update(params: Any, opt_state: Any, x: jax.Array, eps: jax.Array) -> tuple[Any, Any, jax.Array]:
@@ -309,7 +315,7 @@ class JaxBackend(BackendBase):
 
         def log_weights(params: dict[str, jax.Array], x: jax.Array, eps: jax.Array) -> jax.Array:
             with jax.default_matmul_precision(precision):
-                return model.iwae_log_weights(params, x, eps, spec)
+                return vae.iwae_log_weights(self.ops, params, x, eps, spec)
 
         return self._compile(log_weights, "log_likelihood")
 

@@ -2,7 +2,7 @@
 device-level probes the throughput measure needs (matmul rate, peak memory).
 
 `PlainStep` is what a JAX user would write: the same canonical initial weights and model
-functions (`impls.jax.model.loss_terms`), one `jax.jit` of the whole step (noise drawn with
+functions (`harness.vae.loss_terms` over `impls.jax.ops`), one `jax.jit` of the whole step (noise drawn with
 jax.random inside, value_and_grad, optax update) with params, optimizer state and key
 donated; in eager mode the same function un-jitted. It is called bare: no per-call context
 managers. The one exception is a GPU run without TF32, where full-precision float32 matmuls
@@ -24,9 +24,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+from harness import vae  # noqa: E402
 from harness.api import ModelSpec, OptimSpec  # noqa: E402
 from harness.timing import CPU_PEAK, time_steps  # noqa: E402
-from impls.jax import model  # noqa: E402
+from impls.base import formulation
+from impls.jax import ops  # noqa: E402
 
 DTYPES = {"float32": np.float32, "float64": np.float64}
 
@@ -53,10 +55,12 @@ class PlainStep:
         seed: int = 0,
         allow_tf32: bool = False,
         compile_mode: str = "default",  # torch.compile's mode (torch only)
+        conv_transpose: str = "native",
     ) -> None:
         if mode not in ("eager", "jit"):
             raise ValueError(f"jax has no mode {mode!r}")
         self.spec, self.mode = spec, mode
+        self.ops = formulation(ops, conv_transpose)  # the transposed convolution as the harness's step has it
         self.device = resolve_device(device)
         self.dtype = DTYPES[dtype]
         self._precision: Any = (
@@ -64,7 +68,8 @@ class PlainStep:
             if self.device.platform == "gpu" and not allow_tf32
             else None
         )
-        self.params = {k: jax.device_put(np.array(v, dtype=self.dtype), self.device) for k, v in params.items()}
+        self.params = {k: jax.device_put(np.array(ops.to_native(spec.params()[k], np.asarray(v)), dtype=self.dtype), self.device)
+                       for k, v in params.items()}
         if optim.name == "adam":
             opt = optax.adam(learning_rate=optim.lr, b1=optim.beta1, b2=optim.beta2, eps=optim.eps)
         else:
@@ -74,7 +79,7 @@ class PlainStep:
         latent, dt = spec.latent, self.dtype
 
         def loss_fn(params: dict[str, jax.Array], x: jax.Array, eps: jax.Array) -> jax.Array:
-            recon, kl = model.loss_terms(params, x, eps, spec)
+            recon, kl = vae.loss_terms(self.ops, params, x, eps, spec)
             return jnp.mean(recon + kl)
 
         def train_step(params: Any, opt_state: Any, key: jax.Array, x: jax.Array) -> tuple[Any, Any, jax.Array, jax.Array]:
@@ -87,7 +92,7 @@ class PlainStep:
         self._fn = jax.jit(train_step, donate_argnums=(0, 1, 2)) if mode == "jit" else train_step
 
     def put(self, x: Any) -> jax.Array:
-        return jax.device_put(np.asarray(x, dtype=self.dtype), self.device)
+        return jax.device_put(np.asarray(ops.input_to_native(np.asarray(x), self.spec.input_shape), dtype=self.dtype), self.device)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         ctx = self._precision if self._precision is not None else contextlib.nullcontext()
@@ -151,3 +156,37 @@ def reset_compile_state() -> None:
     """Drop JAX's in-memory compilation caches (jit executables, eager primitives), so the
     next call compiles as in a fresh process."""
     jax.clear_caches()
+
+
+def layer_steps(op: str, stride: int, x: np.ndarray, w: np.ndarray, b: np.ndarray, *, dtype: str, device: str,
+                mode: str) -> tuple[Any, Any, Any]:
+    """(forward, forward + backward, sync) of one layer (`ops.<op>`) on a batch: op by op, or one
+    jax.jit each in jit mode, as the step runs it. The backward (a VJP) computes every input's
+    gradient (x, w, b)."""
+    dev = resolve_device(device)
+    xt, wt, bt = (jax.device_put(np.asarray(a, dtype=DTYPES[dtype]), dev) for a in (x, w, b))
+    fn = getattr(ops, op)
+
+    def run(xt: jax.Array, wt: jax.Array, bt: jax.Array) -> jax.Array:
+        with jax.default_matmul_precision("highest"):
+            return fn(xt, wt, bt) if op == "dense" else fn(xt, wt, bt, stride)
+
+    def grads(xt: jax.Array, wt: jax.Array, bt: jax.Array) -> Any:
+        y, vjp = jax.vjp(run, xt, wt, bt)
+        return vjp(jnp.ones_like(y))
+
+    if mode != "eager":
+        run, grads = jax.jit(run), jax.jit(grads)  # type: ignore[assignment]
+    out: dict[str, Any] = {}
+
+    def forward() -> Any:
+        out["y"] = run(xt, wt, bt)
+
+    def forward_backward() -> Any:
+        out["y"] = grads(xt, wt, bt)
+
+    def sync() -> None:
+        if "y" in out:
+            jax.block_until_ready(out["y"])
+
+    return forward, forward_backward, sync

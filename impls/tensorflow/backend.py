@@ -13,9 +13,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from harness import vae  # noqa: E402
 from harness.api import Backend, DeviceUnavailable, Term  # noqa: E402
 from impls.base import BackendBase, F, StepDrawn, StepGiven, VersionCommon, pick_term  # noqa: E402
-from impls.tensorflow import model  # noqa: E402
+from impls.tensorflow import ops  # noqa: E402
 
 DTYPES = {"float32": tf.float32, "float64": tf.float64}
 
@@ -36,6 +37,7 @@ class TensorFlowBackend(BackendBase):
     """
 
     name: ClassVar[str] = "tensorflow"
+    ops_module: ClassVar[Any] = ops
     device: str
     dtype: tf.DType
     params: dict[str, tf.Variable]
@@ -67,7 +69,7 @@ class TensorFlowBackend(BackendBase):
         with tf.device(self.device):
             self.params = {
                 k: tf.Variable(tf.zeros(s, dtype=self.dtype), name=k, trainable=True)
-                for k, s in self._param_shapes.items()
+                for k, s in self._native_shapes.items()
             }
             self.generator = tf.random.Generator.from_seed(runtime.seed)
         self._make_optimizer()
@@ -176,13 +178,17 @@ class TensorFlowBackend(BackendBase):
 
     # -- measurement -----------------------------------------------------------------------------
     def _loss_terms(self, x: tf.Tensor, eps: tf.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        recon, kl = model.loss_terms(self.params, x, eps, self.spec)
+        recon, kl = vae.loss_terms(self.ops, self.params, x, eps, self.spec)
         return self._from_device(recon), self._from_device(kl)
+
+    def _encode(self, x: tf.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        mu, logvar = vae.encode(self.ops, self.params, x, self.spec)
+        return self._from_device(mu), self._from_device(logvar)
 
     def _grads(self, x: tf.Tensor, eps: tf.Tensor, term: Term) -> dict[str, np.ndarray | None]:
         names = list(self.params)
         with tf.GradientTape() as tape:
-            recon, kl = model.loss_terms(self.params, x, eps, self.spec)
+            recon, kl = vae.loss_terms(self.ops, self.params, x, eps, self.spec)
             value = tf.reduce_mean(pick_term(term, recon, kl))
         gs = tape.gradient(value, [self.params[k] for k in names])
         return {k: (None if g is None else self._from_device(g)) for k, g in zip(names, gs)}
@@ -192,7 +198,7 @@ class TensorFlowBackend(BackendBase):
         variables = [self.params[k] for k in names]
         if not per_example:
             with tf.GradientTape() as tape:
-                value = -tf.reduce_mean(model.iwae_bound(self.params, x, eps, self.spec))
+                value = -tf.reduce_mean(vae.iwae_bound(self.ops, self.params, x, eps, self.spec))
             gs = tape.gradient(value, variables)
         else:
             gs = self._per_example_iwae_grads(x, eps)
@@ -214,18 +220,18 @@ class TensorFlowBackend(BackendBase):
                     xb, eb = args  # (D,), (K, L): x as one row (TF's matmul needs rank 2)
                     with tf.GradientTape() as tape:
                         tape.watch(values)
-                        value = -model.iwae_bound(dict(zip(names, values)), xb[None], eb, spec)  # a scalar
+                        value = -vae.iwae_bound(self.ops, dict(zip(names, values)), xb[None], eb, spec)  # a scalar
                     return tape.gradient(value, values, unconnected_gradients=tf.UnconnectedGradients.ZERO)  # type: ignore[no-any-return]
 
                 return tf.vectorized_map(one, (x, tf.transpose(eps, [1, 0, 2])))  # type: ignore[no-any-return]
 
-            fn = self._iwae_per_example = tf.function(per_example)
+            fn = self._iwae_per_example = tf.function(per_example, autograph=False)
         return fn(x, eps)  # type: ignore[no-any-return]
 
     def _local_grads(self, x: tf.Tensor, mu: tf.Tensor, logvar: tf.Tensor, eps: tf.Tensor) -> tuple[np.ndarray, ...]:
         with tf.GradientTape() as tape:
             tape.watch([mu, logvar])
-            recon, kl = model.terms_at(self.params, x, mu, logvar, eps, self.spec)
+            recon, kl = vae.terms_at(self.ops, self.params, x, mu, logvar, eps, self.spec)
             total = tf.reduce_sum(recon + kl)
         g_mu, g_logvar = tape.gradient(total, [mu, logvar])
         return tuple(self._from_device(t) for t in (recon, kl, g_mu, g_logvar))
@@ -245,7 +251,7 @@ class TensorFlowBackend(BackendBase):
         if not self.compiled:
             return fn
         jit = self.runtime.mode == "xla" if xla is None else xla
-        return tf.function(self._counting(fn, what), jit_compile=jit)  # type: ignore[return-value]
+        return tf.function(self._counting(fn, what), jit_compile=jit, autograph=False)  # type: ignore[return-value]
 
     def _build_step(self) -> tuple[StepDrawn, StepGiven]:
         names = list(self.params)
@@ -254,7 +260,7 @@ class TensorFlowBackend(BackendBase):
 
         def update(x: tf.Tensor, eps: tf.Tensor) -> tf.Tensor:
             with tf.GradientTape() as tape:
-                recon, kl = model.loss_terms(params, x, eps, spec)
+                recon, kl = vae.loss_terms(self.ops, params, x, eps, spec)
                 loss = tf.reduce_mean(pick_term("loss", recon, kl))
             # frozen / detached parameters get a zero gradient: Adam and SGD then leave them
             # (and their zero moments) unchanged, as torch does for a None gradient
@@ -289,7 +295,7 @@ class TensorFlowBackend(BackendBase):
         params, spec = self.params, self.spec
 
         def log_weights(x: tf.Tensor, eps: tf.Tensor) -> tf.Tensor:
-            return model.iwae_log_weights(params, x, eps, spec)
+            return vae.iwae_log_weights(self.ops, params, x, eps, spec)
 
         return self._compile(log_weights, "log_likelihood")
 

@@ -2,7 +2,7 @@
 the device-level probes the throughput measure needs (matmul rate, peak memory).
 
 `PlainStep` is what a TensorFlow user would write: the same canonical initial weights and
-model functions (`impls.tensorflow.model.loss_terms`), Keras Adam with Python-float
+model functions (`harness.vae.loss_terms` over `impls.tensorflow.ops`), Keras Adam with Python-float
 hyperparameters, noise from a `tf.random.Generator` drawn inside the step, one function
 for the whole step: `tf.function(jit_compile=True)` in xla mode (the noise inside the XLA
 cluster), `tf.function` in function mode, plain eager otherwise. It is called bare, with no
@@ -21,9 +21,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from harness import vae  # noqa: E402
 from harness.api import ModelSpec, OptimSpec  # noqa: E402
 from harness.timing import CPU_PEAK, time_steps  # noqa: E402
-from impls.tensorflow import model  # noqa: E402
+from impls.base import formulation
+from impls.tensorflow import ops  # noqa: E402
 
 DTYPES = {"float32": tf.float32, "float64": tf.float64}
 
@@ -52,17 +54,20 @@ class PlainStep:
         seed: int = 0,
         allow_tf32: bool = False,
         compile_mode: str = "default",  # torch.compile's mode (torch only)
+        conv_transpose: str = "native",
     ) -> None:
         if mode not in ("eager", "function", "xla"):
             raise ValueError(f"tensorflow has no mode {mode!r}")
         self.spec, self.mode = spec, mode
+        self.ops = formulation(ops, conv_transpose)  # the transposed convolution as the harness's step has it
         self.device = resolve_device(device)
         self.dtype = DTYPES[dtype]
         tf.config.experimental.enable_tensor_float_32_execution(allow_tf32)
         # a device scope per call only where default placement would pick the wrong device
         self._scope = self.device == "/CPU:0" and bool(tf.config.list_physical_devices("GPU"))
         with tf.device(self.device):
-            self.params = {k: tf.Variable(np.asarray(v), dtype=self.dtype, name=k) for k, v in params.items()}
+            self.params = {k: tf.Variable(np.asarray(ops.to_native(spec.params()[k], np.asarray(v))), dtype=self.dtype, name=k)
+                           for k, v in params.items()}
             self.generator = tf.random.Generator.from_seed(seed)
             if optim.name == "adam":
                 self.opt = tf.keras.optimizers.Adam(
@@ -77,7 +82,7 @@ class PlainStep:
         def train_step(x: tf.Tensor) -> tf.Tensor:
             eps = generator.normal((tf.shape(x)[0], latent), dtype=dt)
             with tf.GradientTape() as tape:
-                recon, kl = model.loss_terms(ps, x, eps, spec)
+                recon, kl = vae.loss_terms(self.ops, ps, x, eps, spec)
                 loss = tf.reduce_mean(recon + kl)
             grads = tape.gradient(loss, variables)
             opt.apply_gradients(zip(grads, variables))
@@ -86,11 +91,11 @@ class PlainStep:
         if mode == "eager":
             self._fn: Any = train_step
         else:
-            self._fn = tf.function(train_step, jit_compile=mode == "xla")
+            self._fn = tf.function(train_step, jit_compile=mode == "xla", autograph=False)
 
     def put(self, x: Any) -> tf.Tensor:
         with tf.device(self.device):
-            return tf.identity(tf.constant(np.asarray(x), dtype=self.dtype))
+            return tf.identity(tf.constant(ops.input_to_native(np.asarray(x), self.spec.input_shape), dtype=self.dtype))
 
     def __call__(self, x: tf.Tensor) -> tf.Tensor:
         if self._scope:
@@ -164,3 +169,42 @@ def peak_memory_method(device: str) -> str:
 def reset_compile_state() -> None:
     """Nothing to drop: every PlainStep/backend builds its own tf.functions, which trace and
     compile on their first call."""
+
+
+def layer_steps(op: str, stride: int, x: np.ndarray, w: np.ndarray, b: np.ndarray, *, dtype: str, device: str,
+                mode: str) -> tuple[Any, Any, Any]:
+    """(forward, forward + backward, sync) of one layer (`ops.<op>`) on a batch: eager, or a
+    tf.function (jit_compile in xla mode) in compiled modes, as the step runs it. The backward
+    computes every input's gradient (x, w, b)."""
+    dev = resolve_device(device)
+    with tf.device(dev):
+        xt, wt, bt = (tf.constant(a, dtype=DTYPES[dtype]) for a in (x, w, b))
+    fn = getattr(ops, op)
+
+    def run(xt: tf.Tensor, wt: tf.Tensor, bt: tf.Tensor) -> tf.Tensor:
+        return fn(xt, wt, bt) if op == "dense" else fn(xt, wt, bt, stride)
+
+    def grads(xt: tf.Tensor, wt: tf.Tensor, bt: tf.Tensor) -> Any:
+        with tf.GradientTape() as tape:
+            tape.watch([xt, wt, bt])
+            y = run(xt, wt, bt)
+        return tape.gradient(y, [xt, wt, bt], output_gradients=tf.ones_like(y))
+
+    if mode != "eager":
+        run = tf.function(run, jit_compile=mode == "xla", autograph=False)  # type: ignore[assignment]
+        grads = tf.function(grads, jit_compile=mode == "xla", autograph=False)  # type: ignore[assignment]
+    out: dict[str, Any] = {}
+
+    def forward() -> Any:
+        with tf.device(dev):
+            out["y"] = run(xt, wt, bt)
+
+    def forward_backward() -> Any:
+        with tf.device(dev):
+            out["y"] = grads(xt, wt, bt)
+
+    def sync() -> None:
+        if "y" in out:  # reading the result back waits for it
+            tf.nest.map_structure(lambda t: t.numpy(), out["y"])
+
+    return forward, forward_backward, sync

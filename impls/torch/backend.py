@@ -11,9 +11,10 @@ import numpy as np
 import torch
 from torch.optim.optimizer import _get_scalar_dtype
 
+from harness import vae
 from harness.api import Backend, DeviceUnavailable, Term
 from impls.base import BackendBase, F, StepDrawn, StepGiven, VersionCommon, pick_term
-from impls.torch import model
+from impls.torch import ops
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -41,6 +42,7 @@ class TorchBackend(BackendBase):
     """
 
     name: ClassVar[str] = "torch"
+    ops_module: ClassVar[Any] = ops
     device: torch.device
     dtype: torch.dtype
     params: dict[str, torch.Tensor]
@@ -60,7 +62,7 @@ class TorchBackend(BackendBase):
         self.dtype = DTYPES[runtime.dtype]
         self.params = {
             k: torch.zeros(s, dtype=self.dtype, device=self.device, requires_grad=True)
-            for k, s in self._param_shapes.items()
+            for k, s in self._native_shapes.items()
         }
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(runtime.seed)
@@ -126,7 +128,7 @@ class TorchBackend(BackendBase):
     def _get_state(self) -> dict[str, np.ndarray]:
         def read(k: str, key: str) -> np.ndarray:
             t = self.opt.state.get(self.params[k], {}).get(key)
-            return np.zeros(self._param_shapes[k], dtype=self.np_dtype) if t is None else self._from_device(t)
+            return np.zeros(self._native_shapes[k], dtype=self.np_dtype) if t is None else self._from_device(t)
 
         if self.optim.name == "adam":
             steps = [int(st["step"].item()) for st in self.opt.state.values() if "step" in st]
@@ -170,11 +172,16 @@ class TorchBackend(BackendBase):
     # -- measurement -----------------------------------------------------------------------------
     def _loss_terms(self, x: torch.Tensor, eps: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         with torch.no_grad():
-            recon, kl = model.loss_terms(self.params, x, eps, self.spec)
+            recon, kl = vae.loss_terms(self.ops, self.params, x, eps, self.spec)
         return self._from_device(recon), self._from_device(kl)
 
+    def _encode(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        with torch.no_grad():
+            mu, logvar = vae.encode(self.ops, self.params, x, self.spec)
+        return self._from_device(mu), self._from_device(logvar)
+
     def _grads(self, x: torch.Tensor, eps: torch.Tensor, term: Term) -> dict[str, np.ndarray | None]:
-        recon, kl = model.loss_terms(self.params, x, eps, self.spec)
+        recon, kl = vae.loss_terms(self.ops, self.params, x, eps, self.spec)
         value = pick_term(term, recon, kl).mean()
         names = list(self.params)
         gs = torch.autograd.grad(value, [self.params[k] for k in names], allow_unused=True)
@@ -183,7 +190,7 @@ class TorchBackend(BackendBase):
     def _iwae_grads(self, x: torch.Tensor, eps: torch.Tensor, per_example: bool) -> dict[str, np.ndarray | None]:
         names, spec = list(self.params), self.spec
         if not per_example:
-            value = -model.iwae_bound(self.params, x, eps, spec).mean()
+            value = -vae.iwae_bound(self.ops, self.params, x, eps, spec).mean()
             gs = torch.autograd.grad(value, [self.params[k] for k in names], allow_unused=True)
             return {k: (None if g is None else self._from_device(g)) for k, g in zip(names, gs)}
 
@@ -191,7 +198,7 @@ class TorchBackend(BackendBase):
         if per is None:
 
             def one(params: dict[str, torch.Tensor], xb: torch.Tensor, eb: torch.Tensor) -> torch.Tensor:
-                return -model.iwae_bound(params, xb, eb, spec)  # xb (D,), eb (K, L): a scalar
+                return -vae.iwae_bound(self.ops, params, xb, eb, spec)  # xb (D,), eb (K, L): a scalar
 
             # torch.func: the gradient of one example's bound, vectorised over the batch;
             # torch.compile'd in compiled mode (not counted by compile_counts)
@@ -205,7 +212,7 @@ class TorchBackend(BackendBase):
     def _local_grads(self, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor) -> tuple[np.ndarray, ...]:
         mu, logvar = mu.detach().requires_grad_(True), logvar.detach().requires_grad_(True)
         params = {k: p.detach() for k, p in self.params.items()}
-        recon, kl = model.terms_at(params, x, mu, logvar, eps, self.spec)
+        recon, kl = vae.terms_at(self.ops, params, x, mu, logvar, eps, self.spec)
         g_mu, g_logvar = torch.autograd.grad((recon + kl).sum(), [mu, logvar])
         return tuple(self._from_device(t) for t in (recon, kl, g_mu, g_logvar))
 
@@ -236,11 +243,11 @@ class TorchBackend(BackendBase):
         return torch.compile(fn, backend=counting_backend, dynamic=False)  # type: ignore[return-value]
 
     def _loss(self, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        recon, kl = model.loss_terms(self.params, x, eps, self.spec)
+        recon, kl = vae.loss_terms(self.ops, self.params, x, eps, self.spec)
         return pick_term("loss", recon, kl).mean()
 
     def _iwae(self, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        return model.iwae_log_weights(self.params, x, eps, self.spec)
+        return vae.iwae_log_weights(self.ops, self.params, x, eps, self.spec)
 
     def _build_step(self) -> tuple[StepDrawn, StepGiven]:
         loss_fn = self._compile(self._loss, "step")

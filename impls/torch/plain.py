@@ -2,7 +2,7 @@
 device-level probes the throughput measure needs (matmul rate, peak memory).
 
 `PlainStep` is what a PyTorch user would write: the same canonical initial weights and the
-same model functions (`impls.torch.model.loss_terms`), torch.optim's Adam with its defaults
+same model functions (`harness.vae.loss_terms` over `impls.torch.ops`), torch.optim's Adam with its defaults
 for everything the config does not set (foreach: torch's choice), noise from torch.randn,
 and in compiled mode `torch.compile` of the loss function and of `opt.step` with default
 options. The throughput measure times it beside the harness step to measure the harness's
@@ -17,9 +17,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from harness import vae
 from harness.api import ModelSpec, OptimSpec
 from harness.timing import CPU_PEAK, time_steps
-from impls.torch import model
+from impls.base import formulation
+from impls.torch import ops
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -52,16 +54,19 @@ class PlainStep:
         seed: int = 0,
         allow_tf32: bool = False,
         compile_mode: str = "default",  # torch.compile's mode (torch only)
+        conv_transpose: str = "native",
     ) -> None:
         if mode not in ("eager", "compiled"):
             raise ValueError(f"torch has no mode {mode!r}")
         self.spec, self.mode = spec, mode
+        self.ops = formulation(ops, conv_transpose)  # the transposed convolution as the harness's step has it
         self.device = resolve_device(device)
         self.dtype = DTYPES[dtype]
         torch.backends.cuda.matmul.allow_tf32 = allow_tf32
         torch.backends.cudnn.allow_tf32 = allow_tf32
         self.params = {
-            k: torch.tensor(np.asarray(v), dtype=self.dtype, device=self.device, requires_grad=True)
+            k: torch.tensor(np.ascontiguousarray(ops.to_native(spec.params()[k], np.asarray(v))), dtype=self.dtype,
+                            device=self.device, requires_grad=True)
             for k, v in params.items()
         }
         ps = list(self.params.values())
@@ -73,7 +78,7 @@ class PlainStep:
         self.generator.manual_seed(seed)
 
         def loss_fn(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-            recon, kl = model.loss_terms(self.params, x, eps, spec)
+            recon, kl = vae.loss_terms(self.ops, self.params, x, eps, spec)
             return (recon + kl).mean()
 
         if mode == "compiled":
@@ -83,7 +88,7 @@ class PlainStep:
             self._loss, self._opt_step = loss_fn, self.opt.step
 
     def put(self, x: Any) -> torch.Tensor:
-        return torch.as_tensor(np.asarray(x), dtype=self.dtype, device=self.device)
+        return torch.as_tensor(ops.input_to_native(np.asarray(x), self.spec.input_shape), dtype=self.dtype, device=self.device)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         eps = torch.randn((x.shape[0], self.spec.latent), generator=self.generator, dtype=self.dtype, device=self.device)
@@ -158,3 +163,29 @@ def reset_compile_state() -> None:
     import torch._dynamo
 
     torch._dynamo.reset()
+
+
+def layer_steps(op: str, stride: int, x: np.ndarray, w: np.ndarray, b: np.ndarray, *, dtype: str, device: str,
+                mode: str) -> tuple[Any, Any, Any]:
+    """(forward, forward + backward, sync) of one layer (`ops.<op>`) on a batch, in torch's
+    layout (x, w, b given native). Eager in every mode: torch.compile of the whole step calls
+    the same aten convolution and matmul kernels, and compiling each layer alone would cost
+    seconds apiece. The backward computes every input's gradient (x, w, b)."""
+    dev, dt = resolve_device(device), DTYPES[dtype]
+    xt, wt, bt = (torch.tensor(np.ascontiguousarray(a), dtype=dt, device=dev, requires_grad=True) for a in (x, w, b))
+    fn = getattr(ops, op)
+
+    def run() -> torch.Tensor:
+        return fn(xt, wt, bt) if op == "dense" else fn(xt, wt, bt, stride)
+
+    with torch.no_grad():
+        g = torch.ones_like(run())
+
+    def forward() -> Any:
+        with torch.no_grad():
+            return run()
+
+    def forward_backward() -> Any:
+        return torch.autograd.grad(run(), (xt, wt, bt), grad_outputs=g)
+
+    return forward, forward_backward, lambda: _sync(dev)

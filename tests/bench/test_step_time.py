@@ -15,25 +15,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from harness import ModelSpec, OptimSpec, data, load_backend, timing
+from harness import MlpSpec, OptimSpec, data, load_backend, timing
 from harness.measures import throughput
+from tests.conftest import framework_modes
 
-X = data.load("digits").x_train[:64]
-CASES = [
-    ("torch", "eager"),
-    ("torch", "compiled"),
-    ("tensorflow", "eager"),
-    ("tensorflow", "function"),
-    ("tensorflow", "xla"),
-    ("jax", "eager"),
-    ("jax", "jit"),
-]
+X = data.load("digits").flat().x_train[:64]
+#: every mode of every registered framework
+CASES = framework_modes()
 ROUNDS, STEPS, WARMUP = 30, 5, 3  # R repeats of N steps, as the measure's repeats/steps/warmup
 
 
 @pytest.mark.parametrize("framework,mode", CASES, ids=[f"{f}-{m}" for f, m in CASES])
 def test_train_step(benchmark, framework: str, mode: str) -> None:  # type: ignore[no-untyped-def]
-    b = load_backend(framework, ModelSpec(x_dim=64), OptimSpec(lr=1e-3), mode=mode, seed=0)
+    b = load_backend(framework, MlpSpec(x_dim=64), OptimSpec(lr=1e-3), mode=mode, seed=0)
     c = throughput.harness_contender(b, b.put(X))
     timing.warm_up(c.step, c.sync, WARMUP)  # tracing / compilation happens here, not in the timed rounds
     compiles = b.compile_count()

@@ -1,0 +1,111 @@
+"""The primitive ops the model kinds and `harness.vae` are written over, in JAX, as a JAX user
+writes them (flax's layers are these lax calls): images NHWC, kernels HWIO (the canonical
+layouts), `lax.conv_transpose` with `transpose_kernel=True` taking the kernel as Keras'
+Conv2DTranspose holds it, (kh, kw, out, in); padding "SAME". Matmul precision comes from the
+backend's context (`jax.default_matmul_precision`)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from harness.models.base import Param
+from impls.conv_layout import dilated_pads
+
+relu, tanh, exp, log = jax.nn.relu, jnp.tanh, jnp.exp, jnp.log
+softplus = jax.nn.softplus
+DIMS = ("NHWC", "HWIO", "NHWC")
+
+
+def dense(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
+    return x @ w + b
+
+
+def sum(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    return jnp.sum(x, axis=axes if len(axes) > 1 else axes[0])
+
+
+def mean(x: jax.Array, axis: int) -> jax.Array:
+    return x.mean(axis=axis)
+
+
+def logsumexp(x: jax.Array, axis: int) -> jax.Array:
+    return jax.nn.logsumexp(x, axis=axis)
+
+
+def stop_gradient(x: jax.Array) -> jax.Array:
+    return lax.stop_gradient(x)
+
+
+def ndim(x: jax.Array) -> int:
+    return int(x.ndim)
+
+
+def shape(x: jax.Array) -> tuple[int, ...]:
+    return tuple(x.shape)
+
+
+def reshape(x: jax.Array, new: tuple[int, ...]) -> jax.Array:
+    return x.reshape(new)
+
+
+# -- images ----------------------------------------------------------------------------------------
+
+
+def native_image(hwc: tuple[int, int, int]) -> tuple[int, int, int]:
+    return hwc
+
+
+def flatten_image(x: jax.Array) -> jax.Array:
+    return x.reshape(x.shape[:-3] + (-1,))
+
+
+def unflatten_image(x: jax.Array, hwc: tuple[int, int, int]) -> jax.Array:
+    return x.reshape(x.shape[:-1] + hwc)
+
+
+def conv2d(x: jax.Array, w: jax.Array, b: jax.Array, stride: int) -> jax.Array:
+    return lax.conv_general_dilated(x, w, (stride, stride), "SAME", dimension_numbers=DIMS) + b
+
+
+def conv2d_transpose(x: jax.Array, w: jax.Array, b: jax.Array, stride: int) -> jax.Array:
+    """w: (kh, kw, out, in); output (N, h stride, w stride, out)."""
+    return lax.conv_transpose(x, w, (stride, stride), "SAME", dimension_numbers=DIMS, transpose_kernel=True) + b
+
+
+# -- canonical <-> native ---------------------------------------------------------------------------
+
+
+def to_native(p: Param, a: np.ndarray) -> np.ndarray:
+    """Only a transposed convolution's kernel differs: (kh, kw, in, out) -> (kh, kw, out, in)."""
+    return np.swapaxes(a, -1, -2) if p.layout == "conv_t" else a
+
+
+def from_native(p: Param, a: np.ndarray) -> np.ndarray:
+    return np.swapaxes(a, -1, -2) if p.layout == "conv_t" else a
+
+
+def input_to_native(a: np.ndarray, input_shape: tuple[int, ...]) -> np.ndarray:
+    return a
+
+
+def native_input(input_shape: tuple[int, ...]) -> tuple[int, ...]:
+    return input_shape
+
+
+def input_from_native(a: np.ndarray, input_shape: tuple[int, ...]) -> np.ndarray:
+    return a
+
+
+def conv2d_transpose_dilated(x: jax.Array, w: jax.Array, b: jax.Array, stride: int) -> jax.Array:
+    """The same transposed convolution as `conv2d_transpose`, formulated as its definition: the
+    input dilated with zeros (`lax.pad`'s interior padding), padded, and a plain stride-1
+    convolution with the kernel flipped (framework.conv_transpose=dilated). Its backward is
+    plain convolutions too, where `lax.conv_transpose`'s is a dilated one (slow on XLA's CPU)."""
+    k = w.shape[0]
+    pads = [dilated_pads(size, k, stride) for size in (x.shape[1], x.shape[2])]
+    xp = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), (*pads[0], stride - 1), (*pads[1], stride - 1), (0, 0, 0)])
+    kernel = jnp.flip(jnp.swapaxes(w, -1, -2), (0, 1))  # (kh, kw, out, in) -> flipped (kh, kw, in, out)
+    return lax.conv_general_dilated(xp, kernel, (1, 1), "VALID", dimension_numbers=DIMS) + b
