@@ -27,14 +27,14 @@ if TYPE_CHECKING:
         Terms,
         load_backend,
     )
-    from harness.init import init_params
+    from harness.initializers import init_params
 
 #: the public names, imported on first use: `import impls.<name>` (a framework's declaration,
 #: which imports `harness.frameworks`) must not build the framework registry while it runs
 _LAZY = {
     **dict.fromkeys(("Backend", "FrameworkUnavailable", "ModelSpec", "MlpSpec", "LinearSpec", "ConvSpec", "OptimSpec",
                      "RuntimeSpec", "Terms", "load_backend"), "harness.api"),
-    "init_params": "harness.init",
+    "init_params": "harness.initializers",
 }
 
 

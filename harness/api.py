@@ -7,6 +7,7 @@ the framework it is asked for.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Mapping
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -123,45 +124,41 @@ def load_backend(
     framework: str,
     model: ModelSpec | Mapping[str, Any] | None = None,
     optim: OptimSpec | Mapping[str, Any] | None = None,
+    runtime: RuntimeSpec | None = None,
     *,
-    dtype: str = "float32",
-    mode: str = "eager",
-    device: str = "cpu",
-    seed: int = 0,
-    threads: int = 0,
-    allow_tf32: bool = False,
     params: Mapping[str, np.ndarray] | None = None,
-    compile_mode: str = "default",
-    conv_transpose: str = "native",
+    **fields: Any,
 ) -> Backend:
-    """Build `framework`'s backend, loaded with canonical initial weights from `seed`
-    (or with `params`). Imports only that framework. Every argument is validated first, by the
-    rules of the CLI's config (a bad one raises a ValueError naming it: `ConfigError`).
+    """Build `framework`'s backend, loaded with canonical initial weights from the runtime's
+    seed (or with `params`). Imports only that framework. `runtime` is a `RuntimeSpec` passed
+    whole, or its fields as keywords (dtype, mode, device, seed, threads, allow_tf32,
+    compile_mode, conv_transpose), never both. Every argument is validated first, by the rules of
+    the CLI's config (a bad one raises a ValueError naming it: `ConfigError`).
 
     >>> b = load_backend("torch", MlpSpec(x_dim=64), dtype="float64")  # doctest: +SKIP
+    >>> b = load_backend("jax", MlpSpec(x_dim=64), RuntimeSpec(mode="jit"))  # doctest: +SKIP
     """
-    from harness.init import init_params
+    from harness.initializers import init_params
 
     if framework not in FRAMEWORK_MODES:
         raise ValueError(f"unknown framework {framework!r}; choose from {', '.join(FRAMEWORKS)}")
     spec = spec_from(model)
     opt = optim if isinstance(optim, OptimSpec) else build(OptimSpec, _mapping("optim", optim))
-    runtime = RuntimeSpec(
-        mode=resolve_mode(framework, mode),
-        dtype=dtype,  # type: ignore[arg-type]
-        device=device,  # type: ignore[arg-type]
-        seed=seed,
-        threads=threads,
-        allow_tf32=allow_tf32,
-        compile_mode=compile_mode,  # type: ignore[arg-type]
-        conv_transpose=conv_transpose,  # type: ignore[arg-type]
-    )
+    if runtime is not None and fields:
+        raise ValueError(f"pass a RuntimeSpec or its fields, not both (got runtime= and {', '.join(sorted(fields))})")
+    if runtime is None:
+        unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(RuntimeSpec)})
+        if unknown:
+            raise ValueError(f"load_backend() got unknown keyword {unknown[0]!r}; "
+                             f"choose from params or {', '.join(f.name for f in dataclasses.fields(RuntimeSpec))}")
+        runtime = RuntimeSpec(**fields)
+    runtime = dataclasses.replace(runtime, mode=resolve_mode(framework, runtime.mode))
     try:
         module = importlib.import_module(f"impls.{framework}.backend")
     except ImportError as exc:
         raise FrameworkUnavailable(f"framework {framework!r} is not importable: {exc}") from exc
     backend: Backend = module.BACKEND(spec, opt, runtime)
-    backend.set_params(params if params is not None else init_params(spec, seed))
+    backend.set_params(params if params is not None else init_params(spec, runtime.seed))
     return backend
 
 

@@ -109,7 +109,7 @@ def prevalidate(args: list[str]) -> int:
     how many jobs (measure x framework) the run or sweep will start."""
     from hydra import compose, initialize_config_dir
 
-    from harness.measures import MEASURES
+    from harness import measures
 
     multirun = any(a in ("-m", "--multirun") for a in args)
     overrides = [a for a in args if not a.startswith("-")]
@@ -121,7 +121,7 @@ def prevalidate(args: list[str]) -> int:
             for combo in combos:
                 c = validate(compose(config_name="config", overrides=combo))
                 total += len(c.measure.names) * len(frameworks(c))
-                timed = [n for n in c.measure.names if getattr(MEASURES[n], "TIMING", False)]
+                timed = [n for n in c.measure.names if measures.timing(n)]
                 if multirun and launcher in PARALLEL_LAUNCHERS and timed and not c.parallel_throughput:
                     raise ConfigError(
                         "hydra/launcher",

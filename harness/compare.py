@@ -30,6 +30,7 @@ from typing import Any
 
 from tabulate import tabulate
 
+from harness import measures
 from harness.measures import MEASURES
 from harness.measures.common import Quantity, by_framework
 from harness.records import measure_version, measured_config, write_atomic
@@ -179,9 +180,9 @@ def compare(base: list[dict[str, Any]], cur: list[dict[str, Any]], *, min_effect
             changes.append(Change(measure, "-", "measure version", ", ".join(map(str, vb)), ", ".join(map(str, vc)),
                                   "same version", INCOMPARABLE))
             continue
-        fn = getattr(module, "compared", None)
+        fn = module.compared
         if fn is None:
-            notes.append(f"{measure}: the measure defines no comparison")
+            notes.append(f"{measure}: the measure declares nothing to compare (`compared = None`)")
             continue
         keys = sorted(set(variant_keys(mb)) | set(variant_keys(mc)))
         gb, gc = _groups(mb, keys), _groups(mc, keys)
@@ -190,7 +191,7 @@ def compare(base: list[dict[str, Any]], cur: list[dict[str, Any]], *, min_effect
                 notes.append(f"{measure} [{label}]: only in the {'baseline' if label in gb else 'current'} records")
                 continue
             rb, rc = by_framework(gb[label]), by_framework(gc[label])
-            if getattr(module, "TIMING", False):  # timings compare only within one environment
+            if measures.timing(measure):  # timings compare only within one environment
                 diffs = env_differences(rb, rc)
                 if diffs and not allow_env_mismatch:
                     raise EnvMismatch(f"{measure} records come from different environments ({'; '.join(diffs)}); "

@@ -20,7 +20,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from harness import models
+from harness import measures, models
 from harness.data import (
     DIGITS_TRAIN,
     FILE_ONLY,
@@ -182,9 +182,7 @@ def validate(cfg: DictConfig | AppConfig) -> AppConfig:
             "model.likelihood", "bernoulli needs data in [0, 1]; synthetic data is real-valued: use model=linear"
         )
     for name in c.measure.names:
-        rule = getattr(MEASURES[name], "validate", None)
-        if rule is not None:
-            rule(c)
+        measures.validate(name, c)
     return c
 
 

@@ -50,7 +50,6 @@ from harness.records import (
 ENV_COLUMNS = (("version", "framework_version"), ("device", "device_name"), ("cpu", "cpu_model"), ("commit", "git_commit"))
 #: columns that name a row (rows of different seeds with the same names are aggregated)
 LABELS = ("framework", "mode", "batch", "quantity", "dtype", "check")
-REPORT_FILES = ("report.md", "report.html")
 
 
 @dataclass
@@ -263,8 +262,7 @@ def answers(records: list[dict[str, Any]]) -> list[str]:
     for name in dict.fromkeys([*(n for n in names if n in MEASURES), *MEASURES]):  # in the suite's order
         module = MEASURES[name]
         recs = [r for r in records if r["measure"] == name]
-        fn = getattr(module, "answer", None)
-        if recs and fn is not None:
+        if recs:
             try:
                 out.append(f"{module.QUESTION} {measures.answer(name, recs)}")
             except Exception as exc:  # an answer that cannot be given says so

@@ -64,6 +64,16 @@ class DeviceUnavailable(RuntimeError):
     """The requested device (e.g. device=gpu) is not visible to the framework."""
 
 
+def wants_gpu(framework: str, device: str, gpus_seen: int, hint: str = "") -> bool:
+    """The one device rule, for every backend and every plain loop: whether `device`
+    ("cpu" | "gpu" | "auto") means a GPU when `framework` sees `gpus_seen` of them; "gpu" with
+    none seen raises DeviceUnavailable (the job is then recorded `unavailable`)."""
+    want = device == "gpu" or (device == "auto" and gpus_seen > 0)
+    if want and gpus_seen == 0:
+        raise DeviceUnavailable(f"device=gpu asked for, but {framework} sees no GPU{f' ({hint})' if hint else ''}")
+    return want
+
+
 def _normalize(obj: Any, **values: Any) -> None:
     """Set fields of a frozen dataclass in its `__post_init__`."""
     for k, v in values.items():

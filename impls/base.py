@@ -455,7 +455,7 @@ class BackendBase:
         JAX jits it in every mode (op by op, a first call compiles each primitive separately);
         TensorFlow runs the batch gradient eagerly and the per-example one (tf.vectorized_map)
         as a tf.function, which pfor needs. Traced once per shape, not counted by
-        `compile_counts`. ValueError unless eps has shape (K, len(x), latent)."""
+        `compiles_per_function`. ValueError unless eps has shape (K, len(x), latent)."""
         xd = self.put(x)
         batch = self._rows(xd)
         shape = shape_of(eps)
@@ -519,10 +519,10 @@ class BackendBase:
 
     def compile_count(self) -> int:
         """How many times the training step has been traced/compiled so far (0 in eager
-        mode). `log_likelihood`'s compiled function is counted apart: `compile_counts()`."""
-        return self.compile_counts()["step"]
+        mode). `log_likelihood`'s compiled function is counted apart: `compiles_per_function()`."""
+        return self.compiles_per_function()["step"]
 
-    def compile_counts(self) -> dict[str, int]:
+    def compiles_per_function(self) -> dict[str, int]:
         """Traces/compilations so far of each compiled function: "step" (both step paths)
         and "log_likelihood" (the per-chunk log-weights); zeros in eager mode."""
         if not self.compiled:

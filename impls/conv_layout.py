@@ -1,5 +1,6 @@
-"""Framework-neutral arithmetic of image layers for the `impls/<fw>/ops.py` of a channels-first
-framework: Keras' "same" padding (`harness.models.conv.same_pads`, where the model defines it;
+"""Framework-neutral arithmetic of image layers for the `impls/<fw>/ops.py`: the canonical <->
+native conversions of a channels-last framework (JAX, TensorFlow: the canonical layout but for
+a transposed convolution's kernel), and for a channels-first one (torch): Keras' "same" padding (`harness.models.conv.same_pads`, where the model defines it;
 a transposed convolution crops its full output by the pads of the convolution it is the
 adjoint of, the one from size x stride to size), and the permutation between the canonical
 (h, w, c) order of a flattened image and (c, h, w)."""
@@ -8,7 +9,30 @@ from __future__ import annotations
 
 import numpy as np
 
+from harness.models.base import Param
 from harness.models.conv import same_pads  # Keras' "same": the model kind's definition
+
+# -- a channels-last framework's layout: (N, H, W, C) inputs, (kh, kw, in, out) kernels ---------------
+
+
+def channels_last_to_native(p: Param, a: np.ndarray) -> np.ndarray:
+    """A canonical parameter (or its gradient or moment) in a channels-last framework's layout:
+    only a transposed convolution's kernel differs, (kh, kw, in, out) -> (kh, kw, out, in)."""
+    return np.swapaxes(a, -1, -2) if p.layout == "conv_t" else a
+
+
+def channels_last_from_native(p: Param, a: np.ndarray) -> np.ndarray:
+    """The inverse of `channels_last_to_native` (a swap of the last two axes is its own inverse)."""
+    return np.swapaxes(a, -1, -2) if p.layout == "conv_t" else a
+
+
+def canonical_input(a: np.ndarray, input_shape: tuple[int, ...]) -> np.ndarray:
+    """An input batch to or from a channels-last framework: the canonical layout, unchanged."""
+    return a
+
+
+def canonical_input_shape(input_shape: tuple[int, ...]) -> tuple[int, ...]:
+    return input_shape
 
 
 def dilated_pads(size: int, kernel: int, stride: int) -> tuple[int, int]:

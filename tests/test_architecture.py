@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from harness.frameworks import registry
-from harness.measures import MEASURES
+from harness.measures import MEASURES, REQUIRED, check
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -95,14 +95,50 @@ def test_harness_has_no_import_cycle() -> None:
 
 def test_every_measure_owns_its_parts() -> None:
     for name, module in MEASURES.items():
+        assert all(hasattr(module, a) for a in REQUIRED), name
         assert dataclasses.is_dataclass(module.Config), name
-        assert callable(module.run) and callable(module.summarize), name
-        assert isinstance(module.PLOTS, dict), name
+        assert callable(module.run) and callable(module.summarize) and callable(module.answer), name
+        assert module.compared is None or callable(module.compared), name
+        assert isinstance(module.PLOTS, dict) and isinstance(module.VERSION, int), name
         assert (ROOT / "conf" / "measure" / f"{name}.yaml").exists(), name
     # nothing outside a measure's module names it (report, worker, config, cli iterate the table)
     for f in ("report.py", "compare.py", "worker.py", "config.py", "cli.py"):
         text = (ROOT / "harness" / f).read_text()
         assert not [n for n in MEASURES if f'"{n}"' in text], f
+
+
+def test_a_measure_without_compared_is_refused_by_name() -> None:
+    import types
+
+    full = types.ModuleType("harness.measures.fake")
+    for a in REQUIRED:
+        setattr(full, a, getattr(MEASURES["identity"], a))
+    assert check("fake", full) is full
+    full.compared = None  # declared: nothing to compare
+    assert check("fake", full) is full
+    del full.compared  # not declared at all
+    with pytest.raises(TypeError, match="measure 'fake' .* does not declare compared"):
+        check("fake", full)
+
+
+@pytest.mark.slow
+def test_mypy_checks_the_measure_contract(tmp_path: Path) -> None:
+    """The registry is typed `dict[str, Measure]`: a measure module that drops `compared` (or
+    changes a signature) is a mypy error, not a surprise in `vaebench compare`."""
+    tree = tmp_path / "tree"
+    shutil.copytree(ROOT / "harness", tree / "harness", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "impls", tree / "impls", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tree / "pyproject.toml")
+
+    def mypy() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "mypy", "--cache-dir", str(tmp_path / "cache"), "harness/measures"],
+                              cwd=tree, capture_output=True, text=True, timeout=600)
+
+    assert mypy().returncode == 0
+    f = tree / "harness/measures/identity.py"
+    f.write_text(f.read_text().replace("\ndef compared(", "\ndef compared_by_another_name("))
+    r = mypy()
+    assert r.returncode == 1 and '"Measure"' in r.stdout, r.stdout[-2000:]
 
 
 TOY = '''"""A toy measure: the mean loss of one batch at the canonical weights."""
@@ -152,6 +188,14 @@ def plot(records: list[dict[str, Any]], path: Path) -> Path:
 
 PLOTS = {"toy.png": plot}
 JUDGED = (Judged("loss", "toy loss"),)
+QUESTION = "What is the toy loss?"
+READS = ("framework", "seed", "model", "data", "measure.toy")
+VERSION = 1
+compared = None  # nothing to compare: said, not omitted
+
+
+def answer(records: list[dict[str, Any]]) -> str:
+    return ", ".join(f"{r['framework']}: {r['metrics']['loss']:.4f}" for r in records)
 '''
 
 
@@ -164,8 +208,10 @@ def test_a_new_measure_plugs_in_by_one_module_one_line_one_yaml(tmp_path: Path) 
     (tree / "harness/measures/toy.py").write_text(TOY)
     registry = tree / "harness/measures/__init__.py"
     text = registry.read_text()
-    anchor = '        "throughput": "harness.measures.throughput",\n'
-    registry.write_text(text.replace(anchor, anchor + '        "toy": "harness.measures.toy",\n'))
+    imports = "from harness.measures import conformance, convergence, gaps, gradflow, identity, snr, throughput\n"
+    anchor = '    "throughput": throughput,\n'
+    assert imports in text and anchor in text
+    registry.write_text(text.replace(imports, imports[:-1] + ", toy\n").replace(anchor, anchor + '    "toy": toy,\n'))
     (tree / "conf/measure/toy.yaml").write_text("names: [toy]\n")
     changed = {p for p in tree.rglob("*") if p.is_file() and before.get(p) != p.read_bytes()}
     assert {p.relative_to(tree).as_posix() for p in changed} == {

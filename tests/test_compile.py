@@ -88,15 +88,15 @@ def test_log_likelihood_compiled_matches_eager(framework: str, mode: str) -> Non
     x = np.concatenate(XS[:2])
     b = load_backend(framework, SPEC, mode=mode, dtype="float64", seed=2)
     eager = load_backend(framework, SPEC, mode="eager", dtype="float64", seed=2)
-    assert b.compile_counts() == {"step": 0, "log_likelihood": 0}  # type: ignore[attr-defined]
+    assert b.compiles_per_function() == {"step": 0, "log_likelihood": 0}  # type: ignore[attr-defined]
     want = eager.log_likelihood(x, k=150, seed=5)  # chunks of 100 and 50
     got = b.log_likelihood(x, k=150, seed=5)
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=0)
-    n = b.compile_counts()["log_likelihood"]  # type: ignore[attr-defined]
+    n = b.compiles_per_function()["log_likelihood"]  # type: ignore[attr-defined]
     assert 1 <= n <= 2  # one per chunk shape
     np.testing.assert_array_equal(b.log_likelihood(x, k=150, seed=5), got)
-    assert b.compile_counts() == {"step": 0, "log_likelihood": n}  # type: ignore[attr-defined]
-    assert eager.compile_counts() == {"step": 0, "log_likelihood": 0}  # type: ignore[attr-defined]
+    assert b.compiles_per_function() == {"step": 0, "log_likelihood": n}  # type: ignore[attr-defined]
+    assert eager.compiles_per_function() == {"step": 0, "log_likelihood": 0}  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("allow_tf32,want", [(False, "HIGHEST"), (True, "DEFAULT")])

@@ -30,9 +30,9 @@ def _arrays(scale: float = 0.0) -> dict[str, np.ndarray]:
 
 
 def test_compare_identical_and_perturbed() -> None:
-    rows = cf.compare({"a": _arrays(), "b": _arrays()}, ["float32", "float64"])
+    rows = cf.table_rows({"a": _arrays(), "b": _arrays()}, ["float32", "float64"])
     assert rows and all(r["pass"] in ("yes", "reported") and float(r["max rel. deviation"]) == 0.0 for r in rows)
-    rows = cf.compare({"a": _arrays(), "b": _arrays(1e-3)}, ["float32", "float64"])
+    rows = cf.table_rows({"a": _arrays(), "b": _arrays(1e-3)}, ["float32", "float64"])
     failed = {(r["quantity"], r["dtype"]) for r in rows if r["pass"] == "NO"}
     assert failed == {("terms", "float32"), ("grads", "float32"), ("free-running sgd trajectory", "float64")}
     # float32 free-running trajectories are reported, never judged, however far apart
@@ -44,7 +44,7 @@ def test_compare_identical_and_perturbed() -> None:
     del b["float32/terms/loss"]
     assert cf.deviation("terms", "float32", _arrays(), b)[0] == float("inf")
     # one framework: no pairwise row (it could not fail)
-    assert cf.compare({"a": _arrays()}, ["float32"]) == []
+    assert cf.table_rows({"a": _arrays()}, ["float32"]) == []
 
 
 def test_per_step_rows_judge_against_the_rounding_floor() -> None:
@@ -54,18 +54,18 @@ def test_per_step_rows_judge_against_the_rounding_floor() -> None:
         return {"float32/adam step/dtheta": np.full(4, dev), "float32/adam step/floor": floor,
                 "float32/adam step/loss": np.full(4, 1e-7)}
 
-    ok = cf.compare({"a": arrs(3e-6)}, ["float32"])
+    ok = cf.table_rows({"a": arrs(3e-6)}, ["float32"])
     assert [r["pass"] for r in ok] == ["yes", "yes"] and ok[0]["worst"] == "a vs numpy"
-    bad = cf.compare({"a": arrs(3e-6), "b": arrs(1e-3)}, ["float32"])
+    bad = cf.table_rows({"a": arrs(3e-6), "b": arrs(1e-3)}, ["float32"])
     step_row = next(r for r in bad if r["quantity"] == "adam step Δθ")
     assert step_row["pass"] == "NO" and step_row["worst"] == "b vs numpy"
     # one step at a ReLU kink (the gradient jumps there) is shown, not judged; most steps off fail
     kink = arrs(3e-6)
     kink["float32/adam step/dtheta"][2] = 3e-2
-    row = cf.compare({"a": kink}, ["float32"])[0]
+    row = cf.table_rows({"a": kink}, ["float32"])[0]
     assert row["pass"] == "yes" and "worst step 3" in row["where"] and "1/4 steps above" in row["where"]
     kink["float32/adam step/dtheta"][:3] = 3e-2
-    assert cf.compare({"a": kink}, ["float32"])[0]["pass"] == "NO"
+    assert cf.table_rows({"a": kink}, ["float32"])[0]["pass"] == "NO"
 
 
 def test_step_floor_is_the_cancellation_error() -> None:
@@ -158,11 +158,11 @@ def test_thread_count_does_not_change_the_verdict(cli) -> None:  # type: ignore[
 def test_a_diverged_trajectory_fails_named_with_its_step_and_keeps_its_rows() -> None:
     """A trajectory that reaches inf (a divergent step) fails, float32 too (whose free runs are
     otherwise only reported), names the framework and the step, and drops no row."""
-    good = cf.compare({"a": _arrays(), "b": _arrays()}, ["float32", "float64"])
+    good = cf.table_rows({"a": _arrays(), "b": _arrays()}, ["float32", "float64"])
     bad_b = _arrays()
     for key in ("float32/sgd trajectory", "float64/sgd trajectory"):
         bad_b[key] = np.array([40.0, 50.0, 1354.0, np.inf, np.nan])
-    rows = cf.compare({"a": _arrays(), "b": bad_b}, ["float32", "float64"])
+    rows = cf.table_rows({"a": _arrays(), "b": bad_b}, ["float32", "float64"])
     assert [r["quantity"] for r in rows] == [r["quantity"] for r in good]
     for dtype in ("float32", "float64"):
         row = next(r for r in rows if r["quantity"] == "free-running sgd trajectory" and r["dtype"] == dtype)
@@ -171,7 +171,7 @@ def test_a_diverged_trajectory_fails_named_with_its_step_and_keeps_its_rows() ->
     nan_steps = {"float32/sgd step/dtheta": np.array([1e-6, np.nan, 1e-6]), "float32/sgd step/floor": np.full(3, 1e-6),
                  "float32/sgd step/loss": np.array([1e-7, 1e-7, np.inf])}
     ok_steps = {k: np.where(np.isfinite(v), v, 1e-7) for k, v in nan_steps.items()}
-    rows = [r for r in cf.compare({"a": ok_steps, "b": nan_steps}, ["float32"]) if " step " in r["quantity"]]
+    rows = [r for r in cf.table_rows({"a": ok_steps, "b": nan_steps}, ["float32"]) if " step " in r["quantity"]]
     assert [(r["quantity"], r["pass"]) for r in rows] == [("sgd step Δθ", "NO"), ("sgd step loss", "NO")]
     assert "NaN at step 2" in rows[0]["where"] and "inf at step 3" in rows[1]["where"]
     assert rows[0]["worst"] == rows[1]["worst"] == "b vs numpy"
@@ -229,12 +229,12 @@ def test_float32_judges_the_median_batch_float64_the_worst() -> None:
     """A jump in one check batch (a ReLU flipping at its kink in one framework) is shown, not
     judged, in float32; float64 judges its worst batch; a NaN in any batch fails both."""
     flip = [1e-7, 1e-7, 5e-3, 1e-7, 1e-7]
-    row = next(r for r in cf.compare({"a": _batched(flip)}, ["float32"]) if r["quantity"] == "terms (vs NumPy)")
+    row = next(r for r in cf.table_rows({"a": _batched(flip)}, ["float32"]) if r["quantity"] == "terms (vs NumPy)")
     assert row["pass"] == "yes" and "worst batch 3/5" in row["where"] and float(row["max rel. deviation"]) < 1e-6
     shifted = [5e-3] * 3 + [1e-7] * 2  # a real disagreement moves most batches
-    row = next(r for r in cf.compare({"a": _batched(shifted)}, ["float32"]) if r["quantity"] == "terms (vs NumPy)")
+    row = next(r for r in cf.table_rows({"a": _batched(shifted)}, ["float32"]) if r["quantity"] == "terms (vs NumPy)")
     assert row["pass"] == "NO"
-    row = next(r for r in cf.compare({"a": _batched(flip, dtype="float64")}, ["float64"]) if r["quantity"] == "terms (vs NumPy)")
+    row = next(r for r in cf.table_rows({"a": _batched(flip, dtype="float64")}, ["float64"]) if r["quantity"] == "terms (vs NumPy)")
     assert row["pass"] == "NO" and row["where"].startswith("batch 3/5")
     assert cf.judged_over_batches("float32", [(1e-7, "x"), (float("nan"), "y"), (1e-7, "z")])[0] != 0.0
     assert np.isnan(cf.judged_over_batches("float32", [(1e-7, "x"), (float("nan"), "y"), (1e-7, "z")])[0])
@@ -247,9 +247,9 @@ def test_the_tolerance_rises_to_numpys_own_rounding_and_no_further() -> None:
     assert cf.floor_tolerance({"a": _batched([1e-7] * 3, floor=1e-9)}, "terms", "float32") == (fixed, 1e-9)
     tol, floor = cf.floor_tolerance({"a": _batched([1e-7] * 3, floor=3e-5)}, "terms", "float32")
     assert floor == 3e-5 and tol == pytest.approx(cf.FLOOR_FACTOR * 3e-5)
-    ok = cf.compare({"a": _batched([2e-4] * 3, floor=3e-5)}, ["float32"])
+    ok = cf.table_rows({"a": _batched([2e-4] * 3, floor=3e-5)}, ["float32"])
     assert next(r for r in ok if r["quantity"] == "terms (vs NumPy)")["pass"] == "yes"
-    nan = cf.compare({"a": _batched([1e-7] * 3, floor=float("nan"))}, ["float32"])
+    nan = cf.table_rows({"a": _batched([1e-7] * 3, floor=float("nan"))}, ["float32"])
     assert next(r for r in nan if r["quantity"] == "terms (vs NumPy)")["pass"] == "NO"
 
 
@@ -263,8 +263,8 @@ def test_float64_adam_trajectories_are_judged_within_one_eps_convention() -> Non
         pytest.skip("needs a Keras-convention framework and two standard ones")
     traj = np.linspace(40, 35, 5)
     loaded = {f"{fw}/eager": {"float64/adam trajectory": traj * (1 + (1e-4 if fw in keras else 0.0))} for fw in FRAMEWORKS}
-    rows = {r["quantity"]: r for r in cf.compare(loaded, ["float64"])}
+    rows = {r["quantity"]: r for r in cf.table_rows(loaded, ["float64"])}
     assert rows["free-running adam trajectory"]["pass"] == "yes"
     assert rows["free-running adam trajectory, across Adam conventions"]["pass"] == "reported"
     loaded[f"{standard[0]}/eager"]["float64/adam trajectory"] = traj * (1 + 1e-6)
-    assert {r["quantity"]: r for r in cf.compare(loaded, ["float64"])}["free-running adam trajectory"]["pass"] == "NO"
+    assert {r["quantity"]: r for r in cf.table_rows(loaded, ["float64"])}["free-running adam trajectory"]["pass"] == "NO"

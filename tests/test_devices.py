@@ -66,3 +66,42 @@ def test_torch_compile_mode_reaches_inductor(monkeypatch: pytest.MonkeyPatch) ->
     # each graph the backend hands inductor carries the options (inductor recurses without them)
     assert seen.count({"triton.cudagraphs": True}) == b.compile_count() >= 1
     assert b.version()["compile_mode"] == "reduce-overhead"
+
+
+def test_one_device_rule() -> None:
+    """`wants_gpu` is the rule every backend and plain loop takes: cpu never, gpu always (or
+    DeviceUnavailable naming the framework), auto when one is seen."""
+    from harness.spec import wants_gpu
+
+    assert [wants_gpu("fw", d, n) for d in ("cpu", "auto", "gpu") for n in (1, 2)] == [False, False, True, True, True, True]
+    assert [wants_gpu("fw", d, 0) for d in ("cpu", "auto")] == [False, False]
+    with pytest.raises(DeviceUnavailable, match="device=gpu asked for, but fw sees no GPU \\(a hint\\)"):
+        wants_gpu("fw", "gpu", 0, "a hint")
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_plain_loops_take_the_backends_device_rule(framework: str) -> None:
+    """The plain loop of a framework raises the same DeviceUnavailable as its backend."""
+    import importlib
+
+    if _has_gpu(framework):
+        pytest.skip("this machine has a GPU")
+    plain = importlib.import_module(f"impls.{framework}.plain")
+    with pytest.raises(DeviceUnavailable) as from_plain:
+        plain.resolve_device("gpu")
+    with pytest.raises(DeviceUnavailable) as from_backend:
+        load_backend(framework, SPEC, device="gpu")
+    assert str(from_plain.value) == str(from_backend.value)
+
+
+def test_load_backend_takes_a_runtime_spec_whole() -> None:
+    from harness.api import RuntimeSpec
+
+    b = load_backend("torch", SPEC, None, RuntimeSpec(dtype="float64", seed=3))
+    assert b.runtime.dtype == "float64" and b.runtime.seed == 3
+    same = load_backend("torch", SPEC, dtype="float64", seed=3)
+    assert all(np.array_equal(v, same.get_params()[k]) for k, v in b.get_params().items())
+    with pytest.raises(ValueError, match="pass a RuntimeSpec or its fields, not both"):
+        load_backend("torch", SPEC, None, RuntimeSpec(), dtype="float64")
+    with pytest.raises(ValueError, match="unknown keyword 'dtpye'"):
+        load_backend("torch", SPEC, dtpye="float64")

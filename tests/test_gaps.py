@@ -13,7 +13,7 @@ import pytest
 from scipy.optimize import minimize
 
 from harness import MlpSpec, ModelSpec, load_backend, reference
-from harness.init import init_params
+from harness.initializers import init_params
 from harness.job import Job
 from harness.measures import gaps
 from harness.measures import identity as idm

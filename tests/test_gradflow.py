@@ -10,7 +10,7 @@ import pytest
 from harness import data as data_mod
 from harness.api import Backend
 from harness.config import AppConfig, ConfigError, validate
-from harness.init import init_params
+from harness.initializers import init_params
 from harness.measures import gradflow as gf
 from harness.measures.common import backend, dataset, model_spec
 from harness.worker import Job

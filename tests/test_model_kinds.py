@@ -18,7 +18,7 @@ import pytest
 
 from harness import reference
 from harness.api import TERMS, load_backend
-from harness.init import init_params
+from harness.initializers import init_params
 from harness.models import MODELS
 from tests.conftest import FRAMEWORKS
 

@@ -15,7 +15,16 @@ import numpy as np
 import pytest
 
 from harness import timing
-from harness.api import COMPILED_ALIAS, ConvSpec, MlpSpec, ModelSpec, OptimSpec, load_backend
+from harness.api import (
+    COMPILED_ALIAS,
+    ConvSpec,
+    DeviceUnavailable,
+    MlpSpec,
+    ModelSpec,
+    OptimSpec,
+    RuntimeSpec,
+    load_backend,
+)
 from harness.config import AppConfig
 from harness.measures import throughput as T
 from harness.records import host_env, make_record
@@ -78,7 +87,7 @@ def test_matmul_flops_match_torch_flop_counter(spec: ModelSpec) -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
     from harness import vae
-    from harness.init import init_params
+    from harness.initializers import init_params
     from impls.torch import ops
 
     B = 7
@@ -220,7 +229,7 @@ def test_planted_retrace_in_run_one_raises() -> None:
             return self.calls // 4  # moves as steps run: a retrace every 4 steps
 
     with pytest.raises(timing.RecompiledWhileTiming):
-        T.run_one("torch", "eager", 8, TINY, TINY_SPEC, backend_factory=Retracing)
+        T.run_one("torch", RuntimeSpec(), 8, TINY, TINY_SPEC, backend_factory=Retracing)
 
 
 def test_cpu_peak_memory_sees_an_allocation() -> None:
@@ -257,7 +266,7 @@ NUMERIC = (
 @pytest.mark.slow
 @pytest.mark.parametrize("framework,mode", CASES, ids=[f"{f}-{m}" for f, m in CASES])
 def test_run_batches(framework: str, mode: str) -> None:
-    metrics, env = T.run_batches(framework, mode, TINY, TINY_SPEC, optim=OptimSpec(lr=1e-3))
+    metrics, env = T.run_batches(framework, RuntimeSpec(mode=mode), TINY, TINY_SPEC, optim=OptimSpec(lr=1e-3))
     assert env["framework"] == framework
     assert metrics["batch_sizes"] == [8, 16]  # increasing order
     assert metrics["matmul_flops_per_s"] > 0 and math.isfinite(metrics["matmul_flops_per_s"])
@@ -287,11 +296,11 @@ def test_plain_step_trains(framework: str, mode: str) -> None:
     """The plain loop runs in every mode from the canonical weights; its compile counter
     sees its compilation."""
     from harness.api import resolve_mode
-    from harness.init import init_params
+    from harness.initializers import init_params
 
     spec = TINY_SPEC
     pl = T.plain_module(framework)
-    p = pl.PlainStep(spec, OptimSpec(), init_params(spec, 0), mode=resolve_mode(framework, mode))
+    p = pl.PlainStep(spec, OptimSpec(), init_params(spec, 0), RuntimeSpec(mode=resolve_mode(framework, mode)))
     x = p.put(T.synthetic_batch(8, spec.x_dim))
     losses = [float(p(x)) for _ in range(3)]
     assert all(math.isfinite(v) for v in losses)
@@ -308,7 +317,7 @@ def test_torch_peak_memory_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
     from impls.torch import plain
 
     if not torch.cuda.is_available():  # a requested GPU that is absent is a clear error
-        with pytest.raises(RuntimeError, match="device=gpu asked for"):
+        with pytest.raises(DeviceUnavailable, match="device=gpu asked for"):
             plain.resolve_device("gpu")
     seen: list[str] = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -338,7 +347,7 @@ def test_jax_peak_memory_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
             return {"peak_bytes_in_use": 456, "bytes_in_use": 10}
 
     if not any(d.platform == "gpu" for d in jax.devices()):
-        with pytest.raises(RuntimeError, match="device=gpu asked for"):
+        with pytest.raises(DeviceUnavailable, match="device=gpu asked for"):
             plain.resolve_device("gpu")
     real = plain.resolve_device
     monkeypatch.setattr(plain, "resolve_device", lambda d: FakeGpu() if d in ("gpu", "auto") else real(d))
@@ -355,13 +364,14 @@ def test_tensorflow_peak_memory_dispatch(monkeypatch: pytest.MonkeyPatch) -> Non
     from impls.tensorflow import plain
 
     if not tf.config.list_physical_devices("GPU"):
-        with pytest.raises(RuntimeError, match="device=gpu asked for"):
+        with pytest.raises(DeviceUnavailable, match="device=gpu asked for"):
             plain.resolve_device("gpu")
     seen: list[str] = []
     monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: ["fake-gpu"] if kind == "GPU" else [])
     monkeypatch.setattr(tf.config.experimental, "reset_memory_stats", lambda name: seen.append(f"reset {name}"))
     monkeypatch.setattr(tf.config.experimental, "get_memory_info", lambda name: {"current": 1, "peak": 789} if name == "GPU:0" else {})
     monkeypatch.setattr(tf.test.experimental, "sync_devices", lambda: seen.append("sync"))
+    monkeypatch.setattr(tf.config.experimental, "set_memory_growth", lambda g, on: None)  # the backend's rule sets it
     assert plain.resolve_device("auto") == "/GPU:0"
     plain.reset_peak_memory("gpu")
     assert plain.peak_memory_bytes("gpu") == 789

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from harness import data as data_mod
 from harness import models
-from harness.api import Backend, ModelSpec, OptimSpec, load_backend, resolve_mode
+from harness.api import Backend, ModelSpec, OptimSpec, RuntimeSpec, load_backend, resolve_mode
 from harness.frameworks import rank
 
 if TYPE_CHECKING:
@@ -92,24 +92,21 @@ def backend(
     mode: str | None = None,
     params: Mapping[str, np.ndarray] | None = None,
 ) -> Backend:
-    f = c.framework
     if spec is None:
         assert x_dim is not None
         spec = model_spec(c, x_dim)
-    return load_backend(
-        framework,
-        spec,
-        optim or optim_spec(c),
-        dtype=dtype or f.precision,
-        mode=resolve_mode(framework, mode or f.mode),
-        device=f.device,
-        seed=c.seed,
-        threads=f.threads,
-        allow_tf32=f.allow_tf32,
-        compile_mode=f.compile_mode,
-        conv_transpose=f.conv_transpose,
-        params=params,
-    )
+    return load_backend(framework, spec, optim or optim_spec(c), runtime_spec(c, framework, dtype=dtype, mode=mode),
+                        params=params)
+
+
+def runtime_spec(c: AppConfig, framework: str, *, dtype: str | None = None, mode: str | None = None) -> RuntimeSpec:
+    """The job's `RuntimeSpec`, whole, from `framework.*` and `seed` (a measure that fixes its own
+    dtype or mode gives it here); its mode resolved for `framework`."""
+    f = c.framework
+    fields: dict[str, Any] = dict(mode=resolve_mode(framework, mode or f.mode), dtype=dtype or f.precision,
+                                  device=f.device, seed=c.seed, threads=f.threads, allow_tf32=f.allow_tf32,
+                                  compile_mode=f.compile_mode, conv_transpose=f.conv_transpose)
+    return RuntimeSpec(**fields)  # validated by its own rules (the config's were the same)
 
 
 def progress(it: Iterable[T], c: AppConfig, **kw: Any) -> Iterable[T]:

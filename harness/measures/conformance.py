@@ -40,7 +40,7 @@ import numpy as np
 from harness import data as data_mod
 from harness import frameworks, reference
 from harness.api import ModelSpec
-from harness.init import init_params
+from harness.initializers import init_params
 from harness.job import Job, Result
 from harness.judged import Judged, describe
 from harness.schema import ConfigError, setting
@@ -657,7 +657,7 @@ def _reference_rows(loaded: dict[str, dict[str, np.ndarray]]) -> list[dict[str, 
     return rows
 
 
-def compare(loaded: dict[str, dict[str, np.ndarray]], dtypes: list[str]) -> list[dict[str, Any]]:
+def table_rows(loaded: dict[str, dict[str, np.ndarray]], dtypes: list[str]) -> list[dict[str, Any]]:
     """The table: per quantity and dtype, the worst deviation over frameworks against tolerance."""
     rows = _reference_rows(loaded)
     pairs = len(loaded) >= 2  # with one framework there is no pair: no row that cannot fail
@@ -734,7 +734,7 @@ def summarize(records: list[dict[str, Any]]) -> Summary:
         return Summary("Conformance across frameworks", [], False, notes or ["no records"])
     m0 = with_arrays[0]["metrics"]
     dtypes = list(m0["dtypes"])
-    rows = compare(loaded, dtypes)
+    rows = table_rows(loaded, dtypes)
     if m0.get("sgd_lr_halved"):
         notes.append(f"SGD step: measure.conformance.sgd_lr diverges on this model in the float64 NumPy reference "
                      f"({'; '.join(m0['sgd_lr_halved'])}), so it was halved to {m0['sgd_lr']:g} (stable_sgd=true)")

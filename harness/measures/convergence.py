@@ -2,7 +2,7 @@
 
 One job is one framework x mode; it trains once per seed (`measure.convergence.seeds`; [] means
 the top-level `seed` alone). For a given seed every framework starts from the same canonical
-weights (`harness.init.init_params(spec, seed)`), sees the same batches in the same order
+weights (`harness.initializers.init_params(spec, seed)`), sees the same batches in the same order
 (`harness.data.batches(x, batch_size, seed, epoch)`) and its own RNG is seeded with that seed.
 The data set itself is fixed by the top-level `seed` (synthetic data), so seeds vary the
 initialisation, the batch order and the noise, not the data.
@@ -71,7 +71,7 @@ import numpy as np
 from harness import data as data_mod
 from harness import frameworks, ppca
 from harness.api import ModelSpec
-from harness.init import init_params
+from harness.initializers import init_params
 from harness.job import Checkpointer, Job, Result
 from harness.judged import Judged, describe, finite, le
 from harness.measures.identity import kl_to_posterior, log_px

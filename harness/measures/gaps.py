@@ -58,7 +58,7 @@ import numpy as np
 
 from harness import data as data_mod
 from harness.api import LinearSpec, ModelSpec, OptimSpec
-from harness.init import init_params
+from harness.initializers import init_params
 from harness.job import Job, Result
 from harness.judged import Judged, finite, ge, le
 from harness.measures.identity import backend_elbo, kl_to_posterior, log_px, posterior, q_params, sigma_points

@@ -57,7 +57,7 @@ import numpy as np
 from harness import data as data_mod
 from harness import reference
 from harness.api import BLOCKS, TERMS, ModelSpec, Terms
-from harness.init import block_of, init_params
+from harness.initializers import block_of, init_params
 from harness.job import Job, Result
 from harness.judged import Judged, describe
 from harness.plots import pyplot, save_png

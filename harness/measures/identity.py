@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from harness.api import LinearSpec, ModelSpec
-from harness.init import init_params
+from harness.initializers import init_params
 from harness.job import Job, Result
 from harness.judged import Judged, ge, le
 from harness.schema import setting

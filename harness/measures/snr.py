@@ -75,7 +75,7 @@ import numpy as np
 
 from harness import data as data_mod
 from harness.api import LinearSpec, ModelSpec
-from harness.init import init_params
+from harness.initializers import init_params
 from harness.job import Job, Result
 from harness.judged import Judged, describe, finite, le
 from harness.plots import pyplot, save_png

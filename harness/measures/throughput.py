@@ -41,11 +41,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from harness.api import ModelSpec, OptimSpec, load_backend, resolve_mode
-from harness.init import init_params
+from harness.api import ModelSpec, OptimSpec, RuntimeSpec, load_backend, resolve_mode
+from harness.initializers import init_params
 from harness.job import Job, Result, checkpoint
 from harness.judged import Judged, describe, finite, le
-from harness.measures.common import Quantity, Summary, by_framework, dataset, fmt, model_spec, optim_spec
+from harness.measures.common import Quantity, Summary, by_framework, dataset, fmt, model_spec, optim_spec, runtime_spec
 from harness.models.base import layer_step_flops, optimizer_flops
 from harness.models.base import step_flops as models_step_flops
 from harness.plots import COLORS, pyplot, save_png
@@ -143,19 +143,12 @@ def plain_contender(p: Any, x: Any) -> Contender:
 
 def run_one(
     framework: str,
-    mode: str,
+    runtime: RuntimeSpec,
     batch: int,
     cfg: ThroughputConfig,
     spec: ModelSpec,
     *,
     optim: OptimSpec | None = None,
-    dtype: str = "float32",
-    device: str = "cpu",
-    seed: int = 0,
-    threads: int = 0,
-    allow_tf32: bool = False,
-    compile_mode: str = "default",
-    conv_transpose: str = "native",
     fresh_compile_state: bool = True,
     backend_factory: Callable[..., Any] | None = None,
 ) -> dict[str, Any]:
@@ -163,14 +156,14 @@ def run_one(
     `run_batches`, which knows the matmul rate; `row["_version"]` is the backend's version(),
     which run_batches moves to the record's env). Raises RecompiledWhileTiming on a retrace.
     `backend_factory` replaces load_backend (same arguments), for tests."""
-    mode = resolve_mode(framework, mode)
+    runtime = dataclasses.replace(runtime, mode=resolve_mode(framework, runtime.mode))
+    device, seed = runtime.device, runtime.seed
     opt = optim or OptimSpec()
     pl = plain_module(framework)
     if fresh_compile_state:
         pl.reset_compile_state()
     make = backend_factory or load_backend
-    b = make(framework, spec, opt, dtype=dtype, mode=mode, device=device, seed=seed, threads=threads, allow_tf32=allow_tf32,
-             compile_mode=compile_mode, conv_transpose=conv_transpose)
+    b = make(framework, spec, opt, runtime)
     x_host = synthetic_batch(batch, spec.input_shape)
     x = b.put(x_host)
     b.sync()
@@ -184,8 +177,7 @@ def run_one(
     contenders = {"harness": h}
     row: dict[str, Any] = {"batch": int(batch)}
     if cfg.plain:
-        p = pl.PlainStep(spec, opt, init_params(spec, seed), dtype=dtype, mode=mode, device=device, seed=seed,
-                         allow_tf32=allow_tf32, compile_mode=compile_mode, conv_transpose=conv_transpose)
+        p = pl.PlainStep(spec, opt, init_params(spec, seed), runtime)
         px = p.put(x_host)
         pc = plain_contender(p, px)
         row["plain_first_call_s"] = first_call(pc.step, pc.sync)
@@ -225,18 +217,11 @@ def run_one(
 
 def run_batches(
     framework: str,
-    mode: str,
+    runtime: RuntimeSpec,
     cfg: ThroughputConfig,
     spec: ModelSpec,
     *,
     optim: OptimSpec | None = None,
-    dtype: str = "float32",
-    device: str = "cpu",
-    seed: int = 0,
-    threads: int = 0,
-    allow_tf32: bool = False,
-    compile_mode: str = "default",
-    conv_transpose: str = "native",
     progress: Callable[[str], None] | None = None,
     save: Callable[[dict[str, Any]], Any] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -244,7 +229,8 @@ def run_batches(
     `save(metrics)` is called after each batch size with the metrics so far (the rows finished,
     no roofline yet), to keep partial metrics."""
     check(cfg, "measure.throughput.")
-    mode = resolve_mode(framework, mode)
+    runtime = dataclasses.replace(runtime, mode=resolve_mode(framework, runtime.mode))
+    mode, dtype, device, seed = runtime.mode, runtime.dtype, runtime.device, runtime.seed
     rows: list[dict[str, Any]] = []
     env: dict[str, Any] = {}
     opt = optim or OptimSpec()
@@ -262,17 +248,16 @@ def run_batches(
         "warmup": cfg.warmup,
         "precision": dtype,
         "device": device,
-        "threads": threads,
-        "allow_tf32": allow_tf32,
-        "compile_mode": compile_mode,
-        "conv_transpose": conv_transpose,
+        "threads": runtime.threads,
+        "allow_tf32": runtime.allow_tf32,
+        "compile_mode": runtime.compile_mode,
+        "conv_transpose": runtime.conv_transpose,
         "compile_cache": compile_cache_state(),
     }
     for batch in sorted({int(b) for b in cfg.batch_sizes}):
         if progress is not None:
             progress(f"throughput {framework}/{mode} batch {batch}")
-        row = run_one(framework, mode, batch, cfg, spec, optim=optim, dtype=dtype, device=device, seed=seed,
-                      threads=threads, allow_tf32=allow_tf32, compile_mode=compile_mode, conv_transpose=conv_transpose)
+        row = run_one(framework, runtime, batch, cfg, spec, optim=optim)
         env = row.pop("_version")
         rows.append(row)
         if progress is not None:  # a line per combination as it finishes
@@ -284,7 +269,7 @@ def run_batches(
     pl = plain_module(framework)
     layer_rows = time_layers(framework, mode, spec, max(r["batch"] for r in rows), cfg, dtype=dtype, device=device,
                              seed=seed, progress=progress) if cfg.layers else []
-    rate = float(pl.matmul_rate(dtype, device, cfg.matmul_n, repeats=cfg.matmul_repeats, allow_tf32=allow_tf32))
+    rate = float(pl.matmul_rate(dtype, device, cfg.matmul_n, repeats=cfg.matmul_repeats, allow_tf32=runtime.allow_tf32))
     for row in rows:
         row["roofline_fraction"] = row["achieved_flops"] / rate
     metrics: dict[str, Any] = {
@@ -333,18 +318,14 @@ def time_layers(framework: str, mode: str, spec: ModelSpec, batch: int, cfg: Thr
 
 def run(c: AppConfig, job: Job) -> Result:
     cfg = settings(c)
-    f = c.framework
-    dtype = f.precision
 
     def say(msg: str) -> None:
         if c.progress:
             print(msg, file=sys.stderr, flush=True)
 
     spec = model_spec(c, dataset(c))  # the configured model, on inputs of the configured data's shape
-    metrics, env = run_batches(job.framework, job.mode, cfg, spec, optim=optim_spec(c), dtype=dtype, device=f.device,
-                               seed=c.seed, threads=f.threads, allow_tf32=f.allow_tf32,
-                               compile_mode=f.compile_mode, conv_transpose=f.conv_transpose, progress=say,
-                               save=lambda m: checkpoint(job, m))
+    metrics, env = run_batches(job.framework, runtime_spec(c, job.framework, mode=job.mode), cfg, spec,
+                               optim=optim_spec(c), progress=say, save=lambda m: checkpoint(job, m))
     status, error = "ok", None
     bad = [r["batch"] for r in metrics["batches"] if not math.isfinite(r["loss_after"])]
     if bad:

@@ -16,9 +16,20 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from harness import vae  # noqa: E402
-from harness.api import Backend, DeviceUnavailable, Term  # noqa: E402
+from harness.api import Backend, Term  # noqa: E402
+from harness.spec import wants_gpu  # noqa: E402
 from impls.base import BackendBase, F, StepDrawn, StepGiven, VersionCommon, pick_term  # noqa: E402
 from impls.jax import ops  # noqa: E402
+
+
+def pick_device(device: str) -> Any:
+    """"cpu" | "gpu" | "auto" -> the jax device, by the one rule (`harness.spec.wants_gpu`)."""
+    try:
+        gpus = jax.devices("gpu")
+    except RuntimeError:
+        gpus = []
+    return gpus[0] if wants_gpu("jax", device, len(gpus), "is jax[cuda] installed?") else jax.devices("cpu")[0]
+
 
 DTYPES: dict[str, np.dtype] = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
 
@@ -57,7 +68,7 @@ class JaxBackend(BackendBase):
         if runtime.dtype == "float64":
             # process-wide (see the class docstring); float32 paths stay explicit below
             jax.config.update("jax_enable_x64", True)
-        self.device = self._pick_device(runtime.device)
+        self.device = pick_device(runtime.device)
         self._gpu = self.device.platform != "cpu"
         # "highest": full float32 matmuls on GPU; "default" lets XLA use TF32 there
         self.precision = "default" if runtime.allow_tf32 else "highest"
@@ -75,18 +86,6 @@ class JaxBackend(BackendBase):
             self.opt = optax.sgd(learning_rate=o.lr, momentum=o.momentum or None)
         with self._scope():
             self.opt_state = self._init_opt_state()
-
-    @staticmethod
-    def _pick_device(want: str) -> Any:
-        try:
-            gpus = jax.devices("gpu")
-        except RuntimeError:
-            gpus = []
-        if want == "gpu" and not gpus:
-            raise DeviceUnavailable("device=gpu asked for, but jax sees no GPU (is jax[cuda] installed?)")
-        if want in ("gpu", "auto") and gpus:
-            return gpus[0]
-        return jax.devices("cpu")[0]
 
     @contextlib.contextmanager
     def _scope(self) -> Iterator[None]:
@@ -201,7 +200,7 @@ class JaxBackend(BackendBase):
         """The jitted gradients of `iwae_grads` and `local_grads`, built on first use. Jitted in
         every mode (as TensorFlow's per-example gradient is always a tf.function): op by op, a
         first call compiles each of the ~100 primitives of a vectorised gradient separately,
-        per shape (seconds). Traced once per shape, not counted by `compile_counts`."""
+        per shape (seconds). Traced once per shape, not counted by `compiles_per_function`."""
         fns: dict[str, Any] | None = getattr(self, "_measure_fns", None)
         if fns is not None:
             return fns

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
-from harness.models.base import Param
+from impls import conv_layout
 from impls.conv_layout import dilated_pads
 
 relu, tanh, exp, log = jax.nn.relu, jnp.tanh, jnp.exp, jnp.log
@@ -78,25 +77,11 @@ def conv2d_transpose(x: jax.Array, w: jax.Array, b: jax.Array, stride: int) -> j
 # -- canonical <-> native ---------------------------------------------------------------------------
 
 
-def to_native(p: Param, a: np.ndarray) -> np.ndarray:
-    """Only a transposed convolution's kernel differs: (kh, kw, in, out) -> (kh, kw, out, in)."""
-    return np.swapaxes(a, -1, -2) if p.layout == "conv_t" else a
-
-
-def from_native(p: Param, a: np.ndarray) -> np.ndarray:
-    return np.swapaxes(a, -1, -2) if p.layout == "conv_t" else a
-
-
-def input_to_native(a: np.ndarray, input_shape: tuple[int, ...]) -> np.ndarray:
-    return a
-
-
-def native_input(input_shape: tuple[int, ...]) -> tuple[int, ...]:
-    return input_shape
-
-
-def input_from_native(a: np.ndarray, input_shape: tuple[int, ...]) -> np.ndarray:
-    return a
+# the canonical layout is channels-last too: only a transposed convolution's kernel differs
+to_native = conv_layout.channels_last_to_native
+from_native = conv_layout.channels_last_from_native
+input_to_native = input_from_native = conv_layout.canonical_input
+native_input = conv_layout.canonical_input_shape
 
 
 def conv2d_transpose_dilated(x: jax.Array, w: jax.Array, b: jax.Array, stride: int) -> jax.Array:

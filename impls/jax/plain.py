@@ -25,19 +25,18 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from harness import vae  # noqa: E402
-from harness.api import ModelSpec, OptimSpec  # noqa: E402
+from harness.api import ModelSpec, OptimSpec, RuntimeSpec  # noqa: E402
 from harness.timing import CPU_PEAK, time_steps  # noqa: E402
 from impls.base import formulation
 from impls.jax import ops  # noqa: E402
+from impls.jax.backend import pick_device  # noqa: E402
 
 DTYPES = {"float32": np.float32, "float64": np.float64}
 
 
 def resolve_device(device: str) -> Any:
-    """"cpu" | "gpu" | "auto" -> the jax device, by the backend's own rule."""
-    from impls.jax.backend import JaxBackend
-
-    return JaxBackend._pick_device(device)
+    """"cpu" | "gpu" | "auto" -> the device, by the backend's own rule (`pick_device`)."""
+    return pick_device(device)
 
 
 class PlainStep:
@@ -48,15 +47,10 @@ class PlainStep:
         spec: ModelSpec,
         optim: OptimSpec,
         params: Mapping[str, np.ndarray],
-        *,
-        dtype: str = "float32",
-        mode: str = "eager",
-        device: str = "cpu",
-        seed: int = 0,
-        allow_tf32: bool = False,
-        compile_mode: str = "default",  # torch.compile's mode (torch only)
-        conv_transpose: str = "native",
+        runtime: RuntimeSpec = RuntimeSpec(),  # noqa: B008  (frozen: one shared default is safe)
     ) -> None:
+        dtype, mode, device, seed = runtime.dtype, runtime.mode, runtime.device, runtime.seed
+        allow_tf32, conv_transpose = runtime.allow_tf32, runtime.conv_transpose
         if mode not in ("eager", "jit"):
             raise ValueError(f"jax has no mode {mode!r}")
         self.spec, self.mode = spec, mode

@@ -14,9 +14,23 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from harness import vae  # noqa: E402
-from harness.api import Backend, DeviceUnavailable, Term  # noqa: E402
+from harness.api import Backend, Term  # noqa: E402
+from harness.spec import wants_gpu  # noqa: E402
 from impls.base import BackendBase, F, StepDrawn, StepGiven, VersionCommon, pick_term  # noqa: E402
 from impls.tensorflow import ops  # noqa: E402
+
+
+def pick_device(device: str) -> str:
+    """"cpu" | "gpu" | "auto" -> "/CPU:0" or "/GPU:0", by the one rule (`harness.spec.wants_gpu`);
+    a GPU gets memory growth, so two backends can share it."""
+    gpus = tf.config.list_physical_devices("GPU")
+    if not wants_gpu("tensorflow", device, len(gpus)):
+        return "/CPU:0"
+    for g in gpus:
+        with contextlib.suppress(RuntimeError):  # only before the GPU is initialised
+            tf.config.experimental.set_memory_growth(g, True)
+    return "/GPU:0"
+
 
 DTYPES = {"float32": tf.float32, "float64": tf.float64}
 
@@ -51,19 +65,11 @@ class TensorFlowBackend(BackendBase):
             with contextlib.suppress(RuntimeError):  # only before TF's runtime starts (first op)
                 tf.config.threading.set_intra_op_parallelism_threads(runtime.threads)
                 tf.config.threading.set_inter_op_parallelism_threads(runtime.threads)
-        gpus = tf.config.list_physical_devices("GPU")
-        want_gpu = runtime.device == "gpu" or (runtime.device == "auto" and bool(gpus))
-        if want_gpu and not gpus:
-            raise DeviceUnavailable("device=gpu asked for, but tensorflow sees no GPU")
-        if want_gpu:
-            for g in gpus:
-                with contextlib.suppress(RuntimeError):  # only before the GPU is initialised
-                    tf.config.experimental.set_memory_growth(g, True)
-        self.device = "/GPU:0" if want_gpu else "/CPU:0"
-        self._gpu = want_gpu
+        self.device = pick_device(runtime.device)
+        self._gpu = self.device == "/GPU:0"
         # TF places ops on the GPU when there is one: a device scope is needed only when the
         # CPU is asked for while a GPU is visible (it costs ~5 us per call: not entered else)
-        self._needs_scope = not want_gpu and bool(gpus)
+        self._needs_scope = not self._gpu and bool(tf.config.list_physical_devices("GPU"))
         tf.config.experimental.enable_tensor_float_32_execution(runtime.allow_tf32)
         self.dtype = DTYPES[runtime.dtype]
         with tf.device(self.device):

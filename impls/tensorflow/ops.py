@@ -9,10 +9,9 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from harness.models.base import Param  # noqa: E402
+from impls import conv_layout  # noqa: E402
 from impls.conv_layout import dilated_pads  # noqa: E402
 
 relu, tanh, exp, log = tf.nn.relu, tf.tanh, tf.exp, tf.math.log
@@ -82,26 +81,11 @@ def conv2d_transpose(x: tf.Tensor, w: tf.Tensor, b: tf.Tensor, stride: int) -> t
 # -- canonical <-> native ---------------------------------------------------------------------------
 
 
-def to_native(p: Param, a: np.ndarray) -> np.ndarray:
-    """A canonical parameter (or its gradient or moment) in TensorFlow's layout: only a
-    transposed convolution's kernel differs, (kh, kw, in, out) -> (kh, kw, out, in)."""
-    return np.swapaxes(a, -1, -2) if p.layout == "conv_t" else a
-
-
-def from_native(p: Param, a: np.ndarray) -> np.ndarray:
-    return np.swapaxes(a, -1, -2) if p.layout == "conv_t" else a
-
-
-def input_to_native(a: np.ndarray, input_shape: tuple[int, ...]) -> np.ndarray:
-    return a
-
-
-def native_input(input_shape: tuple[int, ...]) -> tuple[int, ...]:
-    return input_shape
-
-
-def input_from_native(a: np.ndarray, input_shape: tuple[int, ...]) -> np.ndarray:
-    return a
+# the canonical layout is channels-last too: only a transposed convolution's kernel differs
+to_native = conv_layout.channels_last_to_native
+from_native = conv_layout.channels_last_from_native
+input_to_native = input_from_native = conv_layout.canonical_input
+native_input = conv_layout.canonical_input_shape
 
 
 def conv2d_transpose_dilated(x: tf.Tensor, w: tf.Tensor, b: tf.Tensor, stride: int) -> tf.Tensor:

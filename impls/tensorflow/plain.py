@@ -22,21 +22,18 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from harness import vae  # noqa: E402
-from harness.api import ModelSpec, OptimSpec  # noqa: E402
+from harness.api import ModelSpec, OptimSpec, RuntimeSpec  # noqa: E402
 from harness.timing import CPU_PEAK, time_steps  # noqa: E402
 from impls.base import formulation
 from impls.tensorflow import ops  # noqa: E402
+from impls.tensorflow.backend import pick_device  # noqa: E402
 
 DTYPES = {"float32": tf.float32, "float64": tf.float64}
 
 
 def resolve_device(device: str) -> str:
-    """"cpu" | "gpu" | "auto" -> "/CPU:0" or "/GPU:0" (same rule as TensorFlowBackend)."""
-    gpus = tf.config.list_physical_devices("GPU")
-    want_gpu = device == "gpu" or (device == "auto" and bool(gpus))
-    if want_gpu and not gpus:
-        raise RuntimeError("device=gpu asked for, but tensorflow sees no GPU")
-    return "/GPU:0" if want_gpu else "/CPU:0"
+    """"cpu" | "gpu" | "auto" -> the device, by the backend's own rule (`pick_device`)."""
+    return pick_device(device)
 
 
 class PlainStep:
@@ -47,15 +44,10 @@ class PlainStep:
         spec: ModelSpec,
         optim: OptimSpec,
         params: Mapping[str, np.ndarray],
-        *,
-        dtype: str = "float32",
-        mode: str = "eager",
-        device: str = "cpu",
-        seed: int = 0,
-        allow_tf32: bool = False,
-        compile_mode: str = "default",  # torch.compile's mode (torch only)
-        conv_transpose: str = "native",
+        runtime: RuntimeSpec = RuntimeSpec(),  # noqa: B008  (frozen: one shared default is safe)
     ) -> None:
+        dtype, mode, device, seed = runtime.dtype, runtime.mode, runtime.device, runtime.seed
+        allow_tf32, conv_transpose = runtime.allow_tf32, runtime.conv_transpose
         if mode not in ("eager", "function", "xla"):
             raise ValueError(f"tensorflow has no mode {mode!r}")
         self.spec, self.mode = spec, mode

@@ -12,9 +12,17 @@ import torch
 from torch.optim.optimizer import _get_scalar_dtype
 
 from harness import vae
-from harness.api import Backend, DeviceUnavailable, Term
+from harness.api import Backend, Term
+from harness.spec import wants_gpu
 from impls.base import BackendBase, F, StepDrawn, StepGiven, VersionCommon, pick_term
 from impls.torch import ops
+
+
+def pick_device(device: str) -> torch.device:
+    """"cpu" | "gpu" | "auto" -> the torch device, by the one rule (`harness.spec.wants_gpu`)."""
+    seen = int(torch.cuda.is_available())  # the rule asks only whether there is one
+    return torch.device("cuda" if wants_gpu("torch", device, seen, "no CUDA device") else "cpu")
+
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -54,10 +62,7 @@ class TorchBackend(BackendBase):
         runtime = self.runtime
         if runtime.threads > 0:
             torch.set_num_threads(runtime.threads)
-        want_gpu = runtime.device == "gpu" or (runtime.device == "auto" and torch.cuda.is_available())
-        if want_gpu and not torch.cuda.is_available():
-            raise DeviceUnavailable("device=gpu asked for, but torch sees no CUDA device")
-        self.device = torch.device("cuda" if want_gpu else "cpu")
+        self.device = pick_device(runtime.device)
         self._cuda = self.device.type == "cuda"
         self.dtype = DTYPES[runtime.dtype]
         self.params = {
@@ -201,7 +206,7 @@ class TorchBackend(BackendBase):
                 return -vae.iwae_bound(self.ops, params, xb, eb, spec)  # xb (D,), eb (K, L): a scalar
 
             # torch.func: the gradient of one example's bound, vectorised over the batch;
-            # torch.compile'd in compiled mode (not counted by compile_counts)
+            # torch.compile'd in compiled mode (not counted by compiles_per_function)
             per = torch.func.vmap(torch.func.grad(one), in_dims=(None, 0, 1))
             if self.compiled:
                 per = torch.compile(per, dynamic=False)

@@ -18,20 +18,18 @@ import numpy as np
 import torch
 
 from harness import vae
-from harness.api import ModelSpec, OptimSpec
+from harness.api import ModelSpec, OptimSpec, RuntimeSpec
 from harness.timing import CPU_PEAK, time_steps
 from impls.base import formulation
 from impls.torch import ops
+from impls.torch.backend import pick_device
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def resolve_device(device: str) -> torch.device:
-    """"cpu" | "gpu" | "auto" -> the torch device (same rule as TorchBackend)."""
-    want_gpu = device == "gpu" or (device == "auto" and torch.cuda.is_available())
-    if want_gpu and not torch.cuda.is_available():
-        raise RuntimeError("device=gpu asked for, but torch sees no CUDA device")
-    return torch.device("cuda" if want_gpu else "cpu")
+    """"cpu" | "gpu" | "auto" -> the device, by the backend's own rule (`pick_device`)."""
+    return pick_device(device)
 
 
 def _sync(dev: torch.device) -> None:
@@ -47,15 +45,10 @@ class PlainStep:
         spec: ModelSpec,
         optim: OptimSpec,
         params: Mapping[str, np.ndarray],
-        *,
-        dtype: str = "float32",
-        mode: str = "eager",
-        device: str = "cpu",
-        seed: int = 0,
-        allow_tf32: bool = False,
-        compile_mode: str = "default",  # torch.compile's mode (torch only)
-        conv_transpose: str = "native",
+        runtime: RuntimeSpec = RuntimeSpec(),  # noqa: B008  (frozen: one shared default is safe)
     ) -> None:
+        dtype, mode, device, seed = runtime.dtype, runtime.mode, runtime.device, runtime.seed
+        allow_tf32, compile_mode, conv_transpose = runtime.allow_tf32, runtime.compile_mode, runtime.conv_transpose
         if mode not in ("eager", "compiled"):
             raise ValueError(f"torch has no mode {mode!r}")
         self.spec, self.mode = spec, mode
