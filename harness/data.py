@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from harness import lingauss
 from harness.schema import ConfigError, check, setting
 from harness.spec import DataSource, choices
 
@@ -318,41 +319,9 @@ def _mnist5k(binarize: bool, threshold: float, likelihood: str) -> Dataset:
                    info={"file": str(path), "scale": k, "y_train": labels[train], "y_test": labels[test]})
 
 
-@dataclass
-class LinearGaussian:
-    """x = z W + b + sigma * noise, z ~ N(0, I). W has shape (latent, x_dim)."""
-
-    W: np.ndarray
-    b: np.ndarray
-    sigma: float
-
-    def covariance(self) -> np.ndarray:
-        return self.W.T @ self.W + self.sigma**2 * np.eye(self.W.shape[1])
-
-    def log_px(self, x: np.ndarray) -> np.ndarray:
-        """Exact log N(x; b, W^T W + sigma^2 I), per example."""
-        cov = self.covariance()
-        d = x - self.b
-        chol = np.linalg.cholesky(cov)
-        sol = np.linalg.solve(chol, d.T)  # (D, N)
-        logdet = 2.0 * np.sum(np.log(np.diag(chol)))
-        return -0.5 * (np.sum(sol**2, axis=0) + logdet + len(self.b) * np.log(2.0 * np.pi))
-
-
-def linear_gaussian_model(x_dim: int, latent: int, sigma: float, seed: int) -> LinearGaussian:
-    rng = np.random.default_rng([seed, 1])
-    return LinearGaussian(
-        W=rng.normal(0.0, 1.0 / np.sqrt(latent), size=(latent, x_dim)),
-        b=rng.normal(0.0, 0.5, size=x_dim),
-        sigma=sigma,
-    )
-
-
 def synthetic(n_train: int, n_test: int, x_dim: int, latent: int, sigma: float, seed: int) -> Dataset:
-    model = linear_gaussian_model(x_dim, latent, sigma, seed)
-    rng = np.random.default_rng([seed, 2])
-    n = n_train + n_test
-    x = rng.standard_normal((n, latent)) @ model.W + model.b + sigma * rng.standard_normal((n, x_dim))
+    model = lingauss.random_model(x_dim, latent, sigma, seed)
+    x = lingauss.sample(model.W, model.b, sigma, n_train + n_test, np.random.default_rng([seed, 2]))
     return Dataset("synthetic", x[:n_train], x[n_train:], binary=False, info={"model": model})
 
 

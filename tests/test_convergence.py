@@ -17,8 +17,8 @@ from harness.api import LinearSpec
 from harness.config import AppConfig, validate
 from harness.frameworks import registry
 from harness.job import Job
+from harness.lingauss import elbo, kl_to_posterior, log_px
 from harness.measures import convergence as cv
-from harness.measures.identity import elbo, kl_to_posterior, log_px
 from harness.schema import ConfigError
 from tests.conftest import FRAMEWORKS, ROOT, make_config
 

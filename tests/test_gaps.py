@@ -13,10 +13,10 @@ import pytest
 from scipy.optimize import minimize
 
 from harness import MlpSpec, ModelSpec, load_backend, reference
+from harness import lingauss as lg
 from harness.initializers import init_params
 from harness.job import Job
 from harness.measures import gaps
-from harness.measures import identity as idm
 from tests.conftest import FRAMEWORKS, each_framework, make_config
 
 
@@ -33,34 +33,34 @@ def test_best_diagonal_gaussian_minimises_kl() -> None:
     approximation gap, for every example."""
     spec, params, x = _linear()
     s, L = spec.obs_sigma, spec.latent
-    m_star, v_star = gaps.best_diagonal(params, x, s)
-    m, S = idm.posterior(params, x, s)
-    gap = gaps.approximation_gap(params, s)
+    m_star, v_star = lg.best_diagonal(params, x, s)
+    m, S = lg.posterior(params, x, s)
+    gap = lg.approximation_gap(params, s)
     for n in range(3):
 
         def kl(v: np.ndarray, n: int = n) -> float:
-            return float(gaps.kl_diag_gaussians_to_posterior(v[None, :L], np.exp(v[None, L:]), m[n : n + 1], S)[0])
+            return float(lg.kl_diag_gaussians_to_posterior(v[None, :L], np.exp(v[None, L:]), m[n : n + 1], S)[0])
 
         res = minimize(kl, np.zeros(2 * L), method="BFGS", options={"gtol": 1e-11})
         np.testing.assert_allclose(res.x[:L], m_star[n], atol=1e-6)
         np.testing.assert_allclose(np.exp(res.x[L:]), v_star, atol=1e-6)
         assert res.fun == pytest.approx(gap, abs=1e-10)
-    general = gaps.kl_diag_gaussians_to_posterior(m_star, v_star, m, S)
+    general = lg.kl_diag_gaussians_to_posterior(m_star, v_star, m, S)
     np.testing.assert_allclose(general, gap, rtol=1e-12)
     # the encoder's own q: the general formula is identity.kl_to_posterior, and it is never below q*'s
-    mu, var = idm.q_params(params, x, L)
-    kl_q = gaps.kl_diag_gaussians_to_posterior(mu, var, m, S)
-    np.testing.assert_allclose(kl_q, idm.kl_to_posterior(params, x, s, L), rtol=1e-12)
+    mu, var = lg.q_params(params, x, L)
+    kl_q = lg.kl_diag_gaussians_to_posterior(mu, var, m, S)
+    np.testing.assert_allclose(kl_q, lg.kl_to_posterior(params, x, s, L), rtol=1e-12)
     assert np.all(kl_q >= gap)
 
 
 def test_approximation_gap_vanishes_for_a_diagonal_posterior() -> None:
     """Orthogonal decoder rows: the posterior is diagonal, so the Gaussian family is exact."""
     spec = MlpSpec(x_dim=6, hidden=(), latent=2, likelihood="gaussian", obs_sigma=0.5)
-    p = idm.orthogonal_decoder_params(spec, 0)
-    assert abs(gaps.approximation_gap(p, 0.5)) < 1e-14
+    p = lg.orthogonal_decoder_params(spec, 0)
+    assert abs(lg.approximation_gap(p, 0.5)) < 1e-14
     _, params, _ = _linear()
-    assert gaps.approximation_gap(params, 0.6) > 1e-3
+    assert lg.approximation_gap(params, 0.6) > 1e-3
 
 
 @pytest.mark.parametrize("framework", each_framework(slow=["jax"]))  # jax: eager steps ~6 s

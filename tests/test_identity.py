@@ -12,6 +12,7 @@ from scipy import integrate
 from scipy.stats import norm
 
 from harness import MlpSpec, reference
+from harness import lingauss as lg
 from harness.config import AppConfig
 from harness.measures import identity as idm
 from harness.worker import Job
@@ -32,9 +33,9 @@ def _tiny(seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray, float]:
 def test_closed_forms_match_numerical_integration_over_1d_latent() -> None:
     params, x, s = _tiny()
     W, c = params["decoder.0.weight"][0], params["decoder.0.bias"]
-    mu, var = idm.q_params(params, x, 1)
-    lp, el, gap = idm.log_px(params, x, s), idm.elbo(params, x, s, 1), idm.kl_to_posterior(params, x, s, 1)
-    m, S = idm.posterior(params, x, s)
+    mu, var = lg.q_params(params, x, 1)
+    lp, el, gap = lg.log_px(params, x, s), lg.elbo(params, x, s, 1), lg.kl_to_posterior(params, x, s, 1)
+    m, S = lg.posterior(params, x, s)
     for n in range(len(x)):
 
         def log_joint(z: float, n: int = n) -> float:
@@ -59,20 +60,20 @@ def test_sigma_points_give_the_exact_expectation() -> None:
     rng = np.random.default_rng(2)
     params = {k: rng.normal(0, 0.5, s) for k, s in spec.param_shapes().items()}
     x = rng.normal(size=(7, 5))
-    eps = idm.sigma_points(3, 7)
+    eps = lg.sigma_points(3, 7)
     assert eps.shape == (6, 7, 3)
-    np.testing.assert_allclose(-reference.terms(params, x, eps, spec).loss, idm.elbo(params, x, 0.4, 3), rtol=1e-12)
+    np.testing.assert_allclose(-reference.terms(params, x, eps, spec).loss, lg.elbo(params, x, 0.4, 3), rtol=1e-12)
 
 
 def test_orthogonal_decoder_posterior_is_exact() -> None:
     spec = MlpSpec(x_dim=6, hidden=(), latent=2, likelihood="gaussian", obs_sigma=0.5)
-    p = idm.orthogonal_decoder_params(spec, 0)
+    p = lg.orthogonal_decoder_params(spec, 0)
     W = p["decoder.0.weight"]
     G = W @ W.T
     assert abs(G[0, 1]) < 1e-12 and G[0, 0] != pytest.approx(G[1, 1])
     x = np.random.default_rng(1).normal(size=(9, 6))
-    assert np.max(np.abs(idm.kl_to_posterior(p, x, 0.5, 2))) < 1e-12
-    np.testing.assert_allclose(idm.elbo(p, x, 0.5, 2), idm.log_px(p, x, 0.5), rtol=1e-12)
+    assert np.max(np.abs(lg.kl_to_posterior(p, x, 0.5, 2))) < 1e-12
+    np.testing.assert_allclose(lg.elbo(p, x, 0.5, 2), lg.log_px(p, x, 0.5), rtol=1e-12)
 
 
 def _config(**identity: object) -> AppConfig:

@@ -12,10 +12,10 @@ from typing import Any
 import numpy as np
 import pytest
 
+from harness import lingauss as lg
 from harness import load_backend
 from harness.config import ConfigError
 from harness.job import Job
-from harness.measures import identity as idm
 from harness.measures import snr
 from tests.conftest import FRAMEWORKS, each_framework, make_config
 
@@ -77,9 +77,9 @@ def test_fit_slope_recovers_a_power_law() -> None:
 def test_toy_at_perturb_zero_is_the_optimum() -> None:
     """perturb=0: the encoder's mean is the exact posterior mean (x - mu)/2 in the canonical
     (shifted) latent, its variance is the fixed 2/3 (posterior: 1/2), W = I, c = mu."""
-    spec, params, x = snr.toy_problem(6, 0.0, 5, seed=3)
-    mu_q, var_q = idm.q_params(params, x, 6)
-    m, S = idm.posterior(params, x, 1.0)
+    spec, params, x = lg.rainforth_toy(6, 0.0, 5, seed=3)
+    mu_q, var_q = lg.q_params(params, x, 6)
+    m, S = lg.posterior(params, x, 1.0)
     np.testing.assert_allclose(mu_q, m, atol=1e-14)
     np.testing.assert_allclose(var_q, 2.0 / 3.0, rtol=1e-14)
     np.testing.assert_allclose(S, np.eye(6) / 2.0, atol=1e-15)
@@ -93,7 +93,7 @@ def _closed_form_t(params: dict[str, np.ndarray], x: np.ndarray, L: int) -> dict
     encoder's mean bias: both linear in the noise. g_c = -(x - c - zW)/s^2; g_m = -(x - c)W^T
     + z (W W^T + I) (s = 1), z = m + sd * eps."""
     W, c = params["decoder.0.weight"], params["decoder.0.bias"]
-    m, var = idm.q_params(params, x, L)
+    m, var = lg.q_params(params, x, L)
     M = W @ W.T + np.eye(L)
     mean_c, var_c = -(x - c - m @ W), var @ W**2
     mean_m, var_m = -(x - c) @ W.T + m @ M, var @ M**2
@@ -105,7 +105,7 @@ def test_snr_at_k1_matches_closed_form(framework: str) -> None:
     """The measure's pipeline (backend per-example gradients, moments, bias correction) on the
     biases of the linear toy at K=1, against the closed-form SNR."""
     L = 5
-    spec, params, x = snr.toy_problem(L, 0.3, 2, seed=4)
+    spec, params, x = lg.rainforth_toy(L, 0.3, 2, seed=4)
     b = load_backend(framework, spec, dtype="float64", params=params)
     sel: snr.Selection = {"decoder": [("decoder.0.bias", snr._all)], "encoder": [("encoder.0.bias", lambda g: g[..., :L])]}
     drawn = snr.draw_statistics(b, x, [1], 4000, 0, sel, groups=20, seed=0, tag=1, chunk_samples=2000, chunk_values=10**6)

@@ -74,7 +74,7 @@ from harness.api import ModelSpec
 from harness.initializers import init_params
 from harness.job import Checkpointer, Job, Result
 from harness.judged import Judged, describe, finite, le
-from harness.measures.identity import kl_to_posterior, log_px
+from harness.lingauss import kl_to_posterior, log_px
 from harness.plots import COLORS, pyplot, save_png
 from harness.schema import ConfigError, setting
 

@@ -57,11 +57,23 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from harness import data as data_mod
-from harness.api import LinearSpec, ModelSpec, OptimSpec
+from harness import lingauss as lg
+from harness.api import ModelSpec, OptimSpec
 from harness.initializers import init_params
 from harness.job import Job, Result
 from harness.judged import Judged, finite, ge, le
-from harness.measures.identity import backend_elbo, kl_to_posterior, log_px, posterior, q_params, sigma_points
+from harness.lingauss import (
+    LinearGaussianConfig,
+    approximation_gap,
+    best_diagonal,
+    kl_diag_gaussians_to_posterior,
+    kl_to_posterior,
+    log_px,
+    posterior,
+    q_params,
+    sigma_points,
+)
+from harness.measures.identity import backend_elbo
 from harness.plots import pyplot, save_png
 from harness.schema import setting
 
@@ -84,11 +96,10 @@ NOISE_TAG = {"fit": 41, "eval": 42, "iwae": 43, "linear": 44}
 
 
 @dataclass
-class GapsConfig:
-    # linear-Gaussian VAE: closed forms
+class GapsConfig(LinearGaussianConfig):
+    # linear-Gaussian VAE: closed forms (obs_sigma from LinearGaussianConfig)
     x_dim: int = setting(8, gt=0)
     latent: int = setting(3, gt=0)
-    obs_sigma: float = setting(0.5, gt=0)
     n_examples: int = setting(64, gt=1)  # evaluated examples
     n_train: int = setting(1000, gt=0)  # training data for the trained linear VAE
     train_steps: int = setting(1000, ge=0)  # Adam steps of the trained linear VAE
@@ -125,36 +136,6 @@ def reads(config: dict[str, Any]) -> tuple[str, ...]:
 
 def precision(c: AppConfig) -> str:
     return "float64"  # closed forms checked to rounding error
-
-
-# --- closed forms (NumPy) -------------------------------------------------------------------
-
-
-def best_diagonal(params: dict[str, np.ndarray], x: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray]:
-    """q* = argmin over diagonal Gaussians of KL(q || p(z|x)): the posterior mean (B, L) and the
-    variances 1 / diag(Lambda) (L,), Lambda = I + W W^T / s^2 the posterior precision."""
-    m, _ = posterior(params, x, sigma)
-    W = params["decoder.0.weight"]
-    lam = np.eye(W.shape[0]) + W @ W.T / sigma**2
-    return m, 1.0 / np.diag(lam)
-
-
-def approximation_gap(params: dict[str, np.ndarray], sigma: float) -> float:
-    """KL(q* || p(z|x)) = (sum_i log Lambda_ii - log det Lambda) / 2, the same for every x."""
-    W = params["decoder.0.weight"]
-    lam = np.eye(W.shape[0]) + W @ W.T / sigma**2
-    _, logdet = np.linalg.slogdet(lam)
-    return float(0.5 * (np.sum(np.log(np.diag(lam))) - logdet))
-
-
-def kl_diag_gaussians_to_posterior(mu: np.ndarray, var: np.ndarray, m: np.ndarray, S: np.ndarray) -> np.ndarray:
-    """KL(N(mu_b, diag var_b) || N(m_b, S)) per example, the general formula (no shortcut)."""
-    P = np.linalg.inv(S)
-    d = m - mu
-    var = np.broadcast_to(var, mu.shape)
-    _, logdet_S = np.linalg.slogdet(S)
-    return np.asarray(0.5 * (var @ np.diag(P) + np.einsum("bi,ij,bj->b", d, P, d) - mu.shape[1] + logdet_S
-                             - np.sum(np.log(var), axis=1)))
 
 
 # --- local optimisation (backend gradients) ---------------------------------------------------
@@ -202,23 +183,15 @@ def local_optimum(
 # --- linear-Gaussian part ---------------------------------------------------------------------
 
 
-def linear_spec(c: AppConfig) -> ModelSpec:
-    g = c.measure.gaps
-    return LinearSpec(x_dim=g.x_dim, latent=g.latent, likelihood="gaussian", obs_sigma=g.obs_sigma)
-
-
 def linear_problem(c: AppConfig) -> tuple[ModelSpec, dict[str, np.ndarray], np.ndarray, np.ndarray]:
     """A random linear-Gaussian VAE (random encoder and decoder, non-zero biases), training data
     and evaluation examples drawn from another random linear-Gaussian model."""
     g = c.measure.gaps
-    spec = linear_spec(c)
-    params = init_params(spec, c.seed)
+    spec = lg.spec_of(g)
     rng = np.random.default_rng([c.seed, 17])
-    params["decoder.0.bias"] = rng.normal(0.0, 0.5, size=spec.x_dim)
-    params["encoder.0.bias"] = rng.normal(0.0, 0.3, size=2 * spec.latent)
-    truth = data_mod.linear_gaussian_model(spec.x_dim, spec.latent, spec.obs_sigma, c.seed + 1)
-    n = g.n_train + g.n_examples
-    x = rng.standard_normal((n, spec.latent)) @ truth.W + truth.b + spec.obs_sigma * rng.standard_normal((n, spec.x_dim))
+    params = lg.random_vae(spec, c.seed, rng)
+    truth = lg.random_model(spec.x_dim, spec.latent, spec.obs_sigma, c.seed + 1)
+    x = lg.sample(truth.W, truth.b, spec.obs_sigma, g.n_train + g.n_examples, rng)
     return spec, params, x[: g.n_train], x[g.n_train :]
 
 

@@ -21,25 +21,27 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from harness.api import LinearSpec, ModelSpec
-from harness.initializers import init_params
+from harness import lingauss as lg
+from harness.api import ModelSpec
 from harness.job import Job, Result
 from harness.judged import Judged, ge, le
+from harness.lingauss import (
+    LinearGaussianConfig,
+    elbo,
+    kl_to_posterior,
+    log_px,
+    orthogonal_decoder_params,
+    sigma_points,
+)
 from harness.schema import setting
 
 if TYPE_CHECKING:
     from harness.config import AppConfig
 from harness.measures.common import Quantity, Summary, backend, by_framework, fmt
 
-LOG_2PI = math.log(2.0 * math.pi)
-
 
 @dataclass
-class IdentityConfig:
-    x_dim: int = setting(6, gt=0)
-    latent: int = setting(2, gt=0)
-    obs_sigma: float = setting(0.5, gt=0)
-    n_examples: int = setting(64, gt=0)
+class IdentityConfig(LinearGaussianConfig):  # x_dim, latent, obs_sigma, n_examples: the problem
     mc_samples: int = setting(2000, gt=1)  # noise samples per example for the Monte Carlo ELBO
     iwae_ks: list[int] = setting([1, 10, 100, 1000], gt=0)
     tol: float = setting(1e-9, gt=0)
@@ -57,96 +59,14 @@ def precision(c: AppConfig) -> str:
     return "float64"  # closed forms checked to rounding error
 
 
-# --- closed forms (NumPy) -----------------------------------------------------------------
-
-
-def unpack(params: dict[str, np.ndarray], latent: int) -> tuple[np.ndarray, ...]:
-    A, a = params["encoder.0.weight"], params["encoder.0.bias"]
-    return A[:, :latent], a[:latent], A[:, latent:], a[latent:], params["decoder.0.weight"], params["decoder.0.bias"]
-
-
-def q_params(params: dict[str, np.ndarray], x: np.ndarray, latent: int) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and variance of q(z|x), per example."""
-    Am, am, Av, av, _, _ = unpack(params, latent)
-    return x @ Am + am, np.exp(x @ Av + av)
-
-
-def log_px(params: dict[str, np.ndarray], x: np.ndarray, sigma: float) -> np.ndarray:
-    """Exact log N(x; c, W^T W + s^2 I) per example."""
-    W, c = params["decoder.0.weight"], params["decoder.0.bias"]
-    cov = W.T @ W + sigma**2 * np.eye(W.shape[1])
-    chol = np.linalg.cholesky(cov)
-    sol = np.linalg.solve(chol, (x - c).T)
-    return -0.5 * (np.sum(sol**2, axis=0) + 2.0 * np.sum(np.log(np.diag(chol))) + x.shape[1] * LOG_2PI)
-
-
-def posterior(params: dict[str, np.ndarray], x: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray]:
-    """Exact p(z|x) = N(m, S): S = (I + W W^T / s^2)^-1 (shared), m = S W (x - c) / s^2."""
-    W, c = params["decoder.0.weight"], params["decoder.0.bias"]
-    S = np.linalg.inv(np.eye(W.shape[0]) + W @ W.T / sigma**2)
-    return (x - c) @ W.T @ S / sigma**2, S
-
-
-def elbo(params: dict[str, np.ndarray], x: np.ndarray, sigma: float, latent: int) -> np.ndarray:
-    """The ELBO with the expectation over q taken analytically."""
-    W, c = params["decoder.0.weight"], params["decoder.0.bias"]
-    mu, var = q_params(params, x, latent)
-    sq = np.sum((x - c - mu @ W) ** 2, axis=1) + var @ np.sum(W**2, axis=1)
-    expected_ll = -0.5 * x.shape[1] * (LOG_2PI + 2.0 * math.log(sigma)) - 0.5 * sq / sigma**2
-    kl_prior = 0.5 * np.sum(mu**2 + var - 1.0 - np.log(var), axis=1)
-    return np.asarray(expected_ll - kl_prior)
-
-
-def kl_to_posterior(params: dict[str, np.ndarray], x: np.ndarray, sigma: float, latent: int) -> np.ndarray:
-    """KL(N(mu, diag var) || N(m, S)) per example."""
-    mu, var = q_params(params, x, latent)
-    m, S = posterior(params, x, sigma)
-    P = np.linalg.inv(S)
-    d = m - mu
-    _, logdet_S = np.linalg.slogdet(S)
-    return np.asarray(
-        0.5 * (var @ np.diag(P) + np.einsum("bi,ij,bj->b", d, P, d) - latent + logdet_S - np.sum(np.log(var), axis=1))
-    )
-
-
-def sigma_points(latent: int, batch: int) -> np.ndarray:
-    """(2L, B, L) noise +- sqrt(L) e_j: equal-weight average is exact for quadratics in z."""
-    e = math.sqrt(latent) * np.eye(latent)
-    pts = np.concatenate([e, -e])
-    return np.repeat(pts[:, None, :], batch, axis=1)
-
-
-def orthogonal_decoder_params(spec: ModelSpec, seed: int) -> dict[str, np.ndarray]:
-    """Decoder with orthogonal rows (W W^T diagonal) and q set to the exact (diagonal) posterior."""
-    rng = np.random.default_rng([seed, 7])
-    L, D, s = spec.latent, spec.x_dim, spec.obs_sigma
-    Q, _ = np.linalg.qr(rng.standard_normal((D, D)))
-    W = rng.uniform(0.5, 2.0, size=L)[:, None] * Q[:, :L].T
-    c = rng.normal(size=D)
-    S = np.linalg.inv(np.eye(L) + W @ W.T / s**2)
-    assert np.allclose(S, np.diag(np.diag(S)), atol=1e-12)
-    A_mu = (S @ W / s**2).T  # (D, L): mu = (x - c) W^T S / s^2
-    A = np.concatenate([A_mu, np.zeros((D, L))], axis=1)
-    a = np.concatenate([-c @ A_mu, np.log(np.diag(S))])
-    return {"encoder.0.weight": A, "encoder.0.bias": a, "decoder.0.weight": W, "decoder.0.bias": c}
-
-
-def identity_spec(c: AppConfig) -> ModelSpec:
-    i = c.measure.identity
-    return LinearSpec(x_dim=i.x_dim, latent=i.latent, likelihood="gaussian", obs_sigma=i.obs_sigma)
-
-
 def problem(c: AppConfig) -> tuple[ModelSpec, dict[str, np.ndarray], np.ndarray]:
     """A generic linear-Gaussian VAE (random encoder, so q is not the posterior) and data
     drawn from its own p(x)."""
-    spec = identity_spec(c)
-    params = init_params(spec, c.seed)
+    cfg = c.measure.identity
+    spec = lg.spec_of(cfg)
     rng = np.random.default_rng([c.seed, 5])
-    params["decoder.0.bias"] = rng.normal(0.0, 0.5, size=spec.x_dim)
-    params["encoder.0.bias"] = rng.normal(0.0, 0.3, size=2 * spec.latent)
-    n = c.measure.identity.n_examples
-    z = rng.standard_normal((n, spec.latent))
-    x = z @ params["decoder.0.weight"] + params["decoder.0.bias"] + spec.obs_sigma * rng.standard_normal((n, spec.x_dim))
+    params = lg.random_vae(spec, c.seed, rng)
+    x = lg.sample(params["decoder.0.weight"], params["decoder.0.bias"], spec.obs_sigma, cfg.n_examples, rng)
     return spec, params, x
 
 

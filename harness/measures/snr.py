@@ -74,7 +74,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from harness import data as data_mod
-from harness.api import LinearSpec, ModelSpec
+from harness import lingauss as lg
+from harness.api import ModelSpec
 from harness.initializers import init_params
 from harness.job import Job, Result
 from harness.judged import Judged, describe, finite, le
@@ -374,29 +375,6 @@ def summarize_part(ks: list[int], drawn: dict[str, Any], sel: Selection, spec: M
 # --- the two problems ------------------------------------------------------------------------
 
 
-def toy_spec(dim: int) -> ModelSpec:
-    return LinearSpec(x_dim=dim, latent=dim, likelihood="gaussian", obs_sigma=1.0)
-
-
-def toy_problem(dim: int, perturb: float, points: int, seed: int) -> tuple[ModelSpec, dict[str, np.ndarray], np.ndarray]:
-    """Rainforth's toy as canonical linear-VAE parameters (see the module docstring), perturbed
-    from the optimum, and `points` data points from p(x) = N(mu, 2 I)."""
-    spec = toy_spec(dim)
-    rng = np.random.default_rng([seed, 13])
-    mu = rng.standard_normal(dim)
-    x = mu + math.sqrt(2.0) * rng.standard_normal((points, dim))
-    A = np.zeros((dim, 2 * dim))
-    A[:, :dim] = np.eye(dim) / 2.0 + perturb * rng.standard_normal((dim, dim))
-    a = np.concatenate([-mu / 2.0 + perturb * rng.standard_normal(dim), np.full(dim, math.log(2.0 / 3.0))])
-    params = {
-        "encoder.0.weight": A,
-        "encoder.0.bias": a,
-        "decoder.0.weight": np.eye(dim) + perturb * rng.standard_normal((dim, dim)),
-        "decoder.0.bias": mu + perturb * rng.standard_normal(dim),
-    }
-    return spec, params, x
-
-
 def _progress_line(c: AppConfig, job: Job, part: str) -> Callable[[int, float], None]:
     def line(k: int, secs: float) -> None:
         if c.progress:
@@ -407,7 +385,7 @@ def _progress_line(c: AppConfig, job: Job, part: str) -> Callable[[int, float], 
 
 def run_toy(c: AppConfig, job: Job) -> tuple[dict[str, Any], dict[str, Any]]:
     s = c.measure.snr
-    spec, params, x = toy_problem(s.dim, s.perturb, s.points, c.seed)
+    spec, params, x = lg.rainforth_toy(s.dim, s.perturb, s.points, c.seed)
     b = backend(c, job.framework, spec=spec, dtype="float64", params=params)
     sel = block_selection(spec, fixed_logvar=True)
     drawn = draw_statistics(b, x, list(s.ks), s.draws, s.samples, sel, groups=s.groups, seed=c.seed, tag=NOISE_TAG["toy"],
