@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -136,6 +136,17 @@ class Num(str):
         cell = super().__new__(cls, text)
         cell.raw, cell.std = float(raw), None if std is None else float(std)
         return cell
+
+
+def finished(records: Iterable[dict[str, Any]], key: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """("framework/mode", metrics) of each record that finished `ok` with `key` in its metrics
+    (a dict where the measure keeps one): what a measure's `compared` judges. A record that did
+    not finish has no quantities, so `vaebench compare` names it MISSING against a baseline
+    that has them."""
+    for r in records:
+        m = r.get("metrics") or {}
+        if r.get("status") == "ok" and key in m:
+            yield f"{r['framework']}/{r['mode']}", m
 
 
 def failed_row(r: dict[str, Any], columns: Iterable[str]) -> tuple[dict[str, Any], str]:

@@ -86,6 +86,7 @@ from harness.measures.common import (
     by_framework,
     dataset,
     failed_row,
+    finished,
     fmt,
     model_spec,
     progress,
@@ -576,9 +577,8 @@ def compared(records: list[dict[str, Any]]) -> dict[str, Quantity]:
     relative (float64, deterministic), every check's verdict; the trained parts (each
     framework's own RNG) are shown, not judged."""
     out: dict[str, Quantity] = {}
-    for r in records:
-        m, fw = r.get("metrics") or {}, f"{r['framework']}/{r['mode']}"
-        if r.get("status") != "ok" or not isinstance(m.get("linear"), dict):
+    for fw, m in finished(records, "linear"):
+        if not isinstance(m["linear"], dict):
             continue
         p = m["linear"].get("random") or {}
         for key in ("log_px", "elbo", "elbo_star", "approximation_gap", "amortization_gap"):

@@ -65,7 +65,17 @@ from harness.schema import setting
 
 if TYPE_CHECKING:
     from harness.config import AppConfig
-from harness.measures.common import Quantity, Summary, backend, by_framework, dataset, fmt, model_spec, progress
+from harness.measures.common import (
+    Quantity,
+    Summary,
+    backend,
+    by_framework,
+    dataset,
+    finished,
+    fmt,
+    model_spec,
+    progress,
+)
 
 #: theory: does each part reach each block?
 THEORY: dict[tuple[str, str], bool] = {
@@ -522,10 +532,7 @@ def compared(records: list[dict[str, Any]]) -> dict[str, Quantity]:
     """For `vaebench compare`: the part x block pattern (which gradients are zero) and the
     verdicts must be the same; the float64 gradient norms at initialisation agree to 1e-8."""
     out: dict[str, Quantity] = {}
-    for r in records:
-        m, fw = r["metrics"], f"{r['framework']}/{r['mode']}"
-        if r["status"] != "ok" or "matrix" not in m:
-            continue
+    for fw, m in finished(records, "matrix"):
         for part, blocks in m["matrix"].items():
             for blk, s in blocks.items():
                 out[f"{fw} {part}->{blk} non-zero"] = Quantity(s["nonzero_fraction"] > 0, "same")

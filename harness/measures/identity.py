@@ -37,7 +37,7 @@ from harness.schema import setting
 
 if TYPE_CHECKING:
     from harness.config import AppConfig
-from harness.measures.common import Quantity, Summary, backend, by_framework, fmt
+from harness.measures.common import Quantity, Summary, backend, by_framework, finished, fmt
 
 
 @dataclass
@@ -223,10 +223,7 @@ def compared(records: list[dict[str, Any]]) -> dict[str, Quantity]:
     """For `vaebench compare`: float64 closed forms and the backend's ELBO to 1e-9 relative
     (CPU vendors differ at ~1e-15), the residual under its tolerance, the checks' verdicts."""
     out: dict[str, Quantity] = {}
-    for r in records:
-        m, fw = r["metrics"], f"{r['framework']}/{r['mode']}"
-        if r["status"] != "ok" or "residual_max" not in m:
-            continue
+    for fw, m in finished(records, "residual_max"):
         for key in ("log_px_mean", "elbo_mean", "gap_mean", "mc_elbo_mean"):
             out[f"{fw} {key}"] = Quantity(m[key], "rel", 1e-9)
         out[f"{fw} residual_max"] = Quantity(m["residual_max"], "limit", float(m["tol"]))

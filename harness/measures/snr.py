@@ -91,6 +91,7 @@ from harness.measures.common import (
     by_framework,
     dataset,
     failed_row,
+    finished,
     fmt,
     model_spec,
     progress,
@@ -641,9 +642,8 @@ def compared(records: list[dict[str, Any]]) -> dict[str, Quantity]:
     same draws on every CPU), which Ks were resolved, and the checks' verdicts; the trained
     model's slopes (its training uses the framework's own RNG) are shown, not judged."""
     out: dict[str, Quantity] = {}
-    for r in records:
-        m, fw = r.get("metrics") or {}, f"{r['framework']}/{r['mode']}"
-        if r.get("status") != "ok" or not isinstance(m.get("toy"), dict):
+    for fw, m in finished(records, "toy"):
+        if not isinstance(m["toy"], dict):
             continue
         for part, rule in (("toy", "abs"), ("trained", "info")):
             for blk, b in ((m.get(part) or {}).get("blocks") or {}).items():

@@ -45,7 +45,17 @@ from harness.api import ModelSpec, OptimSpec, RuntimeSpec, load_backend, resolve
 from harness.initializers import init_params
 from harness.job import Job, Result, checkpoint
 from harness.judged import Judged, describe, finite, le
-from harness.measures.common import Quantity, Summary, by_framework, dataset, fmt, model_spec, optim_spec, runtime_spec
+from harness.measures.common import (
+    Quantity,
+    Summary,
+    by_framework,
+    dataset,
+    finished,
+    fmt,
+    model_spec,
+    optim_spec,
+    runtime_spec,
+)
 from harness.models.base import layer_step_flops, optimizer_flops
 from harness.models.base import step_flops as models_step_flops
 from harness.plots import COLORS, pyplot, save_png
@@ -599,9 +609,8 @@ def compared(records: list[dict[str, Any]]) -> dict[str, Quantity]:
     """For `vaebench compare`: per framework/mode/batch, the per-repeat step times (a
     statistical test there), and the compile count (informational)."""
     out: dict[str, Quantity] = {}
-    for r in records:
-        fw = f"{r['framework']}/{r['mode']}"
-        for b in (r.get("metrics") or {}).get("batches", []) if r["status"] == "ok" else []:
+    for fw, m in finished(records, "batches"):
+        for b in m["batches"]:
             if b.get("step_s_samples"):
                 out[f"{fw} batch {b['batch']} step time (s)"] = Quantity(b["step_s_median"], "speed", samples=b["step_s_samples"])
     return out
