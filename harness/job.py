@@ -40,6 +40,11 @@ class Job:
         return Path(self.record_path).stem
 
 
+class Diverged(Exception):
+    """Training reached a NaN or inf loss: the job's record is `diverged`, with this message and
+    the metrics it had saved (raised by `harness.measures.common.train`)."""
+
+
 class Stopped(KeyboardInterrupt):
     """The run was stopped by a signal other than SIGINT (`vaebench` raises it on SIGTERM), and is
     wound up like Ctrl-C; a plain KeyboardInterrupt is SIGINT."""

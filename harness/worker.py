@@ -44,7 +44,7 @@ from harness.config import AppConfig, to_app_config
 from harness.fingerprint import framework_isa
 from harness.frameworks import JobSettings, registry
 from harness.frameworks import get as get_facts
-from harness.job import Job, Result, partial_path, read_partial, read_spec, stop_signal, write_spec
+from harness.job import Diverged, Job, Result, partial_path, read_partial, read_spec, stop_signal, write_spec
 from harness.measures import MEASURES, precision
 from harness.records import REPO_ROOT, RecordError, host_env, make_record, read_record, write_record
 
@@ -144,6 +144,9 @@ def run_in_process(job: Job) -> dict[str, Any]:
             error += f"; install it with: {install_command(job.framework)}"
     except DeviceUnavailable as exc:
         status, error = "unavailable", str(exc)
+    except Diverged as exc:  # a NaN or inf training loss: what was saved stays, marked partial
+        status, error = "diverged", str(exc)
+        metrics = _with_partial(job, metrics)
     except Exception as exc:  # the record must say what went wrong, in one line
         traceback.print_exc()
         status, error = "failed", f"{type(exc).__name__}: {exc}".splitlines()[0]

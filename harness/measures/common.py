@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
 import os
 import sys
 from collections.abc import Iterable, Iterator, Mapping
@@ -16,6 +18,7 @@ from harness import data as data_mod
 from harness import models
 from harness.api import Backend, ModelSpec, OptimSpec, RuntimeSpec, load_backend, resolve_mode
 from harness.frameworks import rank
+from harness.job import Diverged
 
 if TYPE_CHECKING:
     from harness.config import AppConfig
@@ -107,6 +110,41 @@ def runtime_spec(c: AppConfig, framework: str, *, dtype: str | None = None, mode
                                   device=f.device, seed=c.seed, threads=f.threads, allow_tf32=f.allow_tf32,
                                   compile_mode=f.compile_mode, conv_transpose=f.conv_transpose)
     return RuntimeSpec(**fields)  # validated by its own rules (the config's were the same)
+
+
+def batch_stream(x: np.ndarray, batch_size: int, seed: int) -> Iterator[np.ndarray]:
+    """The training batches of epoch 0, 1, 2, ... of `x` (`data.batches`: shuffled per seed and
+    epoch), without end; empty if `x` gives no batch."""
+    for epoch in itertools.count():
+        got = False
+        for xb in data_mod.batches(x, batch_size, seed, epoch):
+            got = True
+            yield xb
+        if not got:
+            return
+
+
+def train(b: Backend, x: np.ndarray, batch_size: int, c: AppConfig, *, epochs: int | None = None,
+          steps: int | None = None, desc: str = "training") -> int:
+    """The one plain training loop (gaps, snr; gradflow and convergence, which interleave their
+    own measurements, draw from the same `batch_stream`): a `train_step` per batch of `x` (seed
+    `c.seed`) for `epochs` epochs (a progress bar per epoch) or the first `steps` batches; returns
+    the steps taken. A NaN or inf loss raises `Diverged` naming the step, so the record is
+    `diverged`, never a trained model that silently is not."""
+    if (epochs is None) == (steps is None):
+        raise ValueError("train() takes epochs or steps, one of them")
+    if epochs is not None:
+        stream: Iterable[np.ndarray] = (xb for _ in progress(range(epochs), c, desc=desc, unit="epoch")
+                                        for xb in data_mod.batches(x, batch_size, c.seed, _))
+    else:
+        stream = itertools.islice(batch_stream(x, batch_size, c.seed), steps)
+    done = 0
+    for xb in stream:
+        loss = float(b.train_step(b.put(xb)))
+        done += 1
+        if not math.isfinite(loss):
+            raise Diverged(f"{desc}: the training loss became {loss} at step {done}")
+    return done
 
 
 def progress(it: Iterable[T], c: AppConfig, **kw: Any) -> Iterable[T]:

@@ -89,7 +89,7 @@ from harness.measures.common import (
     finished,
     fmt,
     model_spec,
-    progress,
+    train,
 )
 
 LOGVAR_BOUNDS = (-20.0, 10.0)  # for L-BFGS-B: keeps exp(logvar) finite along the line search
@@ -267,17 +267,8 @@ def linear_checks(p: dict[str, Any]) -> dict[str, bool]:
 
 def train_linear(b: Any, x_train: np.ndarray, c: AppConfig) -> int:
     """`train_steps` Adam steps on batches of the training data (the backend's own RNG)."""
-    g = c.measure.gaps
-    bs = min(c.data.batch_size, len(x_train))
-    steps, epoch = 0, 0
-    while steps < g.train_steps:
-        for xb in data_mod.batches(x_train, bs, c.seed, epoch):
-            if steps >= g.train_steps:
-                break
-            b.train_step(b.put(xb))
-            steps += 1
-        epoch += 1
-    return steps
+    return train(b, x_train, min(c.data.batch_size, len(x_train)), c, steps=c.measure.gaps.train_steps,
+                 desc="gaps: training the linear VAE")
 
 
 def run_linear(c: AppConfig, job: Job) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -306,11 +297,7 @@ def run_trained(c: AppConfig, job: Job) -> dict[str, Any]:
     spec = model_spec(c, ds)
     b = backend(c, job.framework, spec=spec, dtype="float64", params=init_params(spec, c.seed))
     t0 = time.perf_counter()
-    steps = 0
-    for epoch in progress(range(g.epochs), c, desc=f"gaps {job.framework}: training", unit="epoch"):
-        for xb in data_mod.batches(ds.x_train, c.data.batch_size, c.seed, epoch):
-            b.train_step(b.put(xb))
-            steps += 1
+    steps = train(b, ds.x_train, c.data.batch_size, c, epochs=g.epochs, desc=f"gaps {job.framework}: training")
     b.sync()
     train_s = time.perf_counter() - t0
     x = ds.x_test[: g.n_test]

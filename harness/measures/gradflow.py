@@ -47,7 +47,6 @@ rounding error of evaluating it grows with it; a fixed 1e-6 failed a healthy 784
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -69,6 +68,7 @@ from harness.measures.common import (
     Quantity,
     Summary,
     backend,
+    batch_stream,
     by_framework,
     dataset,
     finished,
@@ -358,8 +358,7 @@ def run(c: AppConfig, job: Job) -> Result:
     # over training, in the configured precision and mode
     b = backend(c, job.framework, spec=spec, params=params)
     history = []
-    batches: Iterator[np.ndarray] = iter(())
-    epoch = 0
+    batches = batch_stream(ds.x_train, c.data.batch_size, c.seed)
     status, error = "ok", None
     for step in progress(range(g.train_steps + 1), c, desc=f"gradflow {job.framework}", unit="step"):
         if step % g.log_every == 0:
@@ -367,11 +366,7 @@ def run(c: AppConfig, job: Job) -> Result:
             history.append({"step": step, **{f"{part}/{blk}": stats[part][blk]["norm"] for part in TERMS for blk in BLOCKS}})
         if step == g.train_steps:
             break
-        xb = next(batches, None)
-        if xb is None:
-            batches = data_mod.batches(ds.x_train, c.data.batch_size, c.seed, epoch)
-            epoch += 1
-            xb = next(batches)
+        xb = next(batches)
         loss = float(b.train_step(b.put(xb)))
         if not math.isfinite(loss):
             status, error = "diverged", f"training loss became {loss} at step {step}"

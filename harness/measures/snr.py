@@ -94,7 +94,7 @@ from harness.measures.common import (
     finished,
     fmt,
     model_spec,
-    progress,
+    train,
 )
 
 THEORY = {"decoder": 0.5, "encoder": -0.5}
@@ -442,12 +442,7 @@ def run_trained(c: AppConfig, job: Job) -> dict[str, Any]:
     ds = dataset(c)
     spec = model_spec(c, ds)
     b = backend(c, job.framework, spec=spec, dtype="float64", params=init_params(spec, c.seed))
-    bs = c.data.batch_size
-    steps = 0
-    for epoch in progress(range(s.trained_epochs), c, desc=f"snr {job.framework}: training", unit="epoch"):
-        for xb in data_mod.batches(ds.x_train, bs, c.seed, epoch):
-            b.train_step(b.put(xb))
-            steps += 1
+    steps = train(b, ds.x_train, c.data.batch_size, c, epochs=s.trained_epochs, desc=f"snr {job.framework}: training")
     x = ds.x_test[: s.trained_points]
     test_elbo = float(np.mean(-b.terms(ds.x_test, data_mod.noise((10, len(ds.x_test), spec.latent), c.seed, 33)).loss))
     sel = block_selection(spec, fixed_logvar=False)
