@@ -176,15 +176,22 @@ class Num(str):
         return cell
 
 
-def finished(records: Iterable[dict[str, Any]], key: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    """("framework/mode", metrics) of each record that finished `ok` with `key` in its metrics
-    (a dict where the measure keeps one): what a measure's `compared` judges. A record that did
-    not finish has no quantities, so `vaebench compare` names it MISSING against a baseline
-    that has them."""
-    for r in records:
+def completed(records: Iterable[dict[str, Any]], key: str, of: type | tuple[type, ...] = object) -> list[dict[str, Any]]:
+    """The records that finished `ok` with `key` in their metrics (an instance of `of`): what a
+    measure's plots, answers and comparisons read; the rest are failures a table names."""
+    def done(r: dict[str, Any]) -> bool:
         m = r.get("metrics") or {}
-        if r.get("status") == "ok" and key in m:
-            yield f"{r['framework']}/{r['mode']}", m
+        return r.get("status") == "ok" and key in m and isinstance(m[key], of)
+
+    return [r for r in records if done(r)]
+
+
+def finished(records: Iterable[dict[str, Any]], key: str, of: type | tuple[type, ...] = object) -> Iterator[tuple[str, dict[str, Any]]]:
+    """("framework/mode", metrics) of each `completed` record: what a measure's `compared`
+    judges. A record that did not finish has no quantities, so `vaebench compare` names it
+    MISSING against a baseline that has them."""
+    for r in completed(records, key, of):
+        yield f"{r['framework']}/{r['mode']}", r["metrics"]
 
 
 def failed_row(r: dict[str, Any], columns: Iterable[str]) -> tuple[dict[str, Any], str]:

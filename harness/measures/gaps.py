@@ -84,6 +84,7 @@ from harness.measures.common import (
     Summary,
     backend,
     by_framework,
+    completed,
     dataset,
     failed_row,
     finished,
@@ -487,7 +488,7 @@ def plot_gaps(records: list[dict[str, Any]], path: Path) -> Path | None:
     """Stacked bars per framework: approximation and amortization gap of the trained linear
     VAE and of the trained model on data (SE bars; the random encoder's ~26 nats stay in the
     table: they would flatten the rest)."""
-    recs = [r for r in by_framework(records) if r.get("status") == "ok" and isinstance((r.get("metrics") or {}).get("linear"), dict)]
+    recs = completed(by_framework(records), "linear", dict)
     if not recs:
         return None
     plt = pyplot()
@@ -544,7 +545,7 @@ QUESTION = "How far is the ELBO below log p(x), and is that the Gaussian family 
 
 def answer(records: list[dict[str, Any]]) -> str:
     """One line for the suite's summary, from the records."""
-    good = [r for r in records if r.get("status") == "ok" and isinstance((r.get("metrics") or {}).get("linear"), dict)]
+    good = completed(records, "linear", dict)
     if not good:
         return "NO: no completed run"
     held = [r for r in good if all(all_checks(r["metrics"]).values())]
@@ -564,9 +565,7 @@ def compared(records: list[dict[str, Any]]) -> dict[str, Quantity]:
     relative (float64, deterministic), every check's verdict; the trained parts (each
     framework's own RNG) are shown, not judged."""
     out: dict[str, Quantity] = {}
-    for fw, m in finished(records, "linear"):
-        if not isinstance(m["linear"], dict):
-            continue
+    for fw, m in finished(records, "linear", dict):
         p = m["linear"].get("random") or {}
         for key in ("log_px", "elbo", "elbo_star", "approximation_gap", "amortization_gap"):
             if isinstance(p.get(key), int | float):

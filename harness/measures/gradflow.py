@@ -70,6 +70,7 @@ from harness.measures.common import (
     backend,
     batch_stream,
     by_framework,
+    completed,
     dataset,
     finished,
     fmt,
@@ -511,7 +512,7 @@ QUESTION = "Do gradients reach both blocks?"
 
 def answer(records: list[dict[str, Any]]) -> str:
     """One line for the suite's summary, from the records."""
-    good = [r for r in records if r["status"] == "ok" and "verdict" in r["metrics"]]
+    good = completed(records, "verdict")
     verdicts = {id(r): recomputed_verdict(r["metrics"]) for r in good}
     both = [r for r in good if verdicts[id(r)]["elbo_trains_encoder"] and verdicts[id(r)]["elbo_trains_decoder"]]
     theory = [r for r in good if verdicts[id(r)]["matches_theory"] and verdicts[id(r)]["fd_ok"]

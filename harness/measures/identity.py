@@ -37,7 +37,7 @@ from harness.schema import setting
 
 if TYPE_CHECKING:
     from harness.config import AppConfig
-from harness.measures.common import Quantity, Summary, backend, by_framework, finished, fmt
+from harness.measures.common import Quantity, Summary, backend, by_framework, completed, finished, fmt
 
 
 @dataclass
@@ -208,7 +208,7 @@ QUESTION = "Does log p(x) = ELBO + KL(q ‖ posterior) hold?"
 
 def answer(records: list[dict[str, Any]]) -> str:
     """One line for the suite's summary, from the records."""
-    good = [r for r in records if r["status"] == "ok" and "residual_max" in r["metrics"]]
+    good = completed(records, "residual_max")
     bad = [f"{r['framework']} ({r['status']})" for r in records if r not in good]
     held = [r for r in good if all(checks(r["metrics"]).values())]
     worst = max((r["metrics"]["residual_max"] for r in good), default=float("nan"))

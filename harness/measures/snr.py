@@ -89,6 +89,7 @@ from harness.measures.common import (
     Summary,
     backend,
     by_framework,
+    completed,
     dataset,
     failed_row,
     finished,
@@ -545,8 +546,7 @@ def summarize(records: list[dict[str, Any]]) -> Summary:
 
 
 def _plot(records: list[dict[str, Any]], path: Path, part_name: str) -> Path | None:
-    recs = [r for r in by_framework(records)
-            if r.get("status") == "ok" and isinstance((r.get("metrics") or {}).get(part_name), dict)]
+    recs = completed(by_framework(records), part_name, dict)
     if not recs:
         return None
     plt = pyplot()
@@ -611,7 +611,7 @@ QUESTION = "Does a tighter bound (IWAE-K) starve the encoder of gradient signal?
 
 def answer(records: list[dict[str, Any]]) -> str:
     """One line for the suite's summary, from the records."""
-    good = [r for r in records if r.get("status") == "ok" and isinstance((r.get("metrics") or {}).get("toy"), dict)]
+    good = completed(records, "toy", dict)
     if not good:
         return "NO: no completed run"
     parts = []
@@ -637,9 +637,7 @@ def compared(records: list[dict[str, Any]]) -> dict[str, Quantity]:
     same draws on every CPU), which Ks were resolved, and the checks' verdicts; the trained
     model's slopes (its training uses the framework's own RNG) are shown, not judged."""
     out: dict[str, Quantity] = {}
-    for fw, m in finished(records, "toy"):
-        if not isinstance(m["toy"], dict):
-            continue
+    for fw, m in finished(records, "toy", dict):
         for part, rule in (("toy", "abs"), ("trained", "info")):
             for blk, b in ((m.get(part) or {}).get("blocks") or {}).items():
                 if isinstance(b.get("slope"), int | float):
