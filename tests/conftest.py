@@ -75,3 +75,22 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         # the state API in compiled modes: eager covers the logic fast, the compiled ones compile
         if path.name == "test_state.py" and any(m in item.name for m in ("-xla-", "-jit-", "compiled", "-function-")):
             item.add_marker(pytest.mark.slow)
+
+
+#: a test over this many seconds (its call, on a quiet 2-core machine) belongs under `slow`
+SLOW_S = 10.0
+_UNMARKED: list[tuple[float, str]] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when == "call" and report.duration > SLOW_S and "slow" not in report.keywords:
+        _UNMARKED.append((report.duration, report.nodeid))
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Name the tests not marked slow that took over SLOW_S seconds, so a drift of `make
+    test-fast` shows in every run (CI's log included) rather than in someone's patience."""
+    if _UNMARKED:
+        terminalreporter.section(f"tests over {SLOW_S:.0f} s not marked slow")
+        for d, nodeid in sorted(_UNMARKED, reverse=True):
+            terminalreporter.write_line(f"{d:7.1f} s  {nodeid}")
