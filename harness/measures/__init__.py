@@ -84,8 +84,9 @@ class Measure(Protocol):
 
 #: every attribute of the contract, checked at import: a module that lacks one is refused by name
 REQUIRED = ("Config", "QUESTION", "READS", "VERSION", "PLOTS", "JUDGED", "compared", "run", "summarize", "answer")
-#: what a measure may add: `reads(config)`, `precision(c)`, `validate(c)`, `TIMING` (see above)
-OPTIONAL = ("reads", "precision", "validate", "TIMING")
+#: what a measure may add: `reads(config)`, `precision(c)`, `validate(c)`, `TIMING` (see above), and
+#: `METRICS`, the dataclass of its record's metrics (`harness.metrics`; identity has one so far)
+OPTIONAL = ("reads", "precision", "validate", "TIMING", "METRICS")
 
 
 def check(name: str, module: ModuleType) -> Measure:

@@ -33,6 +33,7 @@ from harness.lingauss import (
     orthogonal_decoder_params,
     sigma_points,
 )
+from harness.metrics import plain
 from harness.schema import setting
 
 if TYPE_CHECKING:
@@ -48,6 +49,56 @@ class IdentityConfig(LinearGaussianConfig):  # x_dim, latent, obs_sigma, n_examp
 
 
 Config = IdentityConfig
+
+Array = list[float] | np.ndarray  # an array while the job runs, a list in the record
+
+
+@dataclass
+class IwaeRow:
+    k: int
+    iwae: float  # mean IWAE-k bound
+    minus_log_px: float  # mean of IWAE-k - log p(x), paired per example
+    se: float
+    increase: float | None = None  # over the previous k (absent for the first)
+    increase_se: float | None = None
+
+
+@dataclass
+class PerExample:
+    log_px: Array
+    elbo: Array
+    kl_posterior: Array
+    residual: Array
+
+
+@dataclass
+class IdentityMetrics:
+    """The identity record's metrics (`harness.metrics`: built here, stored by `plain`, read
+    back by `load`)."""
+
+    n_examples: int
+    x_dim: int
+    latent: int
+    log_px_mean: float
+    elbo_mean: float
+    gap_mean: float
+    gap_min: float
+    residual_max: float
+    residual_mean: float
+    tol: float
+    elbo_numpy_vs_backend_max: float
+    mc_elbo_mean: float
+    mc_se: float
+    mc_z: float
+    mc_samples: int
+    iwae: list[IwaeRow]
+    ortho_gap_max: float
+    ortho_elbo_minus_log_px_max: float
+    per_example: PerExample
+    checks: dict[str, bool] | None = None  # the verdicts, from the numbers above (`checks`)
+
+
+METRICS = IdentityMetrics
 #: what it reads (`harness.measures`): its own linear-Gaussian model, built from its section
 #: alone; no model/data/optim (the backend's optimizer is built, never stepped) and no
 #: framework.precision (it computes in float64 whatever that says)
@@ -101,12 +152,11 @@ def run(c: AppConfig, job: Job) -> Result:
     for k in cfg.iwae_ks:
         ll = b.log_likelihood(x, k, seed=c.seed + k)
         below = ll - exact  # paired with the exact value per example
-        se_below = float(below.std(ddof=1) / math.sqrt(len(x)))
-        row = {"k": k, "iwae": float(ll.mean()), "minus_log_px": float(below.mean()), "se": se_below}
+        row = IwaeRow(k=k, iwae=float(ll.mean()), minus_log_px=float(below.mean()),
+                      se=float(below.std(ddof=1) / math.sqrt(len(x))))
         if prev is not None:
             inc = ll - prev
-            row["increase"] = float(inc.mean())
-            row["increase_se"] = float(inc.std(ddof=1) / math.sqrt(len(x)))
+            row.increase, row.increase_se = float(inc.mean()), float(inc.std(ddof=1) / math.sqrt(len(x)))
         iwae_rows.append(row)
         prev = ll
 
@@ -116,29 +166,29 @@ def run(c: AppConfig, job: Job) -> Result:
     ortho_gap = kl_to_posterior(ortho, x_o, s, L)
     ortho_diff = np.abs(backend_elbo(b, x_o, L) - log_px(ortho, x_o, s))
 
-    metrics = {
-        "n_examples": len(x),
-        "x_dim": spec.x_dim,
-        "latent": L,
-        "log_px_mean": float(exact.mean()),
-        "elbo_mean": float(elbo_b.mean()),
-        "gap_mean": float(gap.mean()),
-        "gap_min": float(gap.min()),
-        "residual_max": float(residual.max()),
-        "residual_mean": float(residual.mean()),
-        "tol": cfg.tol,
-        "elbo_numpy_vs_backend_max": float(np.abs(elbo(params, x, s, L) - elbo_b).max()),
-        "mc_elbo_mean": float(mc.mean()),
-        "mc_se": mc_se_mean,
-        "mc_z": mc_z,
-        "mc_samples": K,
-        "iwae": iwae_rows,
-        "ortho_gap_max": float(np.abs(ortho_gap).max()),
-        "ortho_elbo_minus_log_px_max": float(ortho_diff.max()),
-        "per_example": {"log_px": exact, "elbo": elbo_b, "kl_posterior": gap, "residual": residual},
-    }
-    metrics["checks"] = checks(metrics)
-    return Result(metrics=metrics, backend_env=b.version())
+    metrics = IdentityMetrics(
+        n_examples=len(x),
+        x_dim=spec.x_dim,
+        latent=L,
+        log_px_mean=float(exact.mean()),
+        elbo_mean=float(elbo_b.mean()),
+        gap_mean=float(gap.mean()),
+        gap_min=float(gap.min()),
+        residual_max=float(residual.max()),
+        residual_mean=float(residual.mean()),
+        tol=cfg.tol,
+        elbo_numpy_vs_backend_max=float(np.abs(elbo(params, x, s, L) - elbo_b).max()),
+        mc_elbo_mean=float(mc.mean()),
+        mc_se=mc_se_mean,
+        mc_z=mc_z,
+        mc_samples=K,
+        iwae=iwae_rows,
+        ortho_gap_max=float(np.abs(ortho_gap).max()),
+        ortho_elbo_minus_log_px_max=float(ortho_diff.max()),
+        per_example=PerExample(log_px=exact, elbo=elbo_b, kl_posterior=gap, residual=residual),
+    )
+    metrics.checks = checks(plain(metrics))
+    return Result(metrics=plain(metrics), backend_env=b.version())
 
 
 def checks(m: dict[str, Any]) -> dict[str, bool]:
