@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 Step = Callable[[], Any]
 Sync = Callable[[], None]
 
@@ -38,6 +40,14 @@ class RecompiledWhileTiming(RuntimeError):
 
 
 # -- statistics --------------------------------------------------------------------------
+
+
+def cotangent(shape: tuple[int, ...], dtype: str) -> np.ndarray:
+    """The output gradient a per-layer backward is timed with: standard normal, fixed (seed 0),
+    the same in every framework. Never all ones: with tf.ones_like(y) TensorFlow's XLA reduced the
+    backward of a transposed convolution to next to nothing (measured: 0 ms beside a 50 ms
+    forward), which timed a simplification, not the layer's backward."""
+    return np.random.default_rng(0).standard_normal(shape).astype(dtype)
 
 
 def median(xs: Sequence[float]) -> float:

@@ -453,3 +453,34 @@ def test_measure_and_timing_core_import_no_framework() -> None:
     from tests.test_neutral import _loaded
 
     assert _loaded("import harness.timing, harness.measures.throughput") == "LOADED []"
+
+
+@pytest.mark.parametrize("framework,mode", [("tensorflow", "xla"), ("jax", "jit"), ("tensorflow", "eager")])
+def test_layer_backward_is_timed_on_a_random_cotangent(framework: str, mode: str) -> None:
+    """The per-layer forward + backward differentiates the fixed random cotangent
+    (`timing.cotangent`) and returns the forward output: checked against NumPy's transposed
+    convolution and its backward. With an all-ones cotangent XLA simplified TensorFlow's
+    backward to almost nothing, and the measure timed that."""
+    import importlib
+
+    from harness.models.conv import np_conv_t, np_conv_t_backward
+
+    pl = importlib.import_module(f"impls.{framework}.plain")
+    ops = importlib.import_module(f"impls.{framework}.ops")
+    rng = np.random.default_rng(3)
+    x, w, b = rng.standard_normal((2, 4, 4, 3)), rng.standard_normal((3, 3, 3, 5)), rng.standard_normal(5)
+    param = ConvSpec().params()["decoder.2.weight"]  # a transposed convolution's kernel
+    _, both, sync = pl.layer_steps("conv2d_transpose", 2, x, ops.to_native(param, w), b, dtype="float32", device="cpu",
+                                   mode=mode)
+    y, (dx, dw, db) = both()
+    sync()
+    want_y, cache = np_conv_t(x, w, b, 2)
+    ct = timing.cotangent(want_y.shape, "float32").astype(np.float64)  # what the layer was given
+    want_dx, want_dw, want_db = np_conv_t_backward(w, cache, ct, 2)  # per-example dW, db: summed below
+    close = {"rtol": 1e-4, "atol": 1e-4}  # float32
+    np.testing.assert_allclose(np.asarray(y), want_y, **close)
+    np.testing.assert_allclose(np.asarray(dx), want_dx, **close)
+    np.testing.assert_allclose(ops.from_native(param, np.asarray(dw)), want_dw.sum(axis=0), **close)
+    np.testing.assert_allclose(np.asarray(db), want_db.sum(axis=0), **close)
+    ones_dw = np_conv_t_backward(w, cache, np.ones_like(ct), 2)[1].sum(axis=0)
+    assert not np.allclose(ops.from_native(param, np.asarray(dw)), ones_dw, **close)  # not the all-ones cotangent

@@ -92,7 +92,7 @@ Config = ThroughputConfig
 #: (its own batch sizes: not data.batch_size), the configured optimizer (timed, and counted in
 #: the FLOPs), the seed of the backend's RNG
 READS = ("framework", "seed", "model", "data", "-data.batch_size", "optim", "measure.throughput")
-VERSION = 2  # 2: measures the configured model and data, not its own MLP
+VERSION = 3  # 2: measures the configured model and data, not its own MLP; 3: per-layer backward with a random cotangent
 
 
 def settings(c: AppConfig) -> ThroughputConfig:

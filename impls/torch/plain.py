@@ -19,7 +19,7 @@ import torch
 
 from harness import vae
 from harness.api import ModelSpec, OptimSpec, RuntimeSpec
-from harness.timing import CPU_PEAK, time_steps
+from harness.timing import CPU_PEAK, cotangent, time_steps
 from impls.base import formulation
 from impls.torch import ops
 from impls.torch.backend import pick_device
@@ -171,8 +171,8 @@ def layer_steps(op: str, stride: int, x: np.ndarray, w: np.ndarray, b: np.ndarra
     def run() -> torch.Tensor:
         return fn(xt, wt, bt) if op == "dense" else fn(xt, wt, bt, stride)
 
-    with torch.no_grad():
-        g = torch.ones_like(run())
+    with torch.no_grad():  # a random cotangent, as the other frameworks take (`timing.cotangent`)
+        g = torch.tensor(cotangent(tuple(run().shape), dtype), dtype=dt, device=dev)
 
     def forward() -> Any:
         with torch.no_grad():
