@@ -450,3 +450,15 @@ def test_local_grads_match_numpy_and_finite_differences(framework: str, likeliho
     np.testing.assert_allclose(b.local_grads(X, mu_enc, logvar_enc, EPS_K)[0].loss, b.terms(X, EPS_K).loss, rtol=1e-12)
     with pytest.raises(ValueError, match="mu of shape"):
         b.local_grads(X, mu[:2], logvar, EPS)
+
+
+def test_iwae_chunks_are_bounded_by_activation_memory() -> None:
+    """log_likelihood's chunk of samples shrinks where the widest activation x the examples
+    would exceed IWAE_BUDGET values (the conv VAE on 1,000 test images: 10 samples a chunk, not
+    100, which ran TensorFlow out of memory), and stays IWAE_CHUNK for the MLPs."""
+    from harness.api import ConvSpec, MlpSpec
+    from impls.base import IWAE_BUDGET, IWAE_CHUNK, iwae_chunk
+
+    assert iwae_chunk(MlpSpec(x_dim=64), 1000) == IWAE_CHUNK
+    assert iwae_chunk(ConvSpec(), 1000) == 10 and 10 * 1000 * 28 * 28 * 32 <= IWAE_BUDGET
+    assert iwae_chunk(ConvSpec(), 10**6) == 1  # never 0
