@@ -460,5 +460,5 @@ def test_iwae_chunks_are_bounded_by_activation_memory() -> None:
     from impls.base import IWAE_BUDGET, IWAE_CHUNK, iwae_chunk
 
     assert iwae_chunk(MlpSpec(x_dim=64), 1000) == IWAE_CHUNK
-    assert iwae_chunk(ConvSpec(), 1000) == 10 and 10 * 1000 * 28 * 28 * 32 <= IWAE_BUDGET
+    assert iwae_chunk(ConvSpec(), 1000) == 10 and IWAE_BUDGET >= 10 * 1000 * 28 * 28 * 32
     assert iwae_chunk(ConvSpec(), 10**6) == 1  # never 0

@@ -33,12 +33,21 @@ from tests.conftest import ROOT
 RECORD_DIRS = sorted(p for top in (ROOT / "results" / "reference", ROOT / "tests" / "records") if top.is_dir()
                      for p in top.iterdir() if p.is_dir())
 BAD = (math.nan, math.inf, -math.inf)
+#: committed runs whose unplanted verdict is a measured FAIL (README, "A convolutional VAE on real
+#: MNIST digits"): they must go on failing, and planting a NaN into a failing run proves nothing,
+#: so `groups` leaves them out
+KNOWN_FAIL = {
+    ("conformance", "cpu-2core-conv"): "TensorFlow's XLA-compiled SGD step on model=conv",
+    ("convergence", "cpu-2core-conv-convergence"): "TensorFlow out of memory in IWAE-100, JAX stopped",
+}
 
 
 def groups(measure: str) -> list[list[dict[str, Any]]]:
     """The records of `measure`, one list per folder (one run: what a report summarizes)."""
     out = []
     for d in RECORD_DIRS:
+        if (measure, d.name) in KNOWN_FAIL:
+            continue
         recs = [r for r in read_records(d) if r["measure"] == measure]
         if recs:
             out.append(recs)
@@ -104,6 +113,10 @@ def test_every_measure_declares_what_it_judges_and_has_sample_records(measure: s
     for recs in found:
         s = measures.summarize(measure, recs)
         assert s.ok, f"{measure}: the unplanted records of {recs[0]['_file']} do not pass: {s.notes[:3]}"
+    for (m, folder), why in KNOWN_FAIL.items():  # a known failure stays a failure
+        recs = [r for d in RECORD_DIRS if d.name == folder for r in read_records(d) if r["measure"] == m]
+        if m == measure and recs:
+            assert not measures.summarize(measure, recs).ok, f"{folder} passes {measure} now; it failed for: {why}"
 
 
 @pytest.mark.parametrize("measure,j", list(cases()))
