@@ -463,9 +463,14 @@ def _cpu_model(text: str | None = None) -> str:
     return model or platform.processor() or platform.machine()
 
 
+#: set by the worker to the empty compile-cache folder it gives a job (each framework points its
+#: own cache there through `FrameworkFacts.env_before_import`)
+COMPILE_CACHE_ENV = "VAEBENCH_COMPILE_CACHE"
+
+
 def compile_cache_state() -> str:
     """"cold" when the worker gave this job an empty compile cache (worker.run_job), else "default"."""
-    return "cold" if "vaebench-compile-cache-" in os.environ.get("TORCHINDUCTOR_CACHE_DIR", "") else "default"
+    return "cold" if os.environ.get(COMPILE_CACHE_ENV) else "default"
 
 
 def host_env() -> dict[str, Any]:

@@ -31,7 +31,7 @@ Freeze = Literal["none", "encoder", "decoder"]
 OptimName = Literal["adam", "sgd"]
 DataSource = Literal["digits", "synthetic", "mnist", "fashion_mnist", "mnist5k"]
 #: torch.compile modes (torch only; "reduce-overhead" adds CUDA graphs: small GPU steps are launch-bound)
-TorchCompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 
 ConvTranspose = Literal["native", "dilated"]
@@ -120,7 +120,7 @@ class RuntimeSpec:
     seed: int = setting(0, ge=0, lt=2**32)  # NumPy and every framework's RNG take it
     threads: int = setting(0, ge=0)  # 0: the framework's default
     allow_tf32: bool = False  # reduced-precision matmuls off unless asked
-    compile_mode: TorchCompileMode = setting("default", choices=choices(TorchCompileMode))  # torch.compile's mode
+    compile_mode: CompileMode = setting("default", choices=choices(CompileMode))  # torch.compile's mode
     # how a transposed convolution is computed: each framework's own op (native), or its
     # definition, zeros between the input's values and a plain convolution (dilated): the same
     # numbers, another speed (XLA's CPU backward of its own op is slow); throughput reports both

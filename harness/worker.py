@@ -46,7 +46,7 @@ from harness.frameworks import JobSettings, registry
 from harness.frameworks import get as get_facts
 from harness.job import Diverged, Job, Result, partial_path, read_partial, read_spec, stop_signal, write_spec
 from harness.measures import MEASURES, precision
-from harness.records import REPO_ROOT, RecordError, host_env, make_record, read_record, write_record
+from harness.records import COMPILE_CACHE_ENV, REPO_ROOT, RecordError, host_env, make_record, read_record, write_record
 
 WORKER_CMD = [sys.executable, "-m", "harness.worker"]
 #: environment variable naming the worker's parent process (see `_exit_with_parent`)
@@ -68,6 +68,8 @@ def child_env(c: AppConfig, measure: str, cache_dir: str | None = None) -> dict[
                            threads=c.framework.threads, cache_dir=cache_dir, inherited=dict(env))
     for facts in registry().values():
         env.update(facts.env(settings))
+    if cache_dir:
+        env[COMPILE_CACHE_ENV] = cache_dir
     if c.framework.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     if c.framework.threads > 0:

@@ -146,3 +146,19 @@ def test_the_worker_environment_asks_every_framework(monkeypatch: pytest.MonkeyP
 def test_tables_follow_the_declared_order() -> None:
     recs = [{"framework": f, "mode": m} for f in ("mxnet", *reversed(FRAMEWORKS)) for m in ("eager", "b")]
     assert [r["framework"] for r in by_framework(recs)] == [f for f in (*FRAMEWORKS, "mxnet") for _ in range(2)]
+
+
+def test_a_cold_compile_cache_is_recorded_without_naming_a_framework(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker hands each job an empty cache folder under one neutral variable; the record
+    says "cold" from it, whichever framework points its own cache there."""
+    from harness import records, worker
+    from tests.conftest import make_config
+
+    monkeypatch.delenv(records.COMPILE_CACHE_ENV, raising=False)
+    env = worker.child_env(make_config(), "identity", "/tmp/vaebench-compile-cache-x")
+    assert env[records.COMPILE_CACHE_ENV] == "/tmp/vaebench-compile-cache-x"
+    assert records.COMPILE_CACHE_ENV not in worker.child_env(make_config(), "identity", None)
+    monkeypatch.setenv(records.COMPILE_CACHE_ENV, "/tmp/vaebench-compile-cache-x")
+    assert records.compile_cache_state() == "cold"
+    monkeypatch.delenv(records.COMPILE_CACHE_ENV)
+    assert records.compile_cache_state() == "default"
