@@ -25,7 +25,7 @@ run: $(STAMP) ## run the default suite (all frameworks, digits); ARGS= passes ov
 test: $(STAMP) ## run the whole test suite (CPU; what CI runs)
 	$(PY) -m pytest $(PYTEST)
 
-test-fast: $(STAMP) ## the edit-test loop: every test not marked slow (about a minute)
+test-fast: $(STAMP) ## the edit-test loop: every test not marked slow (about 4 minutes on 2 cores)
 	$(PY) -m pytest -q -m "not slow"
 
 lint: $(STAMP) ## ruff and mypy

@@ -13,7 +13,7 @@ import pytest
 
 from harness import data, worker
 from harness.job import Diverged, Job, Result
-from harness.measures.common import batch_stream, train
+from harness.measures.common import CHECK_EVERY, batch_stream, train
 from tests.conftest import make_config
 
 
@@ -63,7 +63,11 @@ def test_a_nonfinite_loss_raises_diverged_naming_the_step(bad: float) -> None:
     b = Recorder([1.0, 0.5, bad, 0.1])
     with pytest.raises(Diverged, match=f"loss became {bad} at step 3"):
         train(b, X, 4, C, epochs=2, desc="toy")  # type: ignore[arg-type]
-    assert len(b.seen) == 3  # stops there
+    assert len(b.seen) == 12  # 2 epochs of 6: read back at the end, the step still named
+    long = Recorder([1.0, 0.5, bad])
+    with pytest.raises(Diverged, match=f"loss became {bad} at step 3"):
+        train(long, X, 4, C, steps=500)  # type: ignore[arg-type]
+    assert len(long.seen) == CHECK_EVERY  # losses are read every CHECK_EVERY steps: it stops at the first read
 
 
 def test_one_of_epochs_or_steps() -> None:

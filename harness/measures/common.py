@@ -138,13 +138,29 @@ def train(b: Backend, x: np.ndarray, batch_size: int, c: AppConfig, *, epochs: i
                                         for xb in data_mod.batches(x, batch_size, c.seed, _))
     else:
         stream = itertools.islice(batch_stream(x, batch_size, c.seed), steps)
-    done = 0
+    done, pending = 0, []
     for xb in stream:
-        loss = float(b.train_step(b.put(xb)))
+        pending.append(b.train_step(b.put(xb)))  # a device scalar: read in batches, not a sync per step
         done += 1
-        if not math.isfinite(loss):
-            raise Diverged(f"{desc}: the training loss became {loss} at step {done}")
+        if len(pending) == CHECK_EVERY:
+            _check_losses(pending, done, desc)
+    _check_losses(pending, done, desc)
     return done
+
+
+#: `train` reads its losses back (a host sync) every this many steps, and at the end
+CHECK_EVERY = 32
+
+
+def _check_losses(pending: list[Any], done: int, desc: str) -> None:
+    """Diverged naming the first NaN or inf among the last len(pending) steps' losses (ending at
+    step `done`); empties `pending`."""
+    first = done - len(pending) + 1
+    losses = [float(v) for v in pending]
+    pending.clear()
+    for i, loss in enumerate(losses):
+        if not math.isfinite(loss):
+            raise Diverged(f"{desc}: the training loss became {loss} at step {first + i}")
 
 
 def progress(it: Iterable[T], c: AppConfig, **kw: Any) -> Iterable[T]:
