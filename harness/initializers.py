@@ -14,6 +14,12 @@ def init_params(spec: ModelSpec, seed: int, dtype: str = "float64") -> dict[str,
     return glorot(spec.params(), seed, dtype)
 
 
+def one_ulp(params: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
+    """Every entry moved to the next representable value of `dtype` (towards +inf): the
+    perturbation controls' rounding-level change of the weights."""
+    return {k: np.nextafter(v.astype(dtype), np.inf).astype(v.dtype) for k, v in params.items()}
+
+
 def block_of(name: str) -> str:
     """'encoder.0.weight' -> 'encoder'."""
     return name.split(".", 1)[0]

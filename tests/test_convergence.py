@@ -5,6 +5,7 @@ records, lockstep and divergence on real backends, and a summary that survives f
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -226,9 +227,55 @@ def test_lockstep_two_frameworks_agree_per_step(tmp_path: Path) -> None:
     run = records[0]["metrics"]["runs"][0]
     assert [e["step"] for e in run["evals"]] == [0, 10, 20, 23]  # every 10 steps and at the epoch end
     assert run["evals"][-1]["wall_s"] == run["train_wall_s"] and run["final"]["active_units"] <= 8
+    for r in records:  # the one-ulp control: the first 50 steps again, from weights one ulp away
+        ctrl = r["metrics"]["ulp_control"]
+        assert ctrl["seed"] == 0 and len(ctrl["step_loss"]) == 1500 // 64  # one epoch holds fewer than 50 steps
+        dev = np.abs(np.subtract(ctrl["step_loss"], r["metrics"]["runs"][0]["step_loss"]))
+        assert 0 < dev.max() < 1e-4  # moved, by rounding only
     s = cv.summarize(records)
     assert s.ok, s.notes
-    assert any(n.startswith("lockstep") and "pass" in n for n in s.notes)
+    assert any(n.startswith("lockstep") and "one-ulp control within" in n and n.endswith("pass") for n in s.notes)
+
+
+def _lockstep(framework: str, losses: list[float], control: list[float] | None) -> dict[str, Any]:
+    run = {**_run(0, -20.0, CURVE), "step_loss": losses}
+    extra = {"ulp_control": {"seed": 0, "step_loss": control}} if control is not None else {}
+    return _record(framework, [run], shared_noise=True, lockstep_steps=4, lockstep_tol=1e-3, **extra)
+
+
+BASE = [30.0, 29.0, 28.0, 27.0, 26.0]
+
+
+@pytest.mark.parametrize("spread, control, judged, ok", [
+    (5e-4, 1e-5, True, True),       # the MLP: controls far inside; spread inside: pass
+    (5e-3, 1e-5, True, False),      # spread outside while rounding alone stays inside: FAIL
+    (5e-3, None, True, False),      # records from before the control: judged as before
+    (0.2, 0.5, False, True),        # the conv VAE: one ulp moves a run 0.5 nats: reported, not judged
+    (5e-4, math.nan, True, False),  # a control that is not finite fails, named
+])
+def test_lockstep_is_judged_unless_one_ulp_moves_a_run_past_the_tolerance(
+        spread: float, control: float | None, judged: bool, ok: bool) -> None:
+    """The rule, against spreads computed by hand: the largest per-step max - min over the first
+    `lockstep_steps` steps (step 5 lies outside them and is ignored)."""
+    a = _lockstep("torch", BASE, None if control is None else [30.0, 29.0 + control, 28.0, 27.0, 99.0])
+    b = _lockstep("jax", [30.0, 29.0, 28.0 + spread, 27.0, 1.0], None)
+    dev, where = cv.lockstep([a, b])
+    assert dev == pytest.approx(spread, rel=1e-6) and where == "seed 0, step 3"
+    got = cv.control_deviation([a, b])
+    if control is None:
+        assert got is None
+    else:
+        assert got[1] == "torch/eager seed 0, step 2"
+        assert got[0] == pytest.approx(control, rel=1e-6) if math.isfinite(control) else math.isnan(got[0])
+    assert cv.lockstep_judged([a, b])[0] is judged
+    s = cv.summarize([a, b])
+    note = next(n for n in s.notes if n.startswith("lockstep"))
+    assert s.ok is ok, note
+    assert note.endswith("pass" if ok and judged else "FAIL" if not ok else "not judged: rounding alone moves a run "
+                         "further than the tolerance")
+    if control is not None and not math.isfinite(control):
+        assert "one-ulp control not finite (torch/eager" in note
+        assert "torch/eager seed 0: one-ulp control's training loss is NaN at step 2" in s.notes
 
 
 def test_linear_evaluator_at_the_optimum(tmp_path: Path) -> None:

@@ -40,7 +40,7 @@ import numpy as np
 from harness import data as data_mod
 from harness import frameworks, reference
 from harness.api import ModelSpec
-from harness.initializers import init_params
+from harness.initializers import init_params, one_ulp
 from harness.job import Job, Result
 from harness.judged import Judged, describe
 from harness.schema import ConfigError, setting
@@ -167,11 +167,6 @@ def trajectory_batches(c: AppConfig, x_train: np.ndarray, latent: int) -> list[t
 
 
 # --- planted disagreements ----------------------------------------------------------------
-
-
-def one_ulp(params: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
-    """Every entry moved to the next representable value of `dtype` (towards +inf)."""
-    return {k: np.nextafter(v.astype(dtype), np.inf).astype(v.dtype) for k, v in params.items()}
 
 
 def plant_params(params: dict[str, np.ndarray], plant: str, dtype: str, seed: int) -> dict[str, np.ndarray]:

@@ -11,8 +11,17 @@ Noise. Own RNG (default): each framework draws the reparameterisation noise from
 (`train_step(x)`), so curves agree only statistically. Lockstep (`shared_noise=true`): the
 harness feeds `harness.data.noise((B, L), seed, step)` to every framework (`train_step(x, eps)`),
 so the curves coincide until rounding separates them; the summary reports the largest spread of
-the per-step training loss across frameworks over the first `lockstep_steps` steps, judged
-against `lockstep_tol` (nats per example).
+the per-step training loss across frameworks over the first `lockstep_steps` steps. How fast
+rounding separates them depends on the model: a step can amplify a rounding-level difference
+(a ReLU flips at its kink, Adam divides by a small second moment). So each lockstep job also
+trains its first seed's first `lockstep_steps` steps once more, in the same framework from the
+weights moved by one ulp (`ulp_control`). Where every control stays within `lockstep_tol` of its
+own framework's run (the MLP on 8x8 digits: measured at most 4e-5 nats), the spread across frameworks is
+judged against `lockstep_tol`. Where a control leaves it (the conv VAE in float32: one ulp
+grows to 0.01-0.5 nats within 20 steps, differently in each framework), the spread measures
+rounding luck, not the implementation: it is reported beside the controls and not judged, as
+conformance reports float32 free-running trajectories; the per-step conformance checks and the
+final-ELBO agreement judge such a model.
 
 Recorded per seed:
 - the training loss (-ELBO, batch mean, nats per example) of every step (`record_steps`: the
@@ -59,6 +68,7 @@ and for compatibility the means over completed seeds of `epochs`, `train_wall_s`
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import time
 from collections.abc import Callable
@@ -71,7 +81,7 @@ import numpy as np
 from harness import data as data_mod
 from harness import frameworks, ppca
 from harness.api import ModelSpec
-from harness.initializers import init_params
+from harness.initializers import init_params, one_ulp
 from harness.job import Checkpointer, Job, Result
 from harness.judged import Judged, describe, finite, le
 from harness.lingauss import kl_to_posterior, log_px
@@ -80,7 +90,17 @@ from harness.schema import ConfigError, setting
 
 if TYPE_CHECKING:
     from harness.config import AppConfig
-from harness.measures.common import Quantity, Summary, backend, by_framework, dataset, model_spec, pm, progress
+from harness.measures.common import (
+    Quantity,
+    Summary,
+    backend,
+    batch_stream,
+    by_framework,
+    dataset,
+    model_spec,
+    pm,
+    progress,
+)
 
 EVAL_NOISE_SEED = 1234
 #: decoded rows (samples x examples) per evaluation call: bounds memory at any test-set size
@@ -171,13 +191,16 @@ def collapse_diagnostics(mu: np.ndarray, logvar: np.ndarray, threshold: float) -
 
 def max_spread(curves: list[list[float]], steps: int) -> tuple[float, int]:
     """Largest max - min across curves over their first `steps` common entries, and its step
-    (1-based); (nan, 0) when there is nothing to compare."""
+    (1-based; the first step where it is not finite, if one is); (nan, 0) when there is nothing
+    to compare."""
     n = min([steps, *(len(c) for c in curves)])
     if len(curves) < 2 or n == 0:
         return math.nan, 0
     a = np.array([c[:n] for c in curves], dtype=np.float64)
-    spread = a.max(axis=0) - a.min(axis=0)
-    i = int(np.nanargmax(spread)) if np.isfinite(spread).any() else 0
+    with np.errstate(invalid="ignore"):
+        spread = a.max(axis=0) - a.min(axis=0)
+    bad = ~np.isfinite(spread)
+    i = int(np.argmax(bad)) if bad.any() else int(np.argmax(spread))  # the first step that is not finite
     return float(spread[i]), i + 1
 
 
@@ -315,6 +338,20 @@ def train_seed(c: AppConfig, job: Job, ds: data_mod.Dataset, spec: ModelSpec, se
     return run
 
 
+def ulp_control(c: AppConfig, job: Job, ds: data_mod.Dataset, spec: ModelSpec, seed: int) -> list[float]:
+    """The lockstep run's first `lockstep_steps` training losses of `seed` once more, in the same
+    framework on the same batches and noise, from the weights moved by one ulp of the job's
+    precision: how far that framework's own rounding carries its run (the perturbation control
+    the lockstep spread is judged against)."""
+    cc, bs = c.measure.convergence, c.data.batch_size
+    params = one_ulp(init_params(spec, seed), c.framework.precision)
+    b = backend(dataclasses.replace(c, seed=seed), job.framework, spec=spec, params=params)
+    steps = min(cc.lockstep_steps, cc.epochs * (len(ds.x_train) // bs))  # no more than the run took
+    batches = itertools.islice(batch_stream(ds.x_train, bs, seed), steps)
+    losses = [b.train_step(b.put(xb), data_mod.noise((bs, spec.latent), seed, step)) for step, xb in enumerate(batches)]
+    return [float(v) for v in losses]
+
+
 def final_evaluation(c: AppConfig, b: Any, x: np.ndarray, spec: ModelSpec, elbo: np.ndarray) -> dict[str, Any]:
     """IWAE-k, its gap to the final test ELBO (paired per example), collapse diagnostics."""
     k = c.measure.convergence.iwae_k
@@ -367,6 +404,8 @@ def run(c: AppConfig, job: Job) -> Result:
         if r["status"] != "ok":
             status, error = r["status"], r["error"]
             break
+        if cc.shared_noise and "ulp_control" not in metrics:
+            metrics["ulp_control"] = {"seed": seed, "step_loss": ulp_control(c, job, ds, spec, seed)}
     metrics.update(seed_means([r for r in metrics["runs"] if r["status"] == "ok"]))
     metrics["compile_count"] = sum(r["compile_count"] for r in metrics["runs"])
     return Result(metrics=metrics, status=status, error=error, backend_env=env)
@@ -495,6 +534,50 @@ def lockstep(records: list[dict[str, Any]]) -> tuple[float, str] | None:
     return worst, where
 
 
+def control_of(r: dict[str, Any]) -> tuple[list[float], list[float], int] | None:
+    """A lockstep record's one-ulp control: (its losses, its framework's run's losses, the seed);
+    None if it has none, or the seed it controls did not complete."""
+    ctrl = (r.get("metrics") or {}).get("ulp_control")
+    if not ctrl or not r["metrics"].get("shared_noise"):
+        return None
+    run = next((x for x in done(r) if x["seed"] == ctrl["seed"]), None)
+    return None if run is None else (ctrl["step_loss"], run["step_loss"], ctrl["seed"])
+
+
+def control_deviation(records: list[dict[str, Any]]) -> tuple[float, str] | None:
+    """Largest deviation of a one-ulp control (`ulp_control`) from its own framework's run over
+    the first `lockstep_steps` steps, and whose and where; None when no lockstep record has one
+    (records from before the control). NaN when a control's loss is not finite."""
+    steps = recorded_setting(records, "lockstep_steps")
+    worst, where, any_control = -math.inf, "", False
+    for r in records:
+        got = control_of(r)
+        if got is None:
+            continue
+        any_control = True
+        control, run, seed = got
+        dev, step = max_spread([run, control], steps)
+        if not dev <= worst:
+            worst, where = dev, f"{r['framework']}/{r['mode']} seed {seed}, step {step}"
+    return (worst, where) if any_control else None
+
+
+def lockstep_judged(records: list[dict[str, Any]]) -> tuple[bool, str]:
+    """Whether the lockstep spread is judged, and the control's note: judged unless a one-ulp
+    control leaves `lockstep_tol` (then rounding alone moves a run that far, and the spread
+    measures rounding luck); a control that is not finite is judged, and fails, as such."""
+    tol = recorded_setting(records, "lockstep_tol")
+    control = control_deviation(records)
+    if control is None:
+        return True, ""
+    dev, where = control
+    if not math.isfinite(dev):
+        return True, f"; one-ulp control not finite ({where})"  # and failed by name in `summarize`
+    if le(dev, tol):
+        return True, f"; one-ulp control within {dev:.1e} ({where})"
+    return False, f"; one-ulp control reaches {dev:.2e} ({where})"
+
+
 def nonfinite_run(x: dict[str, Any], linear: bool) -> str | None:
     """The first judged number of one seed's run that is not finite (training losses, test ELBOs,
     the final IWAE; on the linear model the gaps to the optimum), named with its step."""
@@ -547,6 +630,11 @@ def summarize(records: list[dict[str, Any]]) -> Summary:
             if bad is not None:
                 ok = False
                 notes.append(f"{r['framework']}/{r['mode']} seed {x['seed']}: {bad}")
+        ctrl = (r.get("metrics") or {}).get("ulp_control") or {}
+        bad = describe(ctrl["step_loss"], "step") if ctrl else None
+        if bad is not None:
+            ok = False
+            notes.append(f"{r['framework']}/{r['mode']} seed {ctrl.get('seed')}: one-ulp control's training loss is {bad}")
         runs = done(r)
         if not runs:
             continue
@@ -598,10 +686,13 @@ def summarize(records: list[dict[str, Any]]) -> Summary:
     if ls is not None:
         dev, where = ls
         tol, steps = recorded_setting(recs, "lockstep_tol"), recorded_setting(recs, "lockstep_steps")
-        good = le(dev, tol)
-        ok = ok and good
+        judged, control = lockstep_judged(recs)
+        good = le(dev, tol) and not control.startswith("; one-ulp control not finite")
+        ok = ok and (good or not judged)
+        verdict = ("pass" if good else "FAIL") if judged else (
+            "reported, not judged: rounding alone moves a run further than the tolerance")
         notes.append(f"lockstep (shared noise): largest spread of the per-step training loss across frameworks over the first "
-                     f"{steps} steps: {dev:.2e} nats per example at {where} (tolerance {tol:g}): " + ("pass" if good else "FAIL"))
+                     f"{steps} steps: {dev:.2e} nats per example at {where} (tolerance {tol:g}{control}): {verdict}")
     if linear:
         opt = next(r["metrics"]["optimum"] for r in recs if "optimum" in (r.get("metrics") or {}))
         notes.append(f"pPCA optimum (ML with fixed obs_sigma {opt['obs_sigma']:g}, from the training data): log p(x) "
@@ -778,6 +869,15 @@ def plot_lockstep(records: list[dict[str, Any]], path: Path) -> Path | None:
         n = min(len(c) for c in curves)
         a = np.array([c[:n] for c in curves])
         ax.plot(np.arange(1, n + 1), np.maximum(a.max(axis=0) - a.min(axis=0), 1e-9), lw=0.8, label=f"seed {s}")
+    steps = recorded_setting(recs, "lockstep_steps")
+    for r in recs:
+        got = control_of(r)
+        if got is not None:
+            control, run, seed = got
+            n = min(steps, len(control), len(run))
+            dev = np.abs(np.subtract(control[:n], run[:n]))
+            ax.plot(np.arange(1, n + 1), np.maximum(dev, 1e-9), lw=0.8, ls="--", color=COLORS.get(r["framework"]),
+                    label=f"{r['framework']}: one-ulp control, seed {seed}")
     ax.axhline(recorded_setting(recs, "lockstep_tol"), color="grey", lw=0.8, ls=":", label="tolerance")
     ax.axvline(recorded_setting(recs, "lockstep_steps"), color="grey", lw=0.8, ls="--")
     ax.set_yscale("log")
@@ -791,6 +891,7 @@ def plot_lockstep(records: list[dict[str, Any]], path: Path) -> Path | None:
 
 JUDGED = (
     Judged("runs.*.step_loss", "training loss", axis="step"),
+    Judged("ulp_control.step_loss", "one-ulp control's training loss", axis="step"),
     Judged("runs.*.evals.*.test_elbo", "test ELBO"),
     Judged("runs.*.final.test_log_likelihood", "test log-likelihood (IWAE)"),
     Judged("runs.*.evals.*.gap_to_optimum", "gap to the pPCA optimum"),
