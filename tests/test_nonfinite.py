@@ -38,7 +38,6 @@ BAD = (math.nan, math.inf, -math.inf)
 #: so `groups` leaves them out
 KNOWN_FAIL = {
     ("conformance", "cpu-2core-conv"): "TensorFlow's XLA-compiled SGD step on model=conv",
-    ("convergence", "cpu-2core-conv-convergence"): "TensorFlow out of memory in IWAE-100, JAX stopped",
 }
 
 
