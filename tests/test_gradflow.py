@@ -13,6 +13,7 @@ from harness.config import AppConfig, ConfigError, validate
 from harness.initializers import init_params
 from harness.measures import gradflow as gf
 from harness.measures.common import backend, dataset, model_spec
+from harness.records import read_records
 from harness.worker import Job
 from tests.conftest import FRAMEWORKS, make_config
 
@@ -61,6 +62,22 @@ def test_cli_negative_control_exits_nonzero(cli) -> None:  # type: ignore[no-unt
     assert r.returncode == 1
     assert "pattern matches theory: no" in r.stdout and "reconstruction reaches it: no" in r.stdout
     assert (next(cli.out_dir.glob("*/")) / "gradflow.png").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("control,says", [("model.stop_gradient_z=true", "reconstruction reaches it: no"),
+                                          ("model.freeze=decoder", "the ELBO trains the decoder: no")])
+def test_conv_negative_controls_fail_in_every_framework(cli, control: str, says: str) -> None:  # type: ignore[no-untyped-def]
+    """model=conv data=mnist5k: each negative control breaks the pattern in all three frameworks
+    and vaebench exits 1 (a small conv VAE: 4 and 8 filters)."""
+    r = cli("measure=gradflow", "framework=all", "model=conv", "data=mnist5k", "model.filters=[4,8]", "model.dense=8",
+            control, "measure.gradflow.train_steps=4", "measure.gradflow.log_every=2")
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
+    recs = read_records(cli.out_dir)
+    assert {x["framework"] for x in recs} == set(FRAMEWORKS) and all(x["status"] == "ok" for x in recs)
+    assert all(x["metrics"]["verdict"]["matches_theory"] is False for x in recs)
+    assert all(x["metrics"]["matrix"]["kl"]["decoder"]["norm"] == 0.0 for x in recs)
+    assert "pattern matches theory: no" in r.stdout and says in r.stdout
 
 
 # --- the finite-difference check at any input width --------------------------------------
