@@ -139,3 +139,37 @@ def test_the_oracle_computes_in_the_dtype_it_is_given(kind: str) -> None:
     t = reference.terms(p, x, eps, spec)
     assert t.recon.dtype == t.kl.dtype == np.float32
     assert {str(g.dtype) for g in reference.grads(p, x, eps, spec, "loss").values()} == {"float32"}
+
+
+def _counted_terms(layer: Any, w: np.ndarray) -> tuple[int, int]:
+    """(weight, bias) terms per example, counted by the NumPy oracle's own layer: with an all-ones
+    input and upstream gradient, a bias gradient counts the positions it sums, and the weight
+    gradient's largest entry (a tap that never lands in padding) counts the positions its sum runs
+    over."""
+    from harness.models import base, conv
+
+    x = np.ones((1, *layer.in_shape))
+    b = np.zeros(w.shape[-1])
+    if layer.op == "dense":
+        _, dw, db = base.np_dense_backward(x, w, np.ones((1, w.shape[1])), per_example=False)
+        return int(dw.max()), int(db.max())
+    fwd, bwd = (conv.np_conv, conv.np_conv_backward) if layer.op == "conv2d" else (conv.np_conv_t, conv.np_conv_t_backward)
+    y, cache = fwd(x, w, b, layer.stride)
+    _, dw, db = bwd(w, cache, np.ones_like(y), layer.stride)
+    return int(dw.max()), int(db.max())
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_reduction_terms_count_what_each_gradient_sums(kind: str) -> None:
+    """`reduction_terms` (the conformance floor's sum lengths) against the oracle's own count."""
+    from harness.models.base import reduction_terms
+
+    spec = MODELS[kind].example()
+    params = init_params(spec, 0)
+    layers = spec.module.layers(spec)
+    terms = reduction_terms(layers)
+    assert set(terms) == set(params)  # every parameter, from its layer
+    for layer in layers:
+        assert (terms[layer.weight], terms[layer.bias]) == _counted_terms(layer, params[layer.weight]), layer.name
+    if kind == "conv":  # 8 x 4 images: the first conv's 4 x 2 outputs; the last conv_t's 8 x 4 outputs
+        assert terms["encoder.0.bias"] == 8 and terms["decoder.3.bias"] == 32

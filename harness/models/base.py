@@ -206,6 +206,28 @@ def dense_layers(params: Mapping[str, Param], shapes_in: Mapping[str, tuple[int,
     return out
 
 
+def reduction_terms(layers: list[Layer]) -> dict[str, int]:
+    """Per parameter, the terms per example that its gradient sums: a dense layer's weight and
+    bias 1 (the batch alone); a convolution's weight and bias its output positions; a transposed
+    convolution's weight its input positions (each input pixel's window) and its bias its output
+    positions. A batch of B examples sums B times as many. The conformance measure's rounding
+    floor grows with the square root of this length (summation in an unknown order)."""
+    out: dict[str, int] = {}
+    for layer in layers:
+        spatial = math.prod(layer.in_shape[:-1]) if len(layer.in_shape) > 1 else 1
+        s = layer.stride
+        if layer.op == "dense":
+            out[layer.weight] = out[layer.bias] = 1
+        elif layer.op == "conv2d":
+            h, w = layer.in_shape[0], layer.in_shape[1]
+            out[layer.weight] = out[layer.bias] = math.ceil(h / s) * math.ceil(w / s)
+        elif layer.op == "conv2d_transpose":
+            out[layer.weight], out[layer.bias] = spatial, spatial * s * s
+        else:
+            raise ValueError(f"reduction_terms: unknown layer op {layer.op!r} ({layer.name})")
+    return out
+
+
 #: FLOP per parameter of one optimizer update (see `step_flops`)
 OPTIMIZER_FLOPS_PER_PARAM = {"adam": 12, "sgd": 2, "sgd_momentum": 4}
 
