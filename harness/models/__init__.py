@@ -16,7 +16,8 @@ kind is one module here and one `conf/model/<kind>.yaml`, nothing else). A kind 
   forward and hand-written backward, the oracle every framework is checked against
   (`harness.reference`);
 - `layers(spec) -> [base.Layer]`: the layers one by one (op, parameters, stride, input shape),
-  for the throughput measure's per-layer forward/backward timing;
+  for the throughput measure's per-layer forward/backward timing and the conformance floor's
+  sum lengths (`base.reduction_terms`);
 - `describe(spec) -> str`: one line for tables;
 - `example(**fields) -> Spec`: a small instance, for the tests (which iterate the kinds);
 - optionally `DATA_FIELDS`: spec fields the data set decides ({field: fn(dataset) -> value};
