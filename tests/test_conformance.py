@@ -84,6 +84,15 @@ def test_step_floor_is_the_cancellation_error() -> None:
                                                                         rel=1e-6)
 
 
+def test_entry_terms_refuse_a_parameter_no_layer_covers(monkeypatch: pytest.MonkeyPatch) -> None:
+    from harness.models import MODELS
+
+    spec = MODELS["mlp"].example()
+    monkeypatch.setattr(MODELS["mlp"], "layers", lambda s: [])
+    with pytest.raises(ValueError, match=r"model kind 'mlp': its layers\(\) do not cover parameter 'encoder.0.weight'"):
+        cf.entry_terms(spec, init_params(spec, 0), batch=2)
+
+
 def test_entry_terms_follow_the_canonical_flat_order() -> None:
     """`entry_terms` lines up with `_flat`: each parameter's entries carry batch x its terms."""
     from harness.models import MODELS

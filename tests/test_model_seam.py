@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from harness.models.base import (LayerFlops, ModelSpec, Param, bias_param, dense_param, np_activation,
-                                 np_activation_backward, np_dense_backward, np_dense_forward)
+from harness.models.base import (Layer, LayerFlops, ModelSpec, Param, bias_param, dense_layers, dense_param,
+                                 np_activation, np_activation_backward, np_dense_backward, np_dense_forward)
 from harness.schema import setting
 
 KIND = "toy"
@@ -51,6 +51,10 @@ def params(s: Any) -> dict[str, Param]:
             "decoder.0.weight": dense_param(s.latent, s.width), "decoder.0.bias": bias_param(s.width),
             "decoder.1.weight": dense_param(s.width, s.x_dim), "decoder.1.bias": bias_param(s.x_dim),
             "decoder.2.weight": dense_param(s.latent, s.x_dim), "decoder.2.bias": bias_param(s.x_dim)}
+
+
+def layers(s: Any) -> list[Layer]:
+    return dense_layers(params(s))
 
 
 def layer_flops(s: Any) -> list[LayerFlops]:

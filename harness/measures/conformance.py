@@ -291,6 +291,10 @@ def step_floor(theta: np.ndarray, new: np.ndarray, dtype: str, terms: np.ndarray
 def entry_terms(spec: ModelSpec, params: dict[str, np.ndarray], batch: int) -> np.ndarray:
     """Per entry of `_flat(params)`, the terms its gradient sums over a batch of `batch`."""
     n = reduction_terms(spec.module.layers(spec))
+    missing = [k for k in params if k not in n]
+    if missing:
+        raise ValueError(f"model kind {spec.kind!r}: its layers() do not cover parameter {missing[0]!r} "
+                         "(the conformance floor needs every parameter's layer)")
     return np.concatenate([np.full(np.size(v), batch * n[k], dtype=np.float64) for k, v in params.items()])
 
 
