@@ -82,6 +82,8 @@ def test_ctrl_c_stops_the_suite_and_keeps_a_record(tmp_path: Path) -> None:
         [sys.executable, "-m", "harness.cli", "framework=all", "measure=convergence", "measure.convergence.epochs=100000",
          f"out_dir={out}", "progress=false"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        # as from a terminal: a shell's background job (a CI script started with `&`) ignores SIGINT
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert proc.stdout is not None
     first, *rest_fw = FRAMEWORKS

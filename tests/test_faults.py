@@ -132,10 +132,14 @@ def test_dead_job_keeps_its_partial_metrics(tmp_path: Path, monkeypatch: pytest.
 
 @pytest.fixture
 def sigterm_stops() -> Any:
-    """SIGTERM handled in this process as `vaebench` handles it (raises job.Stopped)."""
+    """SIGTERM handled in this process as `vaebench` handles it (raises job.Stopped), and SIGINT
+    raising KeyboardInterrupt as in any Python started from a terminal (a shell's background job,
+    e.g. a CI script started with `&`, starts with SIGINT ignored)."""
     old = signal.signal(signal.SIGTERM, cli._stop)
+    old_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGTERM, old)
+    signal.signal(signal.SIGINT, old_int)
 
 
 def _signal_once_saved(record_path: str, signum: int, delay: float = 0.2) -> None:
