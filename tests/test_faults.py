@@ -275,7 +275,13 @@ def test_a_worker_keeps_its_run_live_after_vaebench_dies(tmp_path: Path) -> None
         for pid in _pids_with("trained 2 epochs", str(run / "jobs")):
             os.killpg(pid, signal.SIGKILL)
     _wait_for(lambda: not _pids_with("trained 2 epochs", str(run / "jobs")), 30, "the worker to end")
-    assert recover_stopped_runs(tmp_path) == ([(run, 1)], [])
+    got: list[Any] = []
+
+    def released() -> bool:  # the lock goes when the killed process group has fully exited, a moment later
+        got.append(recover_stopped_runs(tmp_path))
+        return bool(got[-1] != ([], [run]))
+    _wait_for(released, 10, "the run's lock to be released")
+    assert got[-1] == ([(run, 1)], [])
     rec = read_record(record)
     assert rec["status"] == "failed" and rec["error"] == HARNESS_STOPPED and _nulled(rec["metrics"]) == PARTIAL
     _no_leftovers(tmp_path)
