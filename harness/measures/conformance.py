@@ -43,6 +43,7 @@ from harness.api import ModelSpec
 from harness.initializers import init_params, one_ulp
 from harness.job import Job, Result
 from harness.judged import Judged, describe
+from harness.metrics import load, plain
 from harness.models.base import reduction_terms
 from harness.schema import ConfigError, setting
 from harness.spec import FRAMEWORKS, TERMS, Dtype, OptimSpec, choices
@@ -121,6 +122,38 @@ class ConformanceConfig:
 
 
 Config = ConformanceConfig
+
+
+@dataclass
+class DtypeMetrics:
+    """One dtype's numbers in the record (its arrays are in the arrays file)."""
+
+    loss: float  # the framework's mean loss over the check batches
+
+
+@dataclass(kw_only=True)  # keyword-only: `arrays`, required, comes last as in the records
+class ConformanceMetrics:
+    """The conformance record's metrics (`harness.metrics`: built here, stored by `plain`, read
+    back by `load`): what the arrays were made with and where they are; every comparison is
+    made from the arrays (`summarize`)."""
+
+    dtypes: list[str]
+    steps: int
+    batch_size: int
+    plant: str  # planted in this framework ("none" when it was not the plant_framework)
+    # absent in records from before the check batches and stable_sgd (one check batch, the
+    # configured step sizes)
+    check_batches: int | None = None
+    check_batch_size: int | None = None
+    sgd_lr: float | None = None  # the SGD step used (after stable_sgd's halvings)
+    adam_lr: float | None = None
+    sgd_lr_halved: list[str] | None = None  # the SGD steps stable_sgd tried and rejected
+    float32: DtypeMetrics | None = None  # per dtype of `dtypes` (absent when not measured)
+    float64: DtypeMetrics | None = None
+    arrays: str  # the arrays file beside the record (`<record>.npz`)
+
+
+METRICS = ConformanceMetrics
 #: what it reads (`harness.measures`): the configured model and data set, but its own dtypes,
 #: batch size and SGD/Adam steps (of optim.* only beta1, beta2, eps)
 READS = ("framework", "-framework.precision", "seed", "model", "data", "-data.batch_size", "optim", "-optim.name",
@@ -356,9 +389,7 @@ def run(c: AppConfig, job: Job) -> Result:
     trajs = {name: reference_trajectory(spec, params, o, steps) for name, o in optims.items()}
     arrays: dict[str, np.ndarray] = {}
     env: dict[str, Any] = {}
-    metrics: dict[str, Any] = {"dtypes": list(cf.dtypes), "steps": cf.steps, "batch_size": cf.batch_size, "plant": plant,
-                               "check_batches": cf.check_batches, "check_batch_size": cf.check_batch_size,
-                               "sgd_lr": optims["sgd"].lr, "adam_lr": optims["adam"].lr, "sgd_lr_halved": halved}
+    per_dtype: dict[str, DtypeMetrics] = {}
     for name in optims:
         arrays[f"ref/{name} trajectory"] = reference_losses(spec, trajs[name], steps)
     for dtype in cf.dtypes:
@@ -392,22 +423,26 @@ def run(c: AppConfig, job: Job) -> Result:
             if dtype == "float32":
                 arrays[f"{dtype}/{name} trajectory/ulp control"] = free_run(
                     c, job.framework, spec, dtype, o, one_ulp(start, dtype), steps, plant)
-        metrics[dtype] = {"loss": float(np.mean(arrays[f"{dtype}/terms/loss"]))}
+        per_dtype[dtype] = DtypeMetrics(loss=float(np.mean(arrays[f"{dtype}/terms/loss"])))
         env = b.version()
     arrays[CHECK_BATCHES] = np.array(cf.check_batches)
     path = Path(job.record_path).with_suffix(".npz")
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)  # type: ignore[arg-type]
     write_atomic(path, buf.getvalue())
-    metrics["arrays"] = path.name
+    metrics = ConformanceMetrics(
+        dtypes=list(cf.dtypes), steps=cf.steps, batch_size=cf.batch_size, plant=plant, check_batches=cf.check_batches,
+        check_batch_size=cf.check_batch_size, sgd_lr=optims["sgd"].lr, adam_lr=optims["adam"].lr, sgd_lr_halved=halved,
+        float32=per_dtype.get("float32"), float64=per_dtype.get("float64"), arrays=path.name)
     diverged = []  # the NumPy reference by the growth rule; the framework's own runs by a non-finite loss
     for key in sorted(k for k in arrays if k.endswith(("trajectory", "ulp control"))):
         why = divergence(arrays[key], DIVERGENCE_FACTOR if key.startswith("ref/") else np.inf)
         if why is not None:
             diverged.append(f"{key}: {why}")
     if diverged:  # the rows stay in the table (summarize reads the arrays of a diverged record too)
-        return Result(metrics=metrics, status="diverged", error=f"training diverged: {'; '.join(diverged)}", backend_env=env)
-    return Result(metrics=metrics, backend_env=env)
+        return Result(metrics=plain(metrics), status="diverged", error=f"training diverged: {'; '.join(diverged)}",
+                      backend_env=env)
+    return Result(metrics=plain(metrics), backend_env=env)
 
 
 # --- comparison (parent process, from records and their arrays) ---------------------------
@@ -741,26 +776,26 @@ def summarize(records: list[dict[str, Any]]) -> Summary:
     rows stay in the table (failing, with the step named)."""
     with_arrays = [r for r in by_framework(records) if r["status"] in ("ok", "diverged") and r["metrics"].get("arrays")]
     notes = [f"{r['framework']}: {r['status']}: {r['error']}" for r in records if r["status"] != "ok"]
+    typed = [load(ConformanceMetrics, r["metrics"], strict=False) for r in with_arrays]
     loaded: dict[str, dict[str, np.ndarray]] = {}
-    for r in with_arrays:
-        path = Path(r.get("_file", "")).parent / r["metrics"]["arrays"]
+    for r, m in zip(with_arrays, typed):
+        path = Path(r.get("_file", "")).parent / m.arrays
         if not path.exists():
             notes.append(f"{r['framework']}: arrays file {path} is missing")
             continue
         with np.load(path) as f:
             loaded[f"{r['framework']}/{r['mode']}"] = {k: f[k] for k in f.files}
-        plant = r["metrics"].get("plant", "none")
-        if plant != "none":
-            notes.append(f"{r['framework']} was given a planted disagreement ({plant}): {PLANT_NOTES[plant]}")
+        if m.plant != "none":
+            notes.append(f"{r['framework']} was given a planted disagreement ({m.plant}): {PLANT_NOTES[m.plant]}")
     if not loaded:
         return Summary("Conformance across frameworks", [], False, notes or ["no records"])
-    m0 = with_arrays[0]["metrics"]
-    dtypes = list(m0["dtypes"])
+    m0 = typed[0]
+    dtypes = list(m0.dtypes)
     rows = table_rows(loaded, dtypes)
-    if m0.get("sgd_lr_halved"):
+    if m0.sgd_lr_halved:
         notes.append(f"SGD step: measure.conformance.sgd_lr is unstable on this model in the float64 NumPy reference "
-                     f"(a loss above {STABLE_FACTOR:g} x the first step's: {'; '.join(m0['sgd_lr_halved'])}), so it was "
-                     f"halved to {m0['sgd_lr']:g} (stable_sgd=true)")
+                     f"(a loss above {STABLE_FACTOR:g} x the first step's: {'; '.join(m0.sgd_lr_halved)}), so it was "
+                     f"halved to {m0.sgd_lr:g} (stable_sgd=true)")
     keras = [float(np.max(a[k])) for a in loaded.values() for k in a if k.endswith("adam step/keras convention effect")]
     if keras:
         in_keras = [k.split("/")[0] for k, a in loaded.items() if any(n.endswith("adam step/keras convention effect") for n in a)]
