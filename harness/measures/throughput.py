@@ -56,6 +56,7 @@ from harness.measures.common import (
     optim_spec,
     runtime_spec,
 )
+from harness.metrics import load, plain
 from harness.models.base import layer_step_flops, optimizer_flops
 from harness.models.base import step_flops as models_step_flops
 from harness.plots import COLORS, pyplot, save_png
@@ -88,6 +89,91 @@ class ThroughputConfig:
 
 
 Config = ThroughputConfig
+
+
+@dataclass(kw_only=True)
+class BatchRow:
+    """One batch size (`run_one`): the first call, the step times of the timed repeats
+    (`harness.timing.TimingResult.as_metrics`), the FLOP counts, the memory peak, the loss after
+    timing; with `plain=true` the same for the plain loop and the ratios of the two."""
+
+    batch: int
+    plain_first_call_s: float | None = None  # with settings.plain
+    first_call_s: float
+    compile_count_first_call: int
+    compile_count: int
+    compile_count_unchanged: bool
+    step_s_median: float
+    step_s_iqr: float
+    step_s_samples: list[float]
+    outer_wall_s: float
+    clock_ratio: float
+    repeats: int
+    steps: int
+    samples_per_s: float
+    step_flops: int
+    achieved_flops: float
+    peak_memory_bytes: int | None  # null where the framework cannot read its peak
+    peak_memory_method: str
+    loss_after: float
+    plain_step_s_median: float | None = None  # this and the rest of the plain_* and ratios: with settings.plain
+    plain_step_s_iqr: float | None = None
+    plain_step_s_samples: list[float] | None = None
+    plain_outer_wall_s: float | None = None
+    plain_clock_ratio: float | None = None
+    plain_samples_per_s: float | None = None
+    overhead_ratio: float | None = None
+    overhead_ratio_paired: float | None = None
+    roofline_fraction: float | None = None  # absent from the partial metrics (no matmul rate yet)
+
+
+@dataclass
+class LayerRow:
+    """One layer alone in one formulation (`time_layers`): median times of its forward pass and
+    of forward and backward, and the repeats behind them."""
+
+    layer: str
+    op: str
+    formulation: str
+    batch: int
+    forward_s: float
+    forward_backward_s: float
+    backward_s: float
+    forward_s_samples: list[float]
+    forward_backward_s_samples: list[float]
+
+
+@dataclass(kw_only=True)
+class ThroughputMetrics:
+    """The throughput record's metrics (`harness.metrics`: built here, stored by `plain`, read
+    back by `load`). The partial metrics saved after each batch size are the same type without
+    the matmul rate, the roofline fractions and the layers."""
+
+    batches: list[BatchRow]
+    matmul_flops_per_s: float | None = None  # measured after the batch sizes
+    batch_sizes: list[int]
+    matmul_n: int
+    # step_flops(B) = matmul_flops_per_example * B + optimizer_flops (the roofline's curve)
+    matmul_flops_per_example: int
+    optimizer_flops: int
+    # the spec's fields (they depend on its kind; tuples as lists), describe() and parameter count
+    model: dict[str, Any]
+    optimizer: str
+    settings: ThroughputConfig
+    repeats: int
+    steps: int
+    warmup: int
+    precision: str
+    device: str
+    threads: int
+    allow_tf32: bool
+    compile_mode: str
+    conv_transpose: str | None = None  # absent from version-1 records
+    compile_cache: str
+    layers: list[LayerRow] | None = None  # with settings.layers
+
+
+METRICS = ThroughputMetrics
 #: what it reads (`harness.measures`): the configured model on the configured data's input shape
 #: (its own batch sizes: not data.batch_size), the configured optimizer (timed, and counted in
 #: the FLOPs), the seed of the backend's RNG
@@ -161,10 +247,10 @@ def run_one(
     optim: OptimSpec | None = None,
     fresh_compile_state: bool = True,
     backend_factory: Callable[..., Any] | None = None,
-) -> dict[str, Any]:
+) -> tuple[BatchRow, dict[str, Any]]:
     """Measure one batch size; returns its row of the record (roofline filled in later by
-    `run_batches`, which knows the matmul rate; `row["_version"]` is the backend's version(),
-    which run_batches moves to the record's env). Raises RecompiledWhileTiming on a retrace.
+    `run_batches`, which knows the matmul rate) and the backend's version(), which run_batches
+    puts in the record's env. Raises RecompiledWhileTiming on a retrace.
     `backend_factory` replaces load_backend (same arguments), for tests."""
     runtime = dataclasses.replace(runtime, mode=resolve_mode(framework, runtime.mode))
     device, seed = runtime.device, runtime.seed
@@ -185,12 +271,12 @@ def run_one(
     peak = pl.peak_memory_bytes(device)
     peak_method = pl.peak_memory_method(device)
     contenders = {"harness": h}
-    row: dict[str, Any] = {"batch": int(batch)}
+    plain_first_s = None
     if cfg.plain:
         p = pl.PlainStep(spec, opt, init_params(spec, seed), runtime)
         px = p.put(x_host)
         pc = plain_contender(p, px)
-        row["plain_first_call_s"] = first_call(pc.step, pc.sync)
+        plain_first_s = first_call(pc.step, pc.sync)
         contenders["plain"] = pc
     compiles_before = b.compile_count()
     res = time_interleaved(contenders, cfg.repeats, cfg.steps, cfg.warmup)
@@ -199,7 +285,19 @@ def run_one(
     flops = step_flops(spec, batch, opt.name, opt.momentum)
     loss = float(b.train_step(x))  # float() syncs
     b.sync()
-    row.update(
+    vs_plain: dict[str, Any] = {}
+    if "plain" in res:
+        pr = res["plain"]
+        vs_plain = {
+            **pr.as_metrics("plain_"),
+            "plain_samples_per_s": batch / pr.median,
+            "overhead_ratio": hr.median / pr.median,
+            # repeats i of both ran back to back: the median of the per-pair ratios is robust to drift
+            "overhead_ratio_paired": median([a / b for a, b in zip(hr.samples_s, pr.samples_s)]),
+        }
+    row = BatchRow(
+        batch=int(batch),
+        plain_first_call_s=plain_first_s,
         first_call_s=first_s,
         compile_count_first_call=compiles_first,
         compile_count=compiles_after,
@@ -213,16 +311,72 @@ def run_one(
         peak_memory_bytes=peak,
         peak_memory_method=peak_method,
         loss_after=loss,
+        **vs_plain,
     )
-    if "plain" in res:
-        pr = res["plain"]
-        row.update(**pr.as_metrics("plain_"))
-        row["plain_samples_per_s"] = batch / pr.median
-        row["overhead_ratio"] = hr.median / pr.median
-        # repeats i of both ran back to back: the median of the per-pair ratios is robust to drift
-        row["overhead_ratio_paired"] = median([a / b for a, b in zip(hr.samples_s, pr.samples_s)])
-    row["_version"] = b.version()
-    return row
+    return row, b.version()
+
+
+def measure_batches(
+    framework: str,
+    runtime: RuntimeSpec,
+    cfg: ThroughputConfig,
+    spec: ModelSpec,
+    *,
+    optim: OptimSpec | None = None,
+    progress: Callable[[str], None] | None = None,
+    save: Callable[[dict[str, Any]], Any] | None = None,
+) -> tuple[ThroughputMetrics, dict[str, Any]]:
+    """Every batch size (increasing), then the matmul rate; returns (metrics, backend env).
+    `save(metrics)` is called after each batch size with the metrics so far as plain data (the
+    rows finished, no roofline yet), to keep partial metrics."""
+    check(cfg, "measure.throughput.")
+    runtime = dataclasses.replace(runtime, mode=resolve_mode(framework, runtime.mode))
+    mode, dtype, device, seed = runtime.mode, runtime.dtype, runtime.device, runtime.seed
+    env: dict[str, Any] = {}
+    opt = optim or OptimSpec()
+    metrics = ThroughputMetrics(
+        batches=[],
+        batch_sizes=[],
+        matmul_n=cfg.matmul_n,
+        matmul_flops_per_example=matmul_flops(spec, 1),
+        optimizer_flops=optimizer_flops(spec, opt.name, opt.momentum),
+        model={**{k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(spec).items()},
+               "describe": spec.describe(), "params": sum(math.prod(s) for s in spec.param_shapes().values())},
+        optimizer=opt.name,
+        settings=cfg,
+        repeats=cfg.repeats,
+        steps=cfg.steps,
+        warmup=cfg.warmup,
+        precision=dtype,
+        device=device,
+        threads=runtime.threads,
+        allow_tf32=runtime.allow_tf32,
+        compile_mode=runtime.compile_mode,
+        conv_transpose=runtime.conv_transpose,
+        compile_cache=compile_cache_state(),
+    )
+    rows = metrics.batches
+    for batch in sorted({int(b) for b in cfg.batch_sizes}):
+        if progress is not None:
+            progress(f"throughput {framework}/{mode} batch {batch}")
+        row, env = run_one(framework, runtime, batch, cfg, spec, optim=optim)
+        rows.append(row)
+        metrics.batch_sizes.append(row.batch)
+        if progress is not None:  # a line per combination as it finishes
+            ratio = f", {row.overhead_ratio:.2f} x the plain loop's time" if row.overhead_ratio is not None else ""
+            progress(f"  batch {batch}: first call {row.first_call_s:.2f} s, {row.step_s_median * 1e3:.3f} ms/step, "
+                     f"{row.samples_per_s:.4g} samples/s{ratio}")
+        if save is not None:
+            save(plain(metrics))
+    pl = plain_module(framework)
+    if cfg.layers:
+        metrics.layers = time_layers(framework, mode, spec, max(metrics.batch_sizes), cfg, dtype=dtype, device=device,
+                                     seed=seed, progress=progress)
+    rate = float(pl.matmul_rate(dtype, device, cfg.matmul_n, repeats=cfg.matmul_repeats, allow_tf32=runtime.allow_tf32))
+    metrics.matmul_flops_per_s = rate
+    for row in rows:
+        row.roofline_fraction = row.achieved_flops / rate
+    return metrics, env
 
 
 def run_batches(
@@ -235,66 +389,13 @@ def run_batches(
     progress: Callable[[str], None] | None = None,
     save: Callable[[dict[str, Any]], Any] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Every batch size (increasing), then the matmul rate; returns (metrics, backend env).
-    `save(metrics)` is called after each batch size with the metrics so far (the rows finished,
-    no roofline yet), to keep partial metrics."""
-    check(cfg, "measure.throughput.")
-    runtime = dataclasses.replace(runtime, mode=resolve_mode(framework, runtime.mode))
-    mode, dtype, device, seed = runtime.mode, runtime.dtype, runtime.device, runtime.seed
-    rows: list[dict[str, Any]] = []
-    env: dict[str, Any] = {}
-    opt = optim or OptimSpec()
-    settings_metrics: dict[str, Any] = {
-        "matmul_n": cfg.matmul_n,
-        # step_flops(B) = matmul_flops_per_example * B + optimizer_flops (the roofline's curve)
-        "matmul_flops_per_example": matmul_flops(spec, 1),
-        "optimizer_flops": optimizer_flops(spec, opt.name, opt.momentum),
-        "model": {**{k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(spec).items()},
-                  "describe": spec.describe(), "params": sum(math.prod(s) for s in spec.param_shapes().values())},
-        "optimizer": opt.name,
-        "settings": dataclasses.asdict(cfg),
-        "repeats": cfg.repeats,
-        "steps": cfg.steps,
-        "warmup": cfg.warmup,
-        "precision": dtype,
-        "device": device,
-        "threads": runtime.threads,
-        "allow_tf32": runtime.allow_tf32,
-        "compile_mode": runtime.compile_mode,
-        "conv_transpose": runtime.conv_transpose,
-        "compile_cache": compile_cache_state(),
-    }
-    for batch in sorted({int(b) for b in cfg.batch_sizes}):
-        if progress is not None:
-            progress(f"throughput {framework}/{mode} batch {batch}")
-        row = run_one(framework, runtime, batch, cfg, spec, optim=optim)
-        env = row.pop("_version")
-        rows.append(row)
-        if progress is not None:  # a line per combination as it finishes
-            ratio = f", {row['overhead_ratio']:.2f} x the plain loop's time" if "overhead_ratio" in row else ""
-            progress(f"  batch {batch}: first call {row['first_call_s']:.2f} s, {row['step_s_median'] * 1e3:.3f} ms/step, "
-                     f"{row['samples_per_s']:.4g} samples/s{ratio}")
-        if save is not None:
-            save({"batches": rows, "batch_sizes": [r["batch"] for r in rows], **settings_metrics})
-    pl = plain_module(framework)
-    layer_rows = time_layers(framework, mode, spec, max(r["batch"] for r in rows), cfg, dtype=dtype, device=device,
-                             seed=seed, progress=progress) if cfg.layers else []
-    rate = float(pl.matmul_rate(dtype, device, cfg.matmul_n, repeats=cfg.matmul_repeats, allow_tf32=runtime.allow_tf32))
-    for row in rows:
-        row["roofline_fraction"] = row["achieved_flops"] / rate
-    metrics: dict[str, Any] = {
-        "batches": rows,
-        "matmul_flops_per_s": rate,
-        "batch_sizes": [r["batch"] for r in rows],
-        **settings_metrics,
-    }
-    if cfg.layers:
-        metrics["layers"] = layer_rows
-    return metrics, env
+    """`measure_batches`, its metrics as plain data (what the record stores)."""
+    metrics, env = measure_batches(framework, runtime, cfg, spec, optim=optim, progress=progress, save=save)
+    return plain(metrics), env
 
 
 def time_layers(framework: str, mode: str, spec: ModelSpec, batch: int, cfg: ThroughputConfig, *, dtype: str = "float32",
-                device: str = "cpu", seed: int = 0, progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+                device: str = "cpu", seed: int = 0, progress: Callable[[str], None] | None = None) -> list[LayerRow]:
     """Each layer of the model (`layers(spec)` of its kind) alone on a batch of `batch`: the
     median time of its forward pass and of its forward and backward passes (every input's
     gradient), with the timing core, in the framework's own layout and mode
@@ -318,9 +419,9 @@ def time_layers(framework: str, mode: str, spec: ModelSpec, batch: int, cfg: Thr
             f = time_steps(fwd, sync, cfg.layer_repeats, cfg.steps, max(cfg.warmup, 1))
             fb = time_steps(both, sync, cfg.layer_repeats, cfg.steps, max(cfg.warmup, 1))
             name = layer.name + ("" if len(forms) == 1 else f" [{form}]")
-            out.append({"layer": name, "op": op, "formulation": form, "batch": batch, "forward_s": f.median,
-                        "forward_backward_s": fb.median, "backward_s": max(fb.median - f.median, 0.0),
-                        "forward_s_samples": f.samples_s, "forward_backward_s_samples": fb.samples_s})
+            out.append(LayerRow(layer=name, op=op, formulation=form, batch=batch, forward_s=f.median,
+                                forward_backward_s=fb.median, backward_s=max(fb.median - f.median, 0.0),
+                                forward_s_samples=f.samples_s, forward_backward_s_samples=fb.samples_s))
             if progress is not None:
                 progress(f"  layer {name}: forward {f.median * 1e3:.3f} ms, backward {max(fb.median - f.median, 0) * 1e3:.3f} ms")
     return out
@@ -334,16 +435,21 @@ def run(c: AppConfig, job: Job) -> Result:
             print(msg, file=sys.stderr, flush=True)
 
     spec = model_spec(c, dataset(c))  # the configured model, on inputs of the configured data's shape
-    metrics, env = run_batches(job.framework, runtime_spec(c, job.framework, mode=job.mode), cfg, spec,
-                               optim=optim_spec(c), progress=say, save=lambda m: checkpoint(job, m))
+    metrics, env = measure_batches(job.framework, runtime_spec(c, job.framework, mode=job.mode), cfg, spec,
+                                   optim=optim_spec(c), progress=say, save=lambda m: checkpoint(job, m))
     status, error = "ok", None
-    bad = [r["batch"] for r in metrics["batches"] if not math.isfinite(r["loss_after"])]
+    bad = [r.batch for r in metrics.batches if not math.isfinite(r.loss_after)]
     if bad:
         status, error = "diverged", f"training loss not finite after timing at batch size(s) {bad}"
-    return Result(metrics=metrics, status=status, error=error, backend_env=env)
+    return Result(metrics=plain(metrics), status=status, error=error, backend_env=env)
 
 
 # -- summary and plot ----------------------------------------------------------------------------
+
+
+def typed(r: dict[str, Any]) -> ThroughputMetrics:
+    """An ok record's metrics as the type (undeclared keys of older records ignored)."""
+    return load(ThroughputMetrics, r["metrics"], strict=False)
 
 
 def _device_name(r: dict[str, Any]) -> str:
@@ -525,15 +631,15 @@ def plot_throughput(records: list[dict[str, Any]], path: Path) -> Path | None:
     roofs: dict[str, tuple[float, float, float]] = {}  # framework -> (matmul rate, FLOP/example, fixed FLOP)
     lo, hi = math.inf, 0.0
     for r in recs:
-        fw, m = r["framework"], r["metrics"]
+        fw, m = r["framework"], typed(r)
         i = seen[fw] = seen.get(fw, -1) + 1
-        bs = [b["batch"] for b in m["batches"]]
+        bs = [b.batch for b in m.batches]
         lo, hi = min(lo, *bs), max(hi, *bs)
-        ax.plot(bs, [b["samples_per_s"] for b in m["batches"]], marker="o", ls=styles[i % len(styles)],
+        ax.plot(bs, [b.samples_per_s for b in m.batches], marker="o", ls=styles[i % len(styles)],
                 color=colors.get(fw), label=f"{fw}/{r['mode']}")
-        rate, per_ex, fixed = m.get("matmul_flops_per_s"), m.get("matmul_flops_per_example"), m.get("optimizer_flops")
-        if rate and per_ex and fixed is not None and (fw not in roofs or rate > roofs[fw][0]):
-            roofs[fw] = (float(rate), float(per_ex), float(fixed))
+        rate = m.matmul_flops_per_s
+        if rate and m.matmul_flops_per_example and (fw not in roofs or rate > roofs[fw][0]):
+            roofs[fw] = (rate, float(m.matmul_flops_per_example), float(m.optimizer_flops))
     grid = np.geomspace(lo / 2, hi * 2, 64)
     for fw, (rate, per_ex, fixed) in roofs.items():
         # samples/s <= rate / (step FLOP / B), step FLOP = per_ex B + fixed
@@ -555,20 +661,21 @@ def plot_layers(records: list[dict[str, Any]], path: Path) -> Path | None:
     if not recs:
         return None
     plt = pyplot()
-    names = list(dict.fromkeys(x["layer"] for r in recs for x in r["metrics"]["layers"]))
+    layers = [typed(r).layers or [] for r in recs]
+    names = list(dict.fromkeys(x.layer for rs in layers for x in rs))
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) * len(recs) + 1.5))
     height = 0.8 / len(recs)
-    for i, r in enumerate(recs):
-        rows = {x["layer"]: x for x in r["metrics"]["layers"]}
+    for i, (r, rs) in enumerate(zip(recs, layers)):
+        rows = {x.layer: x for x in rs}
         ys = np.arange(len(names)) + i * height
-        fwd = [rows[n]["forward_s"] * 1e3 if n in rows else 0.0 for n in names]
-        bwd = [rows[n]["backward_s"] * 1e3 if n in rows else 0.0 for n in names]
+        fwd = [rows[n].forward_s * 1e3 if n in rows else 0.0 for n in names]
+        bwd = [rows[n].backward_s * 1e3 if n in rows else 0.0 for n in names]
         color = COLORS.get(r["framework"])
         ax.barh(ys, fwd, height, color=color, label=f"{r['framework']}/{r['mode']} forward")
         ax.barh(ys, bwd, height, left=fwd, color=color, alpha=0.45, hatch="//", label=f"{r['framework']}/{r['mode']} backward")
     ax.set_yticks(np.arange(len(names)) + 0.4 - height / 2, names, fontsize=7)
     ax.invert_yaxis()
-    ax.set_xlabel(f"ms per call, batch {recs[0]['metrics']['layers'][0]['batch']} (each layer alone)")
+    ax.set_xlabel(f"ms per call, batch {layers[0][0].batch} (each layer alone)")
     ax.set_title("Layer by layer: where a step's time goes", fontsize=9)
     ax.grid(alpha=0.3, axis="x")
     ax.legend(fontsize=6)
@@ -591,11 +698,11 @@ def answer(records: list[dict[str, Any]]) -> str:
     good = [r for r in records if r["status"] == "ok" and (r.get("metrics") or {}).get("batches")]
     if not good:
         return "no throughput was measured"
-    batch = max(set.intersection(*({b["batch"] for b in r["metrics"]["batches"]} for r in good)), default=None)
+    batches = [(f"{r['framework']} ({r['mode']})", typed(r).batches) for r in good]
+    batch = max(set.intersection(*({b.batch for b in bs} for _, bs in batches)), default=None)
     if batch is None:
         return "the records share no batch size"
-    rate = {f"{r['framework']} ({r['mode']})": next(b["samples_per_s"] for b in r["metrics"]["batches"] if b["batch"] == batch)
-            for r in good}
+    rate = {label: next(b.samples_per_s for b in bs if b.batch == batch) for label, bs in batches}
     best_per_fw: dict[str, str] = {}
     for label in sorted(rate, key=lambda k: -rate[k]):
         best_per_fw.setdefault(label.split(" ")[0], label)
