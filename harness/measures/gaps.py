@@ -74,6 +74,7 @@ from harness.lingauss import (
     sigma_points,
 )
 from harness.measures.identity import backend_elbo
+from harness.metrics import plain
 from harness.plots import pyplot, save_png
 from harness.schema import setting
 
@@ -119,6 +120,113 @@ class GapsConfig(LinearGaussianConfig):
 
 
 Config = GapsConfig
+
+Array = list[float] | np.ndarray  # an array while the job runs, a list in the record
+
+
+@dataclass
+class LinearPerExample:
+    log_px: Array
+    elbo: Array
+    approximation_gap: Array
+    amortization_gap: Array
+
+
+@dataclass(kw_only=True)
+class LinearGaps:
+    """One linear part (random or trained encoder): means over the examples, the identities'
+    largest residuals, the local optimiser against the closed-form q*."""
+
+    n_examples: int
+    log_px: float
+    elbo: float
+    elbo_star: float
+    total_gap: float
+    approximation_gap: float
+    amortization_gap: float
+    amortization_gap_min: float
+    residual_sum_max: float
+    residual_approx_max: float
+    residual_amort_max: float
+    local_mu_err: float
+    local_var_err: float
+    local_elbo_minus_closed_form_max: float
+    local_iterations: int
+    local_converged: bool
+    posterior_offdiag_max: float
+    # absent from records written before they were stored (`linear_checks` judges those without)
+    closed_form_vs_general_kl_max: float | None = None
+    tol: float | None = None
+    local_tol: float | None = None
+    per_example: LinearPerExample
+    checks: dict[str, bool] | None = None  # the verdicts, from the numbers above (`linear_checks`)
+    train_steps: int | None = None  # Adam steps before it (the trained encoder's part only)
+
+
+@dataclass
+class LinearParts:
+    random: LinearGaps
+    trained: LinearGaps
+
+
+@dataclass
+class TrainedPerExample:
+    log_px: Array
+    elbo: Array
+    elbo_star: Array
+
+
+@dataclass(kw_only=True)
+class TrainedGaps:
+    """The trained model on data: means over the test examples with standard errors (`_se`),
+    the local optimiser's run, timings."""
+
+    model: str
+    epochs: int
+    steps: int
+    train_s: float
+    n_test: int
+    iwae_k: int
+    elbo_samples: int
+    local_samples: int
+    log_px: float
+    log_px_se: float
+    elbo: float
+    elbo_se: float
+    elbo_star: float
+    elbo_star_se: float
+    total_gap: float
+    total_gap_se: float
+    approximation_gap: float
+    approximation_gap_se: float
+    amortization_gap: float
+    amortization_gap_se: float
+    local_iterations: int
+    local_calls: int
+    local_converged: bool
+    local_message: str
+    local_objective_start: float
+    local_objective_end: float
+    local_s: float
+    iwae_s: float
+    q_paths_diff_max: float | None = None  # absent from records written before it was stored
+    per_example: TrainedPerExample
+    checks: dict[str, bool] | None = None  # the verdicts, from the numbers above (`trained_checks`)
+
+
+@dataclass(kw_only=True)
+class GapsMetrics:
+    """The gaps record's metrics (`harness.metrics`: built here, stored by `plain`, read back by
+    `load`)."""
+
+    linear: LinearParts
+    trained: TrainedGaps | None = None  # with `trained=true`
+    tol: float
+    checks: dict[str, bool] | None = None  # every verdict, from the numbers above (`all_checks`)
+    seconds: float
+
+
+METRICS = GapsMetrics
 #: what it reads (`harness.measures`): the linear part builds its model and Adam from its
 #: section (and batches its data by data.batch_size), in float64; the trained part reads the
 #: configured model, data and optimizer (`reads`: only with `trained=true`)
@@ -197,7 +305,7 @@ def linear_problem(c: AppConfig) -> tuple[ModelSpec, dict[str, np.ndarray], np.n
     return spec, params, x[: g.n_train], x[g.n_train :]
 
 
-def linear_gaps(b: Any, params: dict[str, np.ndarray], x: np.ndarray, spec: ModelSpec, c: AppConfig) -> dict[str, Any]:
+def linear_gaps(b: Any, params: dict[str, np.ndarray], x: np.ndarray, spec: ModelSpec, c: AppConfig) -> LinearGaps:
     """Both gaps per example in closed form, the backend's ELBO of q and q*, the identities,
     and the local optimiser against the closed-form q*."""
     g = c.measure.gaps
@@ -221,30 +329,30 @@ def linear_gaps(b: Any, params: dict[str, np.ndarray], x: np.ndarray, spec: Mode
     res_sum = np.abs(exact - elbo_q - (approx + amort))
     res_approx = np.abs(exact - elbo_star - approx)
     res_amort = np.abs(elbo_star - elbo_q - amort)
-    out = {
-        "n_examples": len(x),
-        "log_px": float(exact.mean()),
-        "elbo": float(elbo_q.mean()),
-        "elbo_star": float(elbo_star.mean()),
-        "total_gap": float((exact - elbo_q).mean()),
-        "approximation_gap": float(approx[0]),
-        "amortization_gap": float(amort.mean()),
-        "amortization_gap_min": float(amort.min()),
-        "residual_sum_max": float(res_sum.max()),
-        "residual_approx_max": float(res_approx.max()),
-        "residual_amort_max": float(res_amort.max()),
-        "local_mu_err": mu_err,
-        "local_var_err": var_err,
-        "local_elbo_minus_closed_form_max": float(np.max(local_elbo - elbo_star)),
-        "local_iterations": local["iterations"],
-        "local_converged": local["converged"],
-        "posterior_offdiag_max": float(np.max(np.abs(S - np.diag(np.diag(S))))),
-        "closed_form_vs_general_kl_max": float(np.abs(approx_general - approx).max()),
-        "tol": g.tol,
-        "local_tol": g.local_tol,
-        "per_example": {"log_px": exact, "elbo": elbo_q, "approximation_gap": approx, "amortization_gap": amort},
-    }
-    out["checks"] = linear_checks(out)
+    out = LinearGaps(
+        n_examples=len(x),
+        log_px=float(exact.mean()),
+        elbo=float(elbo_q.mean()),
+        elbo_star=float(elbo_star.mean()),
+        total_gap=float((exact - elbo_q).mean()),
+        approximation_gap=float(approx[0]),
+        amortization_gap=float(amort.mean()),
+        amortization_gap_min=float(amort.min()),
+        residual_sum_max=float(res_sum.max()),
+        residual_approx_max=float(res_approx.max()),
+        residual_amort_max=float(res_amort.max()),
+        local_mu_err=mu_err,
+        local_var_err=var_err,
+        local_elbo_minus_closed_form_max=float(np.max(local_elbo - elbo_star)),
+        local_iterations=local["iterations"],
+        local_converged=local["converged"],
+        posterior_offdiag_max=float(np.max(np.abs(S - np.diag(np.diag(S))))),
+        closed_form_vs_general_kl_max=float(np.abs(approx_general - approx).max()),
+        tol=g.tol,
+        local_tol=g.local_tol,
+        per_example=LinearPerExample(log_px=exact, elbo=elbo_q, approximation_gap=approx, amortization_gap=amort),
+    )
+    out.checks = linear_checks(plain(out))
     return out
 
 
@@ -272,7 +380,7 @@ def train_linear(b: Any, x_train: np.ndarray, c: AppConfig) -> int:
                  desc="gaps: training the linear VAE")
 
 
-def run_linear(c: AppConfig, job: Job) -> tuple[dict[str, Any], dict[str, Any]]:
+def run_linear(c: AppConfig, job: Job) -> tuple[LinearParts, dict[str, Any]]:
     g = c.measure.gaps
     spec, params, x_train, x = linear_problem(c)
     optim = OptimSpec(name="adam", lr=g.train_lr)
@@ -281,8 +389,8 @@ def run_linear(c: AppConfig, job: Job) -> tuple[dict[str, Any], dict[str, Any]]:
     steps = train_linear(b, x_train, c)
     trained_params = {k: np.asarray(v, dtype=np.float64) for k, v in b.get_params().items()}
     trained_part = linear_gaps(b, trained_params, x, spec, c)
-    trained_part["train_steps"] = steps
-    return {"random": random_part, "trained": trained_part}, b.version()
+    trained_part.train_steps = steps
+    return LinearParts(random=random_part, trained=trained_part), b.version()
 
 
 # --- the trained model on data ----------------------------------------------------------------
@@ -292,7 +400,7 @@ def _se(v: np.ndarray) -> float:
     return float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else math.nan
 
 
-def run_trained(c: AppConfig, job: Job) -> dict[str, Any]:
+def run_trained(c: AppConfig, job: Job) -> TrainedGaps:
     g = c.measure.gaps
     ds = dataset(c)
     spec = model_spec(c, ds)
@@ -316,39 +424,39 @@ def run_trained(c: AppConfig, job: Job) -> dict[str, Any]:
     log_p = b.log_likelihood(x, g.iwae_k, seed=c.seed + NOISE_TAG["iwae"])
     iwae_s = time.perf_counter() - t2
     total, approx, amort = log_p - elbo_q, log_p - elbo_star, elbo_star - elbo_q
-    out = {
-        "model": f"{spec.describe()} on {ds.name}",
-        "epochs": g.epochs,
-        "steps": steps,
-        "train_s": train_s,
-        "n_test": B,
-        "iwae_k": g.iwae_k,
-        "elbo_samples": g.elbo_samples,
-        "local_samples": g.local_samples,
-        "log_px": float(log_p.mean()),
-        "log_px_se": _se(log_p),
-        "elbo": float(elbo_q.mean()),
-        "elbo_se": _se(elbo_q),
-        "elbo_star": float(elbo_star.mean()),
-        "elbo_star_se": _se(elbo_star),
-        "total_gap": float(total.mean()),
-        "total_gap_se": _se(total),
-        "approximation_gap": float(approx.mean()),
-        "approximation_gap_se": _se(approx),
-        "amortization_gap": float(amort.mean()),
-        "amortization_gap_se": _se(amort),
-        "local_iterations": local["iterations"],
-        "local_calls": local["calls"],
-        "local_converged": local["converged"],
-        "local_message": local["message"],
-        "local_objective_start": local["objective_start"] / B,
-        "local_objective_end": local["objective_end"] / B,
-        "local_s": local_s,
-        "iwae_s": iwae_s,
-        "q_paths_diff_max": float(np.max(np.abs(elbo_q_local - elbo_q))),
-        "per_example": {"log_px": log_p, "elbo": elbo_q, "elbo_star": elbo_star},
-    }
-    out["checks"] = trained_checks(out)
+    out = TrainedGaps(
+        model=f"{spec.describe()} on {ds.name}",
+        epochs=g.epochs,
+        steps=steps,
+        train_s=train_s,
+        n_test=B,
+        iwae_k=g.iwae_k,
+        elbo_samples=g.elbo_samples,
+        local_samples=g.local_samples,
+        log_px=float(log_p.mean()),
+        log_px_se=_se(log_p),
+        elbo=float(elbo_q.mean()),
+        elbo_se=_se(elbo_q),
+        elbo_star=float(elbo_star.mean()),
+        elbo_star_se=_se(elbo_star),
+        total_gap=float(total.mean()),
+        total_gap_se=_se(total),
+        approximation_gap=float(approx.mean()),
+        approximation_gap_se=_se(approx),
+        amortization_gap=float(amort.mean()),
+        amortization_gap_se=_se(amort),
+        local_iterations=local["iterations"],
+        local_calls=local["calls"],
+        local_converged=local["converged"],
+        local_message=local["message"],
+        local_objective_start=local["objective_start"] / B,
+        local_objective_end=local["objective_end"] / B,
+        local_s=local_s,
+        iwae_s=iwae_s,
+        q_paths_diff_max=float(np.max(np.abs(elbo_q_local - elbo_q))),
+        per_example=TrainedPerExample(log_px=log_p, elbo=elbo_q, elbo_star=elbo_star),
+    )
+    out.checks = trained_checks(plain(out))
     return out
 
 
@@ -376,13 +484,11 @@ def trained_checks(t: dict[str, Any]) -> dict[str, bool]:
 def run(c: AppConfig, job: Job) -> Result:
     t0 = time.perf_counter()
     linear, env = run_linear(c, job)
-    metrics: dict[str, Any] = {"linear": linear}
-    if c.measure.gaps.trained:
-        metrics["trained"] = run_trained(c, job)
-    metrics["tol"] = c.measure.gaps.tol
-    metrics["checks"] = all_checks(metrics)
-    metrics["seconds"] = time.perf_counter() - t0
-    return Result(metrics=metrics, backend_env=env)
+    trained = run_trained(c, job) if c.measure.gaps.trained else None
+    metrics = GapsMetrics(linear=linear, trained=trained, tol=c.measure.gaps.tol, seconds=math.nan)  # timed last
+    metrics.checks = all_checks(plain(metrics))
+    metrics.seconds = time.perf_counter() - t0
+    return Result(metrics=plain(metrics), backend_env=env)
 
 
 def all_checks(m: dict[str, Any]) -> dict[str, bool]:

@@ -79,6 +79,7 @@ from harness.api import ModelSpec
 from harness.initializers import init_params
 from harness.job import Job, Result
 from harness.judged import Judged, describe, finite, le
+from harness.metrics import plain
 from harness.plots import pyplot, save_png
 from harness.schema import ConfigError, setting
 
@@ -128,6 +129,74 @@ class SnrConfig:
 
 
 Config = SnrConfig
+
+
+@dataclass
+class Block:
+    """One block of one part: per K (in the order of the part's `ks`) the SNR, its interval
+    and floors, and the fit over the resolved Ks (`fit_slope`: null where there is none)."""
+
+    params: int
+    snr: list[float]
+    t: list[float]
+    snr_lo: list[float]
+    snr_hi: list[float]
+    floor: list[float]
+    naive_floor: list[float]
+    theory: float
+    resolved: list[bool]
+    fit_ks: list[int]
+    slope: float | None
+    slope_se: float | None
+    slope_ci: list[float] | None
+    intercept: float | None
+    min_floor_ratio: float | None  # the smallest SNR / floor over the resolved Ks
+    tol: float | None = None  # the toy's: |slope - theory| allowed
+    span_decades: float | None = None  # the toy's: decades of K fitted
+
+
+@dataclass
+class Part:
+    """What every part has (`summarize_part`): the Ks, draws and seconds per K, the blocks."""
+
+    ks: list[int]
+    draws: list[int]
+    seconds: list[float]
+    points: int
+    groups: int
+    floor_ratio: float
+    blocks: dict[str, Block]  # by block name (BLOCK_ORDER)
+
+
+@dataclass
+class ToyPart(Part):
+    dim: int
+    perturb: float
+    model: str
+    min_decades: float | None = None  # absent from records written before it was stored
+    checks: dict[str, bool] | None = None  # the verdicts, from the numbers above (`toy_checks`)
+
+
+@dataclass
+class TrainedPart(Part):
+    model: str
+    epochs: int
+    steps: int
+    test_elbo: float
+
+
+@dataclass(kw_only=True)
+class SnrMetrics:
+    """The snr record's metrics (`harness.metrics`: built here, stored by `plain`, read back by
+    `load`)."""
+
+    toy: ToyPart
+    trained: TrainedPart | None = None  # with `trained=true`
+    checks: dict[str, bool] | None = None  # the toy's verdicts (the trained part is not judged)
+    seconds: float
+
+
+METRICS = SnrMetrics
 #: what it reads (`harness.measures`): the toy builds its model from its section, in float64;
 #: the trained part reads the configured model, data and optimizer (`reads`: only with `trained=true`)
 READS = ("framework", "-framework.precision", "seed", "model", "data", "optim", "measure.snr")
@@ -342,27 +411,28 @@ def draw_statistics(
 
 def summarize_part(ks: list[int], drawn: dict[str, Any], sel: Selection, spec: ModelSpec, *, groups: int,
                    floor_ratio: float, points: int) -> dict[str, Any]:
-    """The record's view of one part: per block the SNR, interval, floors per K and the fit."""
+    """The record's view of one part: per block the SNR, interval, floors per K and the fit
+    (the fields of `Part`, for the part's own type)."""
     sizes = block_sizes(spec, sel)
     per_k = drawn["per_k"]
-    blocks: dict[str, Any] = {}
+    blocks: dict[str, Block] = {}
     for blk in sel:
         stats = [pk["stats"][blk] for pk in per_k]
         fit = fit_slope(ks, stats, floor_ratio, groups)
         ci = [snr_interval(s, groups) for s in stats]
-        blocks[blk] = {
-            "params": sizes[blk],
-            "snr": [s["snr"] for s in stats],
-            "t": [s["t"] for s in stats],
-            "snr_lo": [c[0] for c in ci],
-            "snr_hi": [c[1] for c in ci],
-            "floor": [s["floor"] for s in stats],
-            "naive_floor": [s["naive_floor"] for s in stats],
-            "theory": THEORY[blk],
-            **fit,
-        }
         resolved = [s for s, r in zip(stats, fit["resolved"]) if r]
-        blocks[blk]["min_floor_ratio"] = min((s["snr"] / s["floor"] for s in resolved), default=None)
+        blocks[blk] = Block(
+            params=sizes[blk],
+            snr=[s["snr"] for s in stats],
+            t=[s["t"] for s in stats],
+            snr_lo=[c[0] for c in ci],
+            snr_hi=[c[1] for c in ci],
+            floor=[s["floor"] for s in stats],
+            naive_floor=[s["naive_floor"] for s in stats],
+            theory=THEORY[blk],
+            **fit,
+            min_floor_ratio=min((s["snr"] / s["floor"] for s in resolved), default=None),
+        )
     return {
         "ks": list(ks),
         "draws": [pk["draws"] for pk in per_k],
@@ -385,21 +455,22 @@ def _progress_line(c: AppConfig, job: Job, part: str) -> Callable[[int, float], 
     return line
 
 
-def run_toy(c: AppConfig, job: Job) -> tuple[dict[str, Any], dict[str, Any]]:
+def run_toy(c: AppConfig, job: Job) -> tuple[ToyPart, dict[str, Any]]:
     s = c.measure.snr
     spec, params, x = lg.rainforth_toy(s.dim, s.perturb, s.points, c.seed)
     b = backend(c, job.framework, spec=spec, dtype="float64", params=params)
     sel = block_selection(spec, fixed_logvar=True)
     drawn = draw_statistics(b, x, list(s.ks), s.draws, s.samples, sel, groups=s.groups, seed=c.seed, tag=NOISE_TAG["toy"],
                             chunk_samples=s.chunk_samples, chunk_values=s.chunk_values, on_k=_progress_line(c, job, "toy"))
-    part = summarize_part(list(s.ks), drawn, sel, spec, groups=s.groups, floor_ratio=s.floor_ratio, points=s.points)
-    part.update(dim=s.dim, perturb=s.perturb, model=f"Rainforth toy (linear-Gaussian, D={s.dim})", min_decades=s.min_decades)
+    common = summarize_part(list(s.ks), drawn, sel, spec, groups=s.groups, floor_ratio=s.floor_ratio, points=s.points)
+    part = ToyPart(**common, dim=s.dim, perturb=s.perturb, model=f"Rainforth toy (linear-Gaussian, D={s.dim})",
+                   min_decades=s.min_decades)
     for blk in BLOCK_ORDER:
-        r = part["blocks"][blk]
-        fk = r["fit_ks"]
-        r.update(tol=s.decoder_tol if blk == "decoder" else s.encoder_tol,
-                 span_decades=math.log10(max(fk) / min(fk)) if len(fk) >= 2 else 0.0)
-    part["checks"] = toy_checks(part)
+        r = part.blocks[blk]
+        fk = r.fit_ks
+        r.tol = s.decoder_tol if blk == "decoder" else s.encoder_tol
+        r.span_decades = math.log10(max(fk) / min(fk)) if len(fk) >= 2 else 0.0
+    part.checks = toy_checks(plain(part))
     return part, b.version()
 
 
@@ -438,7 +509,7 @@ def nonfinite_ks(part: dict[str, Any]) -> list[str]:
     return out
 
 
-def run_trained(c: AppConfig, job: Job) -> dict[str, Any]:
+def run_trained(c: AppConfig, job: Job) -> TrainedPart:
     s = c.measure.snr
     ds = dataset(c)
     spec = model_spec(c, ds)
@@ -450,22 +521,18 @@ def run_trained(c: AppConfig, job: Job) -> dict[str, Any]:
     drawn = draw_statistics(b, x, list(s.trained_ks), s.trained_draws, s.trained_samples, sel, groups=s.groups, seed=c.seed,
                             tag=NOISE_TAG["trained"], chunk_samples=s.chunk_samples, chunk_values=s.chunk_values,
                             on_k=_progress_line(c, job, "trained"))
-    part = summarize_part(list(s.trained_ks), drawn, sel, spec, groups=s.groups, floor_ratio=s.floor_ratio,
-                          points=len(x))
-    part.update(model=f"{spec.describe()} on {ds.name}", epochs=s.trained_epochs,
-                steps=steps, test_elbo=test_elbo)
-    return part
+    common = summarize_part(list(s.trained_ks), drawn, sel, spec, groups=s.groups, floor_ratio=s.floor_ratio,
+                            points=len(x))
+    return TrainedPart(**common, model=f"{spec.describe()} on {ds.name}", epochs=s.trained_epochs, steps=steps,
+                       test_elbo=test_elbo)
 
 
 def run(c: AppConfig, job: Job) -> Result:
     t0 = time.perf_counter()
     toy, env = run_toy(c, job)
-    metrics: dict[str, Any] = {"toy": toy}
-    if c.measure.snr.trained:
-        metrics["trained"] = run_trained(c, job)
-    metrics["checks"] = toy["checks"]
-    metrics["seconds"] = time.perf_counter() - t0
-    return Result(metrics=metrics, backend_env=env)
+    trained = run_trained(c, job) if c.measure.snr.trained else None
+    metrics = SnrMetrics(toy=toy, trained=trained, checks=toy.checks, seconds=time.perf_counter() - t0)
+    return Result(metrics=plain(metrics), backend_env=env)
 
 
 # --- summary and plots (records alone) --------------------------------------------------------
