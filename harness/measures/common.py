@@ -7,7 +7,8 @@ import itertools
 import math
 import os
 import sys
-from collections.abc import Iterable, Iterator, Mapping
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -124,43 +125,137 @@ def batch_stream(x: np.ndarray, batch_size: int, seed: int) -> Iterator[np.ndarr
             return
 
 
-def train(b: Backend, x: np.ndarray, batch_size: int, c: AppConfig, *, epochs: int | None = None,
-          steps: int | None = None, desc: str = "training") -> int:
-    """The one plain training loop (gaps, snr; gradflow and convergence, which interleave their
-    own measurements, draw from the same `batch_stream`): a `train_step` per batch of `x` (seed
-    `c.seed`) for `epochs` epochs (a progress bar per epoch) or the first `steps` batches; returns
-    the steps taken. A NaN or inf loss raises `Diverged` naming the step, so the record is
-    `diverged`, never a trained model that silently is not."""
-    if (epochs is None) == (steps is None):
-        raise ValueError("train() takes epochs or steps, one of them")
-    if epochs is not None:
-        stream: Iterable[np.ndarray] = (xb for _ in progress(range(epochs), c, desc=desc, unit="epoch")
-                                        for xb in data_mod.batches(x, batch_size, c.seed, _))
-    else:
-        stream = itertools.islice(batch_stream(x, batch_size, c.seed), steps)
-    done, pending = 0, []
-    for xb in stream:
-        pending.append(b.train_step(b.put(xb)))  # a device scalar: read in batches, not a sync per step
-        done += 1
-        if len(pending) == CHECK_EVERY:
-            _check_losses(pending, done, desc)
-    _check_losses(pending, done, desc)
-    return done
-
-
-#: `train` reads its losses back (a host sync) every this many steps, and at the end
+#: the loop reads its losses back (a host sync) every this many steps (`check_every`), and at the end
 CHECK_EVERY = 32
 
 
-def _check_losses(pending: list[Any], done: int, desc: str) -> None:
-    """Diverged naming the first NaN or inf among the last len(pending) steps' losses (ending at
-    step `done`); empties `pending`."""
-    first = done - len(pending) + 1
-    losses = [float(v) for v in pending]
-    pending.clear()
-    for i, loss in enumerate(losses):
-        if not math.isfinite(loss):
-            raise Diverged(f"{desc}: the training loss became {loss} at step {first + i}")
+class TrainingDiverged(Diverged):
+    """A NaN or inf training loss, at `step` (1-based): what `TrainingLoop` raises. Uncaught,
+    the worker records the job `diverged` with this message."""
+
+    def __init__(self, desc: str, step: int, loss: float) -> None:
+        super().__init__(f"{desc}: the training loss became {loss} at step {step}")
+        self.step, self.loss = step, loss
+
+
+#: `hook(loop, epoch_end)`, called with the training clock stopped; False stops training
+Hook = Callable[["TrainingLoop", bool], "bool | None"]
+
+
+class TrainingLoop:
+    """The one training loop the measures share: gaps and snr through `train`; convergence and
+    gradflow, which measure as they train, through a `hook`.
+
+    `run(epochs=n)` trains on `data.batches(x, batch_size, c.seed, epoch)` for each epoch (a
+    progress bar per epoch); `run(steps=n)` on the first n batches of `batch_stream` (a bar per
+    step). A step is `train_step(put(xb))`, or `train_step(put(xb), noise(i))` with the
+    harness's noise for step i (0-based). Its loss is a device scalar: the losses are read back
+    into `losses` (a host sync) every `check_every` steps, before each hook and at the end, and
+    the first NaN or inf raises `TrainingDiverged` naming its step (`losses` then ends with it).
+
+    `hook(loop, epoch_end)` runs before the first step, after every `every`-th step and after
+    each epoch's last (`epoch_end`; epochs only), once per step, with every loss read and the
+    training clock stopped; returning False stops training. The clock (`wall_s`; `sync()`
+    before every reading) counts training alone: it stops for the hooks and restarts after
+    them. `first_step_s` is the first step's time, tracing and compilation included; `steps`
+    the steps taken.
+    """
+
+    def __init__(self, b: Backend, x: np.ndarray, batch_size: int, c: AppConfig, *, desc: str = "training",
+                 noise: Callable[[int], np.ndarray] | None = None, hook: Hook | None = None, every: int = 0,
+                 check_every: int = CHECK_EVERY) -> None:
+        self.b, self.x, self.batch_size, self.c, self.desc = b, x, batch_size, c, desc
+        self.noise, self.hook, self.every, self.check_every = noise, hook, every, check_every
+        self.steps, self.wall_s = 0, 0.0
+        self.first_step_s: float | None = None
+        self.losses: list[float] = []
+        self._pending: list[Any] = []  # losses not read yet (device scalars)
+        self._running, self._t0 = False, 0.0  # the clock, and when it (re)started
+        self._bar: Any = None
+
+    def run(self, *, epochs: int | None = None, steps: int | None = None) -> int:
+        """Train for `epochs` epochs or `steps` steps (one of them); returns the steps taken."""
+        if (epochs is None) == (steps is None):
+            raise ValueError("train() takes epochs or steps, one of them")
+        if not self._at_hook(epoch_end=False):
+            return self.steps
+        if epochs is not None:
+            per_epoch = len(self.x) // self.batch_size
+            self._bar = progress(range(epochs), self.c, desc=self.desc, unit="epoch")
+            for epoch in self._bar:
+                if not self._train(data_mod.batches(self.x, self.batch_size, self.c.seed, epoch), per_epoch):
+                    break
+        else:
+            stream = itertools.islice(batch_stream(self.x, self.batch_size, self.c.seed), steps)
+            self._bar = progress(stream, self.c, desc=self.desc, unit="step", total=steps)
+            self._train(self._bar)
+        self._stop_clock()
+        self._read()
+        return self.steps
+
+    def postfix(self, **kw: Any) -> None:
+        """Show `kw` beside the progress bar."""
+        if hasattr(self._bar, "set_postfix"):
+            self._bar.set_postfix(**kw)
+
+    def _train(self, batches: Iterable[np.ndarray], epoch_len: int = 0) -> bool:
+        """A step per batch (an epoch of `epoch_len` batches, or a stream: 0); False if a hook
+        stopped training."""
+        self._start_clock()
+        for i, xb in enumerate(batches, 1):
+            eps = None if self.noise is None else self.noise(self.steps)
+            x = self.b.put(xb)
+            self._pending.append(self.b.train_step(x) if eps is None else self.b.train_step(x, eps))
+            self.steps += 1
+            if self.first_step_s is None:
+                self.b.sync()
+                self.first_step_s = time.perf_counter() - self._t0
+            epoch_end = i == epoch_len
+            if self.hook is not None and (epoch_end or (self.every > 0 and self.steps % self.every == 0)):
+                if not self._at_hook(epoch_end):
+                    return False
+                if not epoch_end:
+                    self._start_clock()
+            elif len(self._pending) >= self.check_every:
+                self._read()
+        return True
+
+    def _at_hook(self, epoch_end: bool) -> bool:
+        if self.hook is None:
+            return True
+        self._stop_clock()
+        self._read()
+        return self.hook(self, epoch_end) is not False
+
+    def _start_clock(self) -> None:
+        if not self._running:
+            self.b.sync()
+            self._running, self._t0 = True, time.perf_counter()
+
+    def _stop_clock(self) -> None:
+        if self._running:
+            self.b.sync()
+            self.wall_s += time.perf_counter() - self._t0
+            self._running = False
+
+    def _read(self) -> None:
+        """Read the pending losses into `losses`; TrainingDiverged at the first NaN or inf."""
+        first = self.steps - len(self._pending) + 1
+        values = [float(v) for v in self._pending]
+        self._pending.clear()
+        for i, loss in enumerate(values):
+            self.losses.append(loss)
+            if not math.isfinite(loss):
+                raise TrainingDiverged(self.desc, first + i, loss)
+
+
+def train(b: Backend, x: np.ndarray, batch_size: int, c: AppConfig, *, epochs: int | None = None,
+          steps: int | None = None, desc: str = "training") -> int:
+    """The plain training loop (gaps, snr): `TrainingLoop` without a hook, for `epochs` epochs
+    or the first `steps` batches of `x` (seed `c.seed`); returns the steps taken. A NaN or inf
+    loss raises `Diverged` (`TrainingDiverged`) naming the step, so the record is `diverged`,
+    never a trained model that silently is not."""
+    return TrainingLoop(b, x, batch_size, c, desc=desc).run(epochs=epochs, steps=steps)
 
 
 def progress(it: Iterable[T], c: AppConfig, **kw: Any) -> Iterable[T]:

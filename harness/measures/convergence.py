@@ -60,9 +60,10 @@ frameworks lie within `agree_nats` of each other; with shared noise, the lockste
 most `lockstep_tol`; for the linear model, in every seed the final |test gap to the optimum| is
 at most `optimum_tol` and the posterior gap at most `posterior_gap_tol`.
 
-Record metrics: `runs` (one dict per seed, see `train_seed`), the settings the summary needs,
-and for compatibility the means over completed seeds of `epochs`, `train_wall_s`,
-`first_step_s`, `time_to_target_s`, `test_log_likelihood(_se)` (one seed: its own values).
+Record metrics (`ConvergenceMetrics`): the settings the summary needs, `runs` (one `SeedRun`
+per seed, see `train_seed`), and for compatibility the means over completed seeds of `epochs`,
+`train_wall_s`, `first_step_s`, `time_to_target_s`, `test_log_likelihood(_se)` (one seed: its
+own values).
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ import itertools
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -85,6 +86,7 @@ from harness.initializers import init_params, one_ulp
 from harness.job import Checkpointer, Job, Result
 from harness.judged import Judged, describe, finite, le
 from harness.lingauss import kl_to_posterior, log_px
+from harness.metrics import plain
 from harness.plots import COLORS, pyplot, save_png
 from harness.schema import ConfigError, setting
 
@@ -93,13 +95,14 @@ if TYPE_CHECKING:
 from harness.measures.common import (
     Quantity,
     Summary,
+    TrainingDiverged,
+    TrainingLoop,
     backend,
     batch_stream,
     by_framework,
     dataset,
     model_spec,
     pm,
-    progress,
 )
 
 EVAL_NOISE_SEED = 1234
@@ -142,6 +145,148 @@ def reads(config: dict[str, Any]) -> tuple[str, ...]:
     return READS if not seeds or source == "synthetic" else tuple(r for r in READS if r != "seed")
 #: settings the summary reads back from the record (defaults for older records)
 SETTINGS = ("target_margin", "agree_nats", "lockstep_steps", "lockstep_tol", "optimum_tol", "posterior_gap_tol")
+
+
+# --- the record's metrics (`harness.metrics`: built in `run`, stored by `plain`) -------------
+
+
+@dataclass
+class Evaluation:
+    """A test evaluation (`Evaluator`)."""
+
+    step: int
+    wall_s: float  # training wall time so far
+    test_elbo: float
+    # the linear-Gaussian model's exact quantities (while its weights are finite)
+    test_log_px: float | None = None
+    gap_to_optimum: float | None = None
+    train_gap_to_optimum: float | None = None
+    posterior_gap: float | None = None
+
+
+@dataclass
+class EpochRow:
+    epoch: int
+    step: int
+    train_elbo: float  # mean over the epoch's steps
+    test_elbo: float | None  # None unless evaluated at the epoch's end
+    wall_s: float
+
+
+@dataclass
+class FinalEvaluation:
+    """IWAE-k and the collapse diagnostics of a completed seed (`final_evaluation`)."""
+
+    test_elbo: float
+    test_elbo_se: float
+    iwae_k: int
+    test_log_likelihood: float
+    test_log_likelihood_se: float
+    gap: float
+    gap_se: float
+    kl_per_dim: list[float]
+    activity: list[float]
+    active_units: int
+    latent: int
+
+
+@dataclass(kw_only=True)
+class SeedRun:
+    """One seed's training run (`train_seed`); partial metrics hold the seed in progress as
+    the first six keys, status `incomplete`."""
+
+    seed: int
+    status: str  # "ok" or "diverged"
+    error: str | None
+    step_loss: list[float]  # every step's training loss (`record_steps`: the first N)
+    evals: list[Evaluation]
+    epochs: list[EpochRow]
+    steps: int
+    first_step_s: float | None  # None when no step was taken
+    train_wall_s: float
+    eval_s: float
+    compile_count: int
+    time_to_target_s: float | None = None  # only with an explicit target_elbo (`TargetedSeedRun`)
+    step_to_target: int | None = None
+    final: FinalEvaluation | None = None  # a completed seed's
+
+
+@dataclass(kw_only=True)
+class TargetedSeedRun(SeedRun):
+    """A seed's run under an explicit `target_elbo`: the time and step at which it reached it,
+    kept as null when it did not (`field()`: required here, without SeedRun's default)."""
+
+    time_to_target_s: float | None = field()
+    step_to_target: int | None = field()
+
+
+@dataclass
+class MeanEpoch:
+    """An epoch's row averaged over the completed seeds (None where a seed lacks the value)."""
+
+    epoch: int
+    train_elbo: float | None
+    test_elbo: float | None
+    wall_s: float | None
+
+
+@dataclass
+class Optimum:
+    """The linear-Gaussian model's maximum-likelihood pPCA solution (`harness.ppca`)."""
+
+    obs_sigma: float
+    train_log_px: float
+    test_log_px: float
+    eigenvalues: list[float]
+
+
+@dataclass
+class UlpControl:
+    seed: int
+    step_loss: list[float]  # the first `lockstep_steps` losses from weights one ulp away
+
+
+@dataclass(kw_only=True)
+class ConvergenceRuns:
+    """The settings and the seeds' runs: what the metrics hold while seeds train (`partial_metrics`)
+    and when none completed."""
+
+    seeds: list[int]
+    shared_noise: bool
+    batch_size: int
+    n_train: int
+    n_test: int
+    steps_per_epoch: int
+    eval_every: int
+    elbo_samples: int
+    iwae_k: int
+    target_elbo: float | None
+    target_margin: float
+    agree_nats: float
+    lockstep_steps: int
+    lockstep_tol: float
+    optimum_tol: float
+    posterior_gap_tol: float
+    runs: list[TargetedSeedRun] | list[SeedRun]
+    optimum: Optimum | None = None  # the linear-Gaussian model
+    ulp_control: UlpControl | None = None  # shared noise: the first seed's one-ulp control
+
+
+@dataclass(kw_only=True)
+class ConvergenceMetrics(ConvergenceRuns):
+    """The convergence record's metrics (`harness.metrics`): the runs and, for compatibility,
+    the means over the completed seeds (`seed_means`)."""
+
+    epochs: list[MeanEpoch]
+    train_wall_s: float | None
+    first_step_s: float | None
+    time_to_target_s: float | None
+    test_log_likelihood: float | None
+    test_log_likelihood_se: float
+    compile_count: int
+
+
+METRICS = ConvergenceMetrics
 
 
 def validate(c: AppConfig) -> None:
@@ -253,89 +398,76 @@ def iwae(b: Any, x: np.ndarray, k: int) -> np.ndarray:
 
 
 def train_seed(c: AppConfig, job: Job, ds: data_mod.Dataset, spec: ModelSpec, seed: int, evaluate: Evaluator,
-               save: Callable[[dict[str, Any], bool], Any] | None = None) -> dict[str, Any]:
-    """Train one seed; returns its run dict (status "ok" or "diverged"): `step_loss` (every
-    step), `evals`, `epochs`, timings, `time_to_target_s`/`step_to_target` (explicit target
-    only) and `final` (see `final_evaluation`). `save(run, force)` is called with the run so
-    far after every evaluation and epoch (with the training clock stopped), to keep partial
-    metrics."""
+               save: Callable[[dict[str, Any], bool], Any] | None = None) -> tuple[SeedRun, dict[str, Any]]:
+    """Train one seed (`TrainingLoop`, its hook evaluating); returns its run (status "ok" or
+    "diverged": `step_loss`, `evals`, `epochs`, timings, `time_to_target_s`/`step_to_target`
+    (explicit target only) and `final`, see `final_evaluation`) and the backend's environment.
+    `save(run, force)` is called with the run so far (plain: its first six keys) after every
+    evaluation and epoch (with the training clock stopped), to keep partial metrics."""
     cc, bs = c.measure.convergence, c.data.batch_size
-    b = backend(dataclasses.replace(c, seed=seed), job.framework, spec=spec, params=init_params(spec, seed))
+    cs = dataclasses.replace(c, seed=seed)  # the seed's batches, RNG and weights
+    b = backend(cs, job.framework, spec=spec, params=init_params(spec, seed))
     steps_per_epoch = len(ds.x_train) // bs
     every, total = cc.eval_every or steps_per_epoch, cc.epochs * steps_per_epoch
-    run: dict[str, Any] = {"seed": seed, "status": "ok", "error": None, "step_loss": [], "evals": [], "epochs": []}
-    step, wall, eval_s, first_step_s = 0, 0.0, 0.0, None
-    pending: list[Any] = []  # the steps' losses (device scalars) since the last checkpoint
-    read, epoch_loss = 0, 0.0  # losses read so far; their sum in the current epoch
+    status, error = "ok", None
+    evals: list[Evaluation] = []
+    epochs: list[EpochRow] = []
+    eval_s, epoch_start = 0.0, 0  # time in evaluations; the step the current epoch began at
     per_example: np.ndarray | None = None  # test ELBO per example at the latest evaluation
 
-    def checkpoint(evaluate_now: bool) -> bool:
-        """With the training clock stopped: read the pending losses and, if due, evaluate.
-        False (and the run marked diverged) on a NaN or inf."""
-        nonlocal per_example, eval_s, read, epoch_loss
-        t = time.perf_counter()
-        for v in pending:
-            loss, read = float(v), read + 1
-            if read <= (cc.record_steps or read):
-                run["step_loss"].append(loss)
-            epoch_loss += loss
-            if not math.isfinite(loss):
-                run.update(status="diverged", error=f"training loss {loss} (NaN or inf) at step {read}, seed {seed}")
-                return False
-        pending.clear()
-        if evaluate_now:
-            e, per_example = evaluate(b, step, wall)
-            run["evals"].append(e)
+    def so_far(loop: TrainingLoop) -> dict[str, Any]:
+        return {"seed": seed, "status": status, "error": error, "step_loss": loop.losses[: cc.record_steps or None],
+                "evals": plain(evals), "epochs": plain(epochs)}
+
+    def measure(loop: TrainingLoop, epoch_end: bool) -> bool:
+        """With the training clock stopped and the losses read: evaluate if due, close an epoch.
+        False (and the run marked diverged) on a NaN or inf test ELBO."""
+        nonlocal status, error, eval_s, epoch_start, per_example
+        step, t = loop.steps, time.perf_counter()
+        if step % every == 0 or step == total:
+            e, per_example = evaluate(b, step, loop.wall_s)
+            evals.append(Evaluation(**e))
             if not math.isfinite(e["test_elbo"]):
-                run.update(status="diverged", error=f"test ELBO {e['test_elbo']} (NaN or inf) at step {step}, seed {seed}")
+                status, error = "diverged", f"test ELBO {e['test_elbo']} (NaN or inf) at step {step}, seed {seed}"
                 return False
             if save is not None:
-                save(run, False)
+                save(so_far(loop), False)
         eval_s += time.perf_counter() - t
+        if epoch_end:
+            epoch_loss = 0.0
+            for loss in loop.losses[epoch_start:]:  # a running sum, in order (as the records have it)
+                epoch_loss += loss
+            last = evals[-1]
+            epochs.append(EpochRow(epoch=len(epochs) + 1, step=step, train_elbo=-epoch_loss / steps_per_epoch,
+                                   test_elbo=last.test_elbo if last.step == step else None, wall_s=loop.wall_s))
+            epoch_start = step
+            loop.postfix(test=f"{last.test_elbo:.2f}")
+            if save is not None:
+                save(so_far(loop), False)
         return True
 
-    ok = checkpoint(True)  # step 0
-    bar = progress(range(cc.epochs), c, desc=f"convergence {job.framework}/{job.mode} seed {seed}", unit="epoch")
-    for epoch in bar:
-        if not ok:
-            break
-        b.sync()
-        t0 = time.perf_counter()
-        for xb in data_mod.batches(ds.x_train, bs, seed, epoch):
-            eps = data_mod.noise((bs, spec.latent), seed, step) if cc.shared_noise else None
-            pending.append(b.train_step(b.put(xb), eps))
-            step += 1
-            if first_step_s is None:
-                b.sync()
-                first_step_s = time.perf_counter() - t0  # includes tracing/compilation
-            if step % every == 0 or step % steps_per_epoch == 0:
-                b.sync()
-                wall += time.perf_counter() - t0
-                ok = checkpoint(step % every == 0 or step == total)
-                if not ok:
-                    break
-                t0 = time.perf_counter()
-        if ok:
-            last = run["evals"][-1]
-            run["epochs"].append({"epoch": epoch + 1, "step": step, "train_elbo": -epoch_loss / steps_per_epoch,
-                                  "test_elbo": last["test_elbo"] if last["step"] == step else None, "wall_s": wall})
-            epoch_loss = 0.0
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(test=f"{last['test_elbo']:.2f}")
-            if save is not None:
-                save(run, False)
+    shared = (lambda step: data_mod.noise((bs, spec.latent), seed, step)) if cc.shared_noise else None
+    loop = TrainingLoop(b, ds.x_train, bs, cs, desc=f"convergence {job.framework}/{job.mode} seed {seed}", noise=shared,
+                        hook=measure, every=every, check_every=every)
+    try:
+        loop.run(epochs=cc.epochs)
+    except TrainingDiverged as d:
+        status, error = "diverged", f"training loss {d.loss} (NaN or inf) at step {d.step}, seed {seed}"
     if save is not None:
-        save(run, True)  # every epoch reached, before the (possibly long) final evaluation
-    run.update(steps=step, first_step_s=first_step_s, train_wall_s=wall, eval_s=eval_s, compile_count=b.compile_count())
+        save(so_far(loop), True)  # every epoch reached, before the (possibly long) final evaluation
+    target: dict[str, Any] = {}
     if cc.target_elbo is not None:
-        hit = first_reaching(run["evals"], cc.target_elbo)
-        run["time_to_target_s"], run["step_to_target"] = (hit["wall_s"], hit["step"]) if hit else (None, None)
-    if run["status"] == "ok" and per_example is not None:
-        run["final"] = final_evaluation(c, b, ds.x_test, spec, per_example)
-        if not math.isfinite(run["final"]["test_log_likelihood"]):
-            run.update(status="diverged", error=f"test log-likelihood is not finite (seed {seed})")
-    run["backend_env"] = b.version()
-    return run
+        hit = first_reaching(plain(evals), cc.target_elbo)
+        target = {"time_to_target_s": hit["wall_s"] if hit else None, "step_to_target": hit["step"] if hit else None}
+    run = (SeedRun if cc.target_elbo is None else TargetedSeedRun)(
+        seed=seed, status=status, error=error, step_loss=loop.losses[: cc.record_steps or None], evals=evals, epochs=epochs,
+        steps=loop.steps, first_step_s=loop.first_step_s, train_wall_s=loop.wall_s, eval_s=eval_s,
+        compile_count=b.compile_count(), **target)
+    if run.status == "ok" and per_example is not None:
+        run.final = final_evaluation(c, b, ds.x_test, spec, per_example)
+        if not math.isfinite(run.final.test_log_likelihood):
+            run.status, run.error = "diverged", f"test log-likelihood is not finite (seed {seed})"
+    return run, b.version()
 
 
 def ulp_control(c: AppConfig, job: Job, ds: data_mod.Dataset, spec: ModelSpec, seed: int) -> list[float]:
@@ -352,7 +484,7 @@ def ulp_control(c: AppConfig, job: Job, ds: data_mod.Dataset, spec: ModelSpec, s
     return [float(v) for v in losses]
 
 
-def final_evaluation(c: AppConfig, b: Any, x: np.ndarray, spec: ModelSpec, elbo: np.ndarray) -> dict[str, Any]:
+def final_evaluation(c: AppConfig, b: Any, x: np.ndarray, spec: ModelSpec, elbo: np.ndarray) -> FinalEvaluation:
     """IWAE-k, its gap to the final test ELBO (paired per example), collapse diagnostics."""
     k = c.measure.convergence.iwae_k
     ll = iwae(b, x, k)
@@ -360,16 +492,16 @@ def final_evaluation(c: AppConfig, b: Any, x: np.ndarray, spec: ModelSpec, elbo:
     mu, logvar = (np.asarray(a, dtype=np.float64) for a in b.encode(x))
     n = math.sqrt(len(x))
     se = (lambda v: float(v.std(ddof=1) / n)) if len(x) > 1 else (lambda v: math.nan)
-    return {
-        "test_elbo": float(elbo.mean()),
-        "test_elbo_se": se(elbo),
-        "iwae_k": k,
-        "test_log_likelihood": float(ll.mean()),
-        "test_log_likelihood_se": se(ll),
-        "gap": float(gap.mean()),
-        "gap_se": se(gap),
+    return FinalEvaluation(
+        test_elbo=float(elbo.mean()),
+        test_elbo_se=se(elbo),
+        iwae_k=k,
+        test_log_likelihood=float(ll.mean()),
+        test_log_likelihood_se=se(ll),
+        gap=float(gap.mean()),
+        gap_se=se(gap),
         **collapse_diagnostics(mu, logvar, c.measure.convergence.active_threshold),
-    }
+    )
 
 
 def run(c: AppConfig, job: Job) -> Result:
@@ -377,38 +509,43 @@ def run(c: AppConfig, job: Job) -> Result:
     spec = model_spec(c, ds)
     cc = c.measure.convergence
     evaluate = Evaluator(c, ds, spec)
-    metrics: dict[str, Any] = {
-        "seeds": seeds_of(c),
-        "shared_noise": cc.shared_noise,
-        "batch_size": c.data.batch_size,
-        "n_train": len(ds.x_train),
-        "n_test": len(ds.x_test),
-        "steps_per_epoch": len(ds.x_train) // c.data.batch_size,
-        "eval_every": cc.eval_every,
-        "elbo_samples": cc.elbo_samples,
-        "iwae_k": cc.iwae_k,
-        "target_elbo": cc.target_elbo,
+    runs: list[SeedRun] = []
+    head = ConvergenceRuns(
+        seeds=seeds_of(c),
+        shared_noise=cc.shared_noise,
+        batch_size=c.data.batch_size,
+        n_train=len(ds.x_train),
+        n_test=len(ds.x_test),
+        steps_per_epoch=len(ds.x_train) // c.data.batch_size,
+        eval_every=cc.eval_every,
+        elbo_samples=cc.elbo_samples,
+        iwae_k=cc.iwae_k,
+        target_elbo=cc.target_elbo,
         **{k: getattr(cc, k) for k in SETTINGS},
-        "runs": [],
-    }
+        runs=runs,
+    )
     if evaluate.optimum is not None:
-        metrics["optimum"] = {"obs_sigma": spec.obs_sigma, "train_log_px": evaluate.optimum.train_log_px,
-                              "test_log_px": evaluate.optimum_test, "eigenvalues": evaluate.optimum.eigenvalues.tolist()}
-    status, error, env = "ok", None, {}
+        head.optimum = Optimum(obs_sigma=spec.obs_sigma, train_log_px=evaluate.optimum.train_log_px,
+                               test_log_px=evaluate.optimum_test, eigenvalues=evaluate.optimum.eigenvalues.tolist())
+    status, error = "ok", None
+    env: dict[str, Any] = {}
     saver = Checkpointer(job)
     for seed in seeds_of(c):
-        r = train_seed(c, job, ds, spec, seed, evaluate,
-                       save=lambda current, force: saver(lambda: partial_metrics(metrics, current), force))
-        env = r.pop("backend_env")
-        metrics["runs"].append(r)
-        if r["status"] != "ok":
-            status, error = r["status"], r["error"]
+        r, env = train_seed(c, job, ds, spec, seed, evaluate,
+                            save=lambda current, force: saver(lambda: partial_metrics(plain(head), current), force))
+        runs.append(r)
+        if r.status != "ok":
+            status, error = r.status, r.error
             break
-        if cc.shared_noise and "ulp_control" not in metrics:
-            metrics["ulp_control"] = {"seed": seed, "step_loss": ulp_control(c, job, ds, spec, seed)}
-    metrics.update(seed_means([r for r in metrics["runs"] if r["status"] == "ok"]))
-    metrics["compile_count"] = sum(r["compile_count"] for r in metrics["runs"])
-    return Result(metrics=metrics, status=status, error=error, backend_env=env)
+        if cc.shared_noise and head.ulp_control is None:
+            head.ulp_control = UlpControl(seed=seed, step_loss=ulp_control(c, job, ds, spec, seed))
+    compile_count = sum(r.compile_count for r in runs)
+    means = seed_means(plain([r for r in runs if r.status == "ok"]))
+    if not means:  # no seed completed: nothing to average
+        return Result(metrics={**plain(head), "compile_count": compile_count}, status=status, error=error, backend_env=env)
+    metrics = ConvergenceMetrics(**vars(head), epochs=[MeanEpoch(**e) for e in means.pop("epochs")], **means,
+                                 compile_count=compile_count)
+    return Result(metrics=plain(metrics), status=status, error=error, backend_env=env)
 
 
 def partial_metrics(metrics: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:

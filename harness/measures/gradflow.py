@@ -59,6 +59,7 @@ from harness.api import BLOCKS, TERMS, ModelSpec, Terms
 from harness.initializers import block_of, init_params
 from harness.job import Job, Result
 from harness.judged import Judged, describe
+from harness.metrics import plain
 from harness.plots import pyplot, save_png
 from harness.schema import setting
 
@@ -67,15 +68,15 @@ if TYPE_CHECKING:
 from harness.measures.common import (
     Quantity,
     Summary,
+    TrainingDiverged,
+    TrainingLoop,
     backend,
-    batch_stream,
     by_framework,
     completed,
     dataset,
     finished,
     fmt,
     model_spec,
-    progress,
 )
 
 #: theory: does each part reach each block?
@@ -102,6 +103,116 @@ class GradflowConfig:
 
 
 Config = GradflowConfig
+
+
+# --- the record's metrics (`harness.metrics`: built in `run`, stored by `plain`) -------------
+
+
+@dataclass
+class BlockStats:
+    """One part's gradient on one block (`block_stats`)."""
+
+    norm: float
+    nonzero_fraction: float  # of the block's tensors
+    max_abs: float
+
+
+@dataclass
+class Check:
+    """One part x block cell of the verdict against theory."""
+
+    part: str
+    block: str
+    expected: str  # "non-zero" or "zero"
+    measured: str  # "non-zero", "zero", "partial" or "not finite"
+    ok: bool
+
+
+@dataclass
+class FdWorst:
+    block: str
+    direction: int
+    part: str
+    step: float
+    rel_err: float
+    tol: float
+
+
+@dataclass
+class Verdict:
+    """`verdict` and `fd_verdict` as the job computed them (readers recompute them)."""
+
+    checks: list[Check]
+    matches_theory: bool
+    elbo_trains_decoder: bool
+    elbo_trains_encoder: bool
+    fd_max_rel_err: float
+    fd_worst: FdWorst
+    fd_worst_ratio: float
+    fd_tol_range: list[float]
+    fd_max_resolution: float
+    fd_steps: list[float]
+    fd_unresolved: int
+    fd_kinked: int
+    fd_ok: bool
+
+
+@dataclass
+class FdRow:
+    """One finite-difference check (`finite_difference_check`, `fd_row`)."""
+
+    block: str
+    direction: int
+    part: str
+    step: float
+    smooth: bool
+    analytic: float
+    numeric: float
+    numeric_half: float
+    rounding_bound: float
+    truncation_est: float
+    rel_err: float
+    tol: float
+    resolution: float
+    resolved: bool
+    ok: bool
+
+
+@dataclass
+class FdSettings:
+    step: float | str  # "derived" unless measure.gradflow.fd_step is set
+    tol: float | str
+    derived_step_float64: float
+    rounding_ulps: float
+    safety: float
+    resolution: float
+    min_step: float
+    bias_std: float | None = None  # absent from records before `fd_point`
+
+
+@dataclass
+class Controls:
+    stop_gradient_z: bool
+    freeze: str
+
+
+@dataclass
+class GradflowMetrics:
+    """The gradflow record's metrics (`harness.metrics`: built in `run`, stored by `plain`)."""
+
+    matrix: dict[str, dict[str, BlockStats]]  # part -> block -> stats, in float64 at the initial weights
+    verdict: Verdict
+    finite_differences: list[FdRow]
+    fd_settings: FdSettings
+    # per `log_every` steps of training: "step", "{part}/{block}" gradient norms and "loss" (the
+    # loss of the step taken next: none at the last step)
+    history: list[dict[str, int | float]]
+    controls: Controls
+    batch_size: int
+    fd_examples: int | None = None  # absent from records before `fd_examples`
+
+
+METRICS = GradflowMetrics
 #: what it reads (`harness.measures`): the configured model, data (and batch size) and optimizer
 READS = ("framework", "seed", "model", "data", "optim", "measure.gradflow")
 VERSION = 1
@@ -319,9 +430,9 @@ def fd_verdict(rows: list[dict[str, Any]], fixed_tol: bool = False) -> dict[str,
     }
 
 
-def fd_settings(step: float, tol: float) -> dict[str, Any]:
-    return {"step": step or "derived", "tol": tol or "derived", "derived_step_float64": derived_step(float(np.finfo(np.float64).eps)),
-            "rounding_ulps": FD_ROUNDING_C, "safety": FD_SAFETY, "resolution": FD_RESOLUTION, "min_step": FD_MIN_STEP, "bias_std": FD_BIAS}
+def fd_settings(step: float, tol: float) -> FdSettings:
+    return FdSettings(step=step or "derived", tol=tol or "derived", derived_step_float64=derived_step(float(np.finfo(np.float64).eps)),
+                      rounding_ulps=FD_ROUNDING_C, safety=FD_SAFETY, resolution=FD_RESOLUTION, min_step=FD_MIN_STEP, bias_std=FD_BIAS)
 
 
 def fd_note(v: dict[str, Any], m: dict[str, Any]) -> str:
@@ -358,28 +469,36 @@ def run(c: AppConfig, job: Job) -> Result:
 
     # over training, in the configured precision and mode
     b = backend(c, job.framework, spec=spec, params=params)
-    history = []
-    batches = batch_stream(ds.x_train, c.data.batch_size, c.seed)
+    history: list[dict[str, Any]] = []
+
+    def norms(loop: TrainingLoop, _: bool) -> None:
+        stats = {part: block_stats(b.grads(x, eps, part)) for part in TERMS}
+        history.append({"step": loop.steps, **{f"{part}/{blk}": stats[part][blk]["norm"] for part in TERMS for blk in BLOCKS}})
+
+    loop = TrainingLoop(b, ds.x_train, c.data.batch_size, c, desc=f"gradflow {job.framework}", hook=norms,
+                        every=g.log_every, check_every=1)
     status, error = "ok", None
-    for step in progress(range(g.train_steps + 1), c, desc=f"gradflow {job.framework}", unit="step"):
-        if step % g.log_every == 0:
-            stats = {part: block_stats(b.grads(x, eps, part)) for part in TERMS}
-            history.append({"step": step, **{f"{part}/{blk}": stats[part][blk]["norm"] for part in TERMS for blk in BLOCKS}})
-        if step == g.train_steps:
-            break
-        xb = next(batches)
-        loss = float(b.train_step(b.put(xb)))
-        if not math.isfinite(loss):
-            status, error = "diverged", f"training loss became {loss} at step {step}"
-            break
-        history[-1].setdefault("loss", loss)
+    try:
+        loop.run(steps=g.train_steps)
+    except TrainingDiverged as d:  # named by the steps taken before it, as gradflow always has
+        status, error = "diverged", f"training loss became {d.loss} at step {d.step - 1}"
+    for h in history:  # the loss of the step taken right after the norms were measured, if finite
+        if h["step"] < len(loop.losses) and math.isfinite(loop.losses[h["step"]]):
+            h["loss"] = loop.losses[h["step"]]
 
     v = verdict(matrix)
     v.update(fd_verdict(fd, fixed_tol=g.fd_tol > 0))
-    controls = {"stop_gradient_z": spec.stop_gradient_z, "freeze": spec.freeze}
-    metrics = {"matrix": matrix, "verdict": v, "finite_differences": fd, "fd_settings": fd_settings(g.fd_step, g.fd_tol),
-               "history": history, "controls": controls, "batch_size": len(x), "fd_examples": n_fd}
-    return Result(metrics=metrics, status=status, error=error, backend_env=b.version())
+    metrics = GradflowMetrics(
+        matrix={part: {blk: BlockStats(**s) for blk, s in blocks.items()} for part, blocks in matrix.items()},
+        verdict=Verdict(**{**v, "checks": [Check(**ch) for ch in v["checks"]], "fd_worst": FdWorst(**v["fd_worst"])}),
+        finite_differences=[FdRow(**r) for r in fd],
+        fd_settings=fd_settings(g.fd_step, g.fd_tol),
+        history=history,
+        controls=Controls(stop_gradient_z=spec.stop_gradient_z, freeze=spec.freeze),
+        batch_size=len(x),
+        fd_examples=n_fd,
+    )
+    return Result(metrics=plain(metrics), status=status, error=error, backend_env=b.version())
 
 
 def recomputed_verdict(m: dict[str, Any]) -> dict[str, Any]:
