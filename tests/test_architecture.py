@@ -96,7 +96,7 @@ def test_harness_has_no_import_cycle() -> None:
 def test_every_measure_owns_its_parts() -> None:
     for name, module in MEASURES.items():
         assert all(hasattr(module, a) for a in REQUIRED), name
-        assert dataclasses.is_dataclass(module.Config), name
+        assert dataclasses.is_dataclass(module.Config) and dataclasses.is_dataclass(module.METRICS), name
         assert callable(module.run) and callable(module.summarize) and callable(module.answer), name
         assert module.compared is None or callable(module.compared), name
         assert isinstance(module.PLOTS, dict) and isinstance(module.VERSION, int), name
@@ -155,6 +155,7 @@ from harness import data
 from harness.job import Job, Result
 from harness.judged import Judged, finite
 from harness.measures.common import Summary, backend, dataset, model_spec
+from harness.metrics import plain
 from harness.plots import pyplot, save_png
 from harness.schema import setting
 
@@ -167,12 +168,20 @@ class ToyConfig:
 Config = ToyConfig
 
 
+@dataclass
+class ToyMetrics:
+    loss: float
+
+
+METRICS = ToyMetrics
+
+
 def run(c: Any, job: Job) -> Result:
     ds = dataset(c)
     b = backend(c, job.framework, spec=model_spec(c, ds))
     x = ds.x_train[: c.measure.toy.batch]
     loss = float(b.terms(x, data.noise((len(x), c.model.latent), c.seed, 0)).loss.mean())
-    return Result(metrics={"loss": loss}, backend_env=b.version())
+    return Result(metrics=plain(ToyMetrics(loss=loss)), backend_env=b.version())
 
 
 def summarize(records: list[dict[str, Any]]) -> Summary:

@@ -16,7 +16,7 @@ from harness.metrics import MetricsError, load, plain
 from harness.records import read_records
 from tests.conftest import ROOT
 
-TYPED = {name: m.METRICS for name, m in MEASURES.items() if hasattr(m, "METRICS")}
+TYPED = {name: m.METRICS for name, m in MEASURES.items()}
 SAMPLES = ROOT / "tests" / "records"
 REFERENCE = ROOT / "results" / "reference"
 
@@ -26,8 +26,9 @@ def _records(root: Path, measure: str) -> list[dict]:
     return [r for d in dirs for r in read_records(d) if r["measure"] == measure and r["status"] == "ok"]
 
 
-def test_identity_is_typed() -> None:
-    assert "identity" in TYPED
+def test_every_measure_declares_a_metrics_dataclass() -> None:
+    assert set(TYPED) == set(MEASURES)
+    assert all(dataclasses.is_dataclass(t) for t in TYPED.values()), TYPED
 
 
 @pytest.mark.parametrize("measure", sorted(TYPED))

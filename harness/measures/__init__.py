@@ -28,6 +28,9 @@ against it, and `check` refuses at import a module that lacks a required part, b
   (`config`: the nested plain dict a record holds), a subset of its READS. The job runs with
   what its record keeps (the schema's defaults elsewhere), so READS must cover every key the
   measure's `run` uses (tests/test_reads.py checks);
+- `METRICS`: the dataclass of its record's `metrics` (`harness.metrics`): `run` builds it and
+  stores it with `metrics.plain`; `metrics.load` reads a record's metrics back into it
+  (tests/test_metrics_types.py loads fresh and committed records into every measure's type);
 - `VERSION`: an int (from 1) its author bumps when what it measures changes (asv's
   benchmark_version); stored in each record (`measure_version`); `vaebench compare` refuses to
   compare records of different versions, and resume never reuses a record of another version.
@@ -71,6 +74,8 @@ class Measure(Protocol):
     @property
     def PLOTS(self) -> Mapping[str, Callable[[Records, Path], Path | None]]: ...  # noqa: N802
     @property
+    def METRICS(self) -> type: ...  # noqa: N802  (the dataclass of its record's metrics)
+    @property
     def JUDGED(self) -> tuple[judged.Judged, ...]: ...  # noqa: N802
     @property
     def compared(self) -> Callable[[Records], dict[str, Quantity]] | None:
@@ -83,10 +88,10 @@ class Measure(Protocol):
 
 
 #: every attribute of the contract, checked at import: a module that lacks one is refused by name
-REQUIRED = ("Config", "QUESTION", "READS", "VERSION", "PLOTS", "JUDGED", "compared", "run", "summarize", "answer")
-#: what a measure may add: `reads(config)`, `precision(c)`, `validate(c)`, `TIMING` (see above), and
-#: `METRICS`, the dataclass of its record's metrics (`harness.metrics`; identity has one so far)
-OPTIONAL = ("reads", "precision", "validate", "TIMING", "METRICS")
+REQUIRED = ("Config", "QUESTION", "READS", "VERSION", "PLOTS", "METRICS", "JUDGED", "compared", "run", "summarize",
+            "answer")
+#: what a measure may add: `reads(config)`, `precision(c)`, `validate(c)`, `TIMING` (see above)
+OPTIONAL = ("reads", "precision", "validate", "TIMING")
 
 
 def check(name: str, module: ModuleType) -> Measure:
