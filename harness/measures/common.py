@@ -287,12 +287,18 @@ class Num(str):
         return cell
 
 
-def completed(records: Iterable[dict[str, Any]], key: str, of: type | tuple[type, ...] = object) -> list[dict[str, Any]]:
-    """The records that finished `ok` with `key` in their metrics (an instance of `of`): what a
-    measure's plots, answers and comparisons read; the rest are failures a table names."""
+def completed(records: Iterable[dict[str, Any]], key: str | None = None,
+              of: type | tuple[type, ...] = object) -> list[dict[str, Any]]:
+    """The records that finished `ok` with `key` in their metrics (an instance of `of`, and not
+    an empty list or dict; no `key`: `ok` alone): what a measure's plots, answers and
+    comparisons read; the rest are failures a table names (`split`)."""
     def done(r: dict[str, Any]) -> bool:
+        if r.get("status") != "ok":
+            return False
+        if key is None:
+            return True
         m = r.get("metrics") or {}
-        return r.get("status") == "ok" and key in m and isinstance(m[key], of)
+        return key in m and isinstance(m[key], of) and not (isinstance(m[key], list | dict) and not m[key])
 
     return [r for r in records if done(r)]
 
@@ -305,12 +311,96 @@ def finished(records: Iterable[dict[str, Any]], key: str, of: type | tuple[type,
         yield f"{r['framework']}/{r['mode']}", r["metrics"]
 
 
-def failed_row(r: dict[str, Any], columns: Iterable[str]) -> tuple[dict[str, Any], str]:
-    """A record that did not finish as a table row of empty cells (framework and status filled)
-    and the note that says why."""
+def blank_row(r: dict[str, Any], columns: Iterable[str]) -> dict[str, Any]:
+    """A table row of empty cells for record `r`, its framework, its mode (where `columns` have
+    one) and its status filled."""
     row = dict.fromkeys(columns, "-")
-    row.update(framework=r.get("framework", "?"), status=r.get("status", "?"))
-    return row, f"{r.get('framework')}: {r.get('status')}: {r.get('error')}"
+    row.update(framework=r.get("framework", "?"))
+    if "mode" in row:
+        row["mode"] = r.get("mode", "?")
+    row["status"] = r.get("status", "?")
+    return row
+
+
+def failed_row(r: dict[str, Any], columns: Iterable[str], per_mode: bool = False) -> tuple[dict[str, Any], str]:
+    """A record that did not finish as a table row of empty cells (`blank_row`) and the note
+    that says why: "framework: status: error" ("framework/mode: ..." for a measure whose table
+    has a row per mode)."""
+    label = f"{r.get('framework')}/{r.get('mode')}" if per_mode else f"{r.get('framework')}"
+    return blank_row(r, columns), f"{label}: {r.get('status', '?')}: {r.get('error') or 'no measurements'}"
+
+
+@dataclass
+class Failed:
+    """A record that did not finish: its table row (`failed_row`; None where the measure's
+    table shows no row for it) and its note; a measure may add to either (what the job kept)."""
+
+    record: dict[str, Any]
+    row: dict[str, Any] | None
+    note: str
+
+
+#: a record's rows for a measure's table, `rows_of(record, notes)`: it may add notes of its own
+RowsOf = Callable[[dict[str, Any], list[str]], Iterable[dict[str, Any]]]
+
+
+@dataclass
+class Split:
+    """A measure's records in `by_framework` order, split: `good`, those that finished
+    (`completed`); `failed`, the rest, each with its row and its note (`failed_row`)."""
+
+    records: list[dict[str, Any]]
+    good: list[dict[str, Any]]
+    failed: list[Failed]
+
+    @property
+    def ok(self) -> bool:
+        """Whether every record finished."""
+        return not self.failed
+
+    @property
+    def notes(self) -> list[str]:
+        """The failed records' notes."""
+        return [f.note for f in self.failed]
+
+    def table(self, rows_of: RowsOf,
+              failed_rows: Callable[[Failed, list[str]], Iterable[dict[str, Any]]] | None = None,
+              ) -> tuple[list[dict[str, Any]], list[str]]:
+        """The table's rows and notes in record order: a finished record's `rows_of(r, notes)`
+        (which may add notes of its own); a failed one's note, then its row (if it has one),
+        or `failed_rows(f, notes)` where the measure draws a failed record's rows itself."""
+        failed = {id(f.record): f for f in self.failed}
+        rows: list[dict[str, Any]] = []
+        notes: list[str] = []
+        for r in self.records:
+            f = failed.get(id(r))
+            if f is None:
+                rows.extend(rows_of(r, notes))
+                continue
+            notes.append(f.note)
+            if failed_rows is not None:
+                rows.extend(failed_rows(f, notes))
+            elif f.row is not None:
+                rows.append(f.row)
+        return rows, notes
+
+
+def split(records: Iterable[dict[str, Any]], key: str | None = None, of: type | tuple[type, ...] = object, *,
+          columns: Iterable[str] | None = None, per_mode: bool = False) -> Split:
+    """`records` in `by_framework` order, split into those that finished (`completed` with
+    `key`, an instance of `of`) and the rest, each with a row of empty cells under `columns`
+    (none without `columns`) and its note (`failed_row`; framework/mode with `per_mode`)."""
+    recs = by_framework(list(records))
+    good = completed(recs, key, of)
+    done = {id(r) for r in good}
+    cols = None if columns is None else list(columns)
+    failed = []
+    for r in recs:
+        if id(r) in done:
+            continue
+        row, note = failed_row(r, cols or [], per_mode)
+        failed.append(Failed(r, None if cols is None else row, note))
+    return Split(recs, good, failed)
 
 
 def fmt(x: Any, spec: str = ".4g", scale: float = 1.0) -> str:

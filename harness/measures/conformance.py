@@ -50,7 +50,7 @@ from harness.spec import FRAMEWORKS, TERMS, Dtype, OptimSpec, choices
 
 if TYPE_CHECKING:
     from harness.config import AppConfig
-from harness.measures.common import Quantity, Summary, backend, by_framework, dataset, fmt, model_spec, optim_spec
+from harness.measures.common import Quantity, Summary, backend, completed, dataset, fmt, model_spec, optim_spec, split
 from harness.records import write_atomic
 
 #: (quantity, dtype) -> tolerance on the relative deviation (terms/grads: measured worst
@@ -774,8 +774,9 @@ def table_rows(loaded: dict[str, dict[str, np.ndarray]], dtypes: list[str]) -> l
 def summarize(records: list[dict[str, Any]]) -> Summary:
     """The table from the records' arrays files; a diverged record's arrays are read too, so its
     rows stay in the table (failing, with the step named)."""
-    with_arrays = [r for r in by_framework(records) if r["status"] in ("ok", "diverged") and r["metrics"].get("arrays")]
-    notes = [f"{r['framework']}: {r['status']}: {r['error']}" for r in records if r["status"] != "ok"]
+    s = split(records)
+    with_arrays = [r for r in s.records if r["status"] in ("ok", "diverged") and r["metrics"].get("arrays")]
+    notes = s.notes
     typed = [load(ConformanceMetrics, r["metrics"], strict=False) for r in with_arrays]
     loaded: dict[str, dict[str, np.ndarray]] = {}
     for r, m in zip(with_arrays, typed):
@@ -807,8 +808,7 @@ def summarize(records: list[dict[str, Any]]) -> Summary:
     if len(loaded) < 2:
         notes.append("fewer than two frameworks ran: only the comparisons with NumPy are meaningful")
     judged_rows = [r for r in rows if r["pass"] != "reported"]
-    ok = bool(judged_rows) and all(r["pass"] == "yes" for r in judged_rows) and len(loaded) == len(records) and all(
-        r["status"] == "ok" for r in records)
+    ok = bool(judged_rows) and all(r["pass"] == "yes" for r in judged_rows) and len(loaded) == len(records) and s.ok
     return Summary("Conformance across frameworks (same weights, batch and noise)", rows, ok, notes)
 
 
@@ -835,7 +835,7 @@ def answer(records: list[dict[str, Any]]) -> str:
     s = summarize(records)
     judged_rows = [r for r in s.rows if r["pass"] != "reported"]
     failing = [f"{r['quantity']} {r['dtype']} ({r['worst']})" for r in judged_rows if r["pass"] != "yes"]
-    fws = ", ".join(dict.fromkeys(r["framework"] for r in records if r["status"] == "ok"))
+    fws = ", ".join(dict.fromkeys(r["framework"] for r in completed(records)))
     if s.ok:
         return (f"yes: {fws} agree with each other and with NumPy in all {len(judged_rows)} judged checks "
                 "(terms, gradients, SGD and Adam steps, float32 and float64)")

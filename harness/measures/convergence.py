@@ -99,10 +99,12 @@ from harness.measures.common import (
     TrainingLoop,
     backend,
     batch_stream,
+    blank_row,
     by_framework,
     dataset,
     model_spec,
     pm,
+    split,
 )
 
 EVAL_NOISE_SEED = 1234
@@ -734,6 +736,25 @@ def nonfinite_run(x: dict[str, Any], linear: bool) -> str | None:
     return None
 
 
+def kept_note(r: dict[str, Any]) -> str:
+    """How much a failed job kept before it died (`kept`), for its note; "" if nothing."""
+    runs = kept(r)
+    return f" (kept {sum(len(x['epochs']) for x in runs)} finished epoch(s), drawn dashed)" if runs else ""
+
+
+def partial_cells(r: dict[str, Any]) -> dict[str, Any]:
+    """A failed job's cells for what it kept (`kept`): where it got to, marked partial."""
+    runs = kept(r)
+    if not runs:
+        return {}
+    return {
+        "status": f"{r['status']} (partial)",
+        "seeds": ",".join(str(x["seed"]) for x in runs),
+        "steps": str(max(x["evals"][-1]["step"] for x in runs)),
+        "test ELBO": pm([x["evals"][-1]["test_elbo"] for x in runs], ".3f"),
+    }
+
+
 def summarize(records: list[dict[str, Any]]) -> Summary:
     recs = by_framework(records)
     target, target_note = resolve_target(recs)
@@ -743,38 +764,28 @@ def summarize(records: list[dict[str, Any]]) -> Summary:
             "time to target (s)", "… after first step (s)", "step at target", "train time (s)", "first step (s)", "active units"]
     if linear:
         cols += ["gap to pPCA optimum (test)", "gap to pPCA optimum (train)", "KL(q ‖ posterior)"]
-    rows, notes, ok = [], [], bool(recs)
     tol_opt, tol_post = recorded_setting(recs, "optimum_tol"), recorded_setting(recs, "posterior_gap_tol")
-    for r in recs:
-        row = dict.fromkeys(cols, "-")
-        row.update(framework=r["framework"], mode=r["mode"], status=r["status"])
-        rows.append(row)
-        if r["status"] != "ok":
-            ok = False
-            kept_runs = kept(r)
-            n_kept = sum(len(x["epochs"]) for x in kept_runs)
-            more = f" (kept {n_kept} finished epoch(s), drawn dashed)" if kept_runs else ""
-            notes.append(f"{r['framework']}/{r['mode']}: {r['status']}: {r.get('error')}{more}")
-            if kept_runs:  # what the job reached before it died, marked partial
-                row.update({
-                    "status": f"{r['status']} (partial)",
-                    "seeds": ",".join(str(x["seed"]) for x in kept_runs),
-                    "steps": str(max(x["evals"][-1]["step"] for x in kept_runs)),
-                    "test ELBO": pm([x["evals"][-1]["test_elbo"] for x in kept_runs], ".3f"),
-                })
+    s = split(recs, per_mode=True)
+    for f in s.failed:
+        f.note += kept_note(f.record)
+    passed: list[bool] = []  # each record's checks: its seeds' numbers and its one-ulp control finite, at the pPCA optimum
+
+    def row_of(r: dict[str, Any], notes: list[str]) -> list[dict[str, Any]]:
+        """A record's row (a failed one's too: what it kept, the seeds it completed), and its notes."""
+        row = {**blank_row(r, cols), **partial_cells(r)}
         for x in done(r):
             bad = nonfinite_run(x, linear)
+            passed.append(bad is None)
             if bad is not None:
-                ok = False
                 notes.append(f"{r['framework']}/{r['mode']} seed {x['seed']}: {bad}")
         ctrl = (r.get("metrics") or {}).get("ulp_control") or {}
         bad = describe(ctrl["step_loss"], "step") if ctrl else None
+        passed.append(bad is None)
         if bad is not None:
-            ok = False
             notes.append(f"{r['framework']}/{r['mode']} seed {ctrl.get('seed')}: one-ulp control's training loss is {bad}")
         runs = done(r)
         if not runs:
-            continue
+            return [row]
         fin = [x["final"] for x in runs]
         hits = [first_reaching(x["evals"], target) if target is not None else None for x in runs]
         reached = [h for h in hits if h is not None]
@@ -800,11 +811,14 @@ def summarize(records: list[dict[str, Any]]) -> Summary:
             row["gap to pPCA optimum (train)"] = pm([e["train_gap_to_optimum"] for e in last], ".4f")
             row["KL(q ‖ posterior)"] = pm([e["posterior_gap"] for e in last], ".4f")
             good = all(le(abs(e["gap_to_optimum"]), tol_opt) and le(e["posterior_gap"], tol_post) for e in last)
-            ok = ok and good
+            passed.append(good)
             if not good:
                 notes.append(f"{r['framework']}/{r['mode']}: not at the pPCA optimum in every seed "
                              f"(|test gap| ≤ {tol_opt:g}, KL(q ‖ posterior) ≤ {tol_post:g} required)")
+        return [row]
 
+    rows, notes = s.table(row_of, lambda f, notes: row_of(f.record, notes))
+    ok = bool(recs) and s.ok and all(passed)
     n_seeds = max((len(done(r)) for r in recs), default=0)
     notes.append(f"ELBO and log p(x) in nats per example (higher is better); ± is the standard deviation over {n_seeds} seeds"
                  if n_seeds > 1 else "ELBO and log p(x) in nats per example (higher is better); one seed")

@@ -87,10 +87,10 @@ from harness.measures.common import (
     by_framework,
     completed,
     dataset,
-    failed_row,
     finished,
     fmt,
     model_spec,
+    split,
     train,
 )
 
@@ -527,56 +527,50 @@ def _passed(checks: dict[str, bool] | None) -> str:
     return "yes" if all(checks.values()) else "NO: " + ", ".join(k for k, v in checks.items() if not v)
 
 
-def summarize(records: list[dict[str, Any]]) -> Summary:
-    rows: list[dict[str, Any]] = []
-    notes: list[str] = []
-    ok = bool(records)
-    for r in by_framework(records):
-        m = r.get("metrics") or {}
-        linear = m.get("linear") if isinstance(m.get("linear"), dict) else None
-        if r.get("status") != "ok" or linear is None:
-            ok = False
-            row, note = failed_row(r, COLUMNS)
-            rows.append(row)
-            notes.append(note)
+def _rows(r: dict[str, Any], _notes: list[str]) -> list[dict[str, Any]]:
+    """A finished record's rows: its linear parts (closed form), then its trained model."""
+    m = r["metrics"]
+    rows = []
+    for name in ("random", "trained"):
+        p = m["linear"].get(name)
+        if not isinstance(p, dict):
             continue
-        for name in ("random", "trained"):
-            p = linear.get(name)
-            if not isinstance(p, dict):
-                continue
-            verdicts = linear_checks({"tol": m.get("tol"), **p})
-            ok = ok and bool(verdicts) and all(verdicts.values())
-            rows.append({
-                "framework": r["framework"],
-                "model": f"linear, {'random' if name == 'random' else 'trained'} encoder (closed form)",
-                "status": r["status"],
-                "log p(x)": fmt(p.get("log_px"), ".4f"),
-                "ELBO(q)": fmt(p.get("elbo"), ".4f"),
-                "ELBO(q*)": fmt(p.get("elbo_star"), ".4f"),
-                "log p − ELBO": fmt(p.get("total_gap"), ".4f"),
-                "approximation gap": fmt(p.get("approximation_gap"), ".4f"),
-                "amortization gap": fmt(p.get("amortization_gap"), ".4f"),
-                "identity residual (max)": fmt(_largest([p.get(k) for k in ("residual_sum_max", "residual_approx_max",
-                                                                             "residual_amort_max")]), ".1e"),
-                "pass": _passed(verdicts),
-            })
-        t = m.get("trained")
-        if isinstance(t, dict):
-            tverdicts = trained_checks(t)
-            ok = ok and all(tverdicts.values())
-            rows.append({
-                "framework": r["framework"],
-                "model": f"trained: {t.get('model', '?')}, {t.get('epochs')} epochs (IWAE-{t.get('iwae_k')})",
-                "status": r["status"],
-                "log p(x)": _pm(t, "log_px"),
-                "ELBO(q)": _pm(t, "elbo"),
-                "ELBO(q*)": _pm(t, "elbo_star"),
-                "log p − ELBO": _pm(t, "total_gap"),
-                "approximation gap": _pm(t, "approximation_gap"),
-                "amortization gap": _pm(t, "amortization_gap"),
-                "identity residual (max)": "-",
-                "pass": _passed(tverdicts),
-            })
+        rows.append({
+            "framework": r["framework"],
+            "model": f"linear, {'random' if name == 'random' else 'trained'} encoder (closed form)",
+            "status": r["status"],
+            "log p(x)": fmt(p.get("log_px"), ".4f"),
+            "ELBO(q)": fmt(p.get("elbo"), ".4f"),
+            "ELBO(q*)": fmt(p.get("elbo_star"), ".4f"),
+            "log p − ELBO": fmt(p.get("total_gap"), ".4f"),
+            "approximation gap": fmt(p.get("approximation_gap"), ".4f"),
+            "amortization gap": fmt(p.get("amortization_gap"), ".4f"),
+            "identity residual (max)": fmt(_largest([p.get(k) for k in ("residual_sum_max", "residual_approx_max",
+                                                                         "residual_amort_max")]), ".1e"),
+            "pass": _passed(linear_checks({"tol": m.get("tol"), **p})),
+        })
+    t = m.get("trained")
+    if isinstance(t, dict):
+        rows.append({
+            "framework": r["framework"],
+            "model": f"trained: {t.get('model', '?')}, {t.get('epochs')} epochs (IWAE-{t.get('iwae_k')})",
+            "status": r["status"],
+            "log p(x)": _pm(t, "log_px"),
+            "ELBO(q)": _pm(t, "elbo"),
+            "ELBO(q*)": _pm(t, "elbo_star"),
+            "log p − ELBO": _pm(t, "total_gap"),
+            "approximation gap": _pm(t, "approximation_gap"),
+            "amortization gap": _pm(t, "amortization_gap"),
+            "identity residual (max)": "-",
+            "pass": _passed(trained_checks(t)),
+        })
+    return rows
+
+
+def summarize(records: list[dict[str, Any]]) -> Summary:
+    s = split(records, "linear", dict, columns=COLUMNS)
+    rows, notes = s.table(_rows)
+    ok = bool(records) and s.ok and all(all(all_checks(r["metrics"]).values()) for r in s.good)
     tol = next((r["metrics"].get("tol") for r in records if isinstance(r.get("metrics"), dict) and r["metrics"].get("tol")), None)
     notes.append(
         "nats per example, means over the examples (± standard error); approximation gap = KL(q* ‖ p(z|x)), "

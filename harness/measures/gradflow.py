@@ -71,12 +71,12 @@ from harness.measures.common import (
     TrainingDiverged,
     TrainingLoop,
     backend,
-    by_framework,
     completed,
     dataset,
     finished,
     fmt,
     model_spec,
+    split,
 )
 
 #: theory: does each part reach each block?
@@ -521,48 +521,59 @@ def _yes(flag: bool) -> str:
     return "yes" if flag else "no"
 
 
+def assess(m: dict[str, Any]) -> tuple[dict[str, Any], str | None, bool]:
+    """A finished record's verdict (`recomputed_verdict`), the first non-finite number of its
+    training history (`history_problem`), and whether it passes: both gradients as theory says,
+    the finite differences and a finite history."""
+    v = recomputed_verdict(m)
+    bad_history = history_problem(m.get("history") or [])
+    passed = (v["matches_theory"] and v["elbo_trains_encoder"] and v["elbo_trains_decoder"] and v["fd_ok"]
+              and bad_history is None)
+    return v, bad_history, passed
+
+
+def _rows(r: dict[str, Any], notes: list[str]) -> list[dict[str, Any]]:
+    """A finished record's rows, a part each, and its notes: its verdict, and the history's
+    first non-finite number if any."""
+    m = r["metrics"]
+    v, bad_history, passed = assess(m)
+    rows = []
+    for part in TERMS:
+        row: dict[str, Any] = {"framework": r["framework"], "part": part}
+        for blk in BLOCKS:
+            s = m["matrix"][part][blk]
+            row[f"{blk} ‖grad‖"] = fmt(s["norm"], ".3e")
+            row[f"{blk} tensors≠0"] = fmt(s["nonzero_fraction"], ".0%")
+            row[f"{blk} max abs"] = fmt(s["max_abs"], ".2e")
+        expect = {c["block"]: c for c in v["checks"] if c["part"] == part}
+        row["theory"] = " ".join(f"{blk}:{expect[blk]['expected']}" for blk in BLOCKS if blk in expect) or "-"
+        row["matches"] = ("yes" if all(c["ok"] for c in expect.values()) else "NO") if expect else "-"
+        rows.append(row)
+    if bad_history:
+        notes.append(f"{r['framework']}: {bad_history}")
+    ctrl = m["controls"]
+    label = "" if not (ctrl["stop_gradient_z"] or ctrl["freeze"] != "none") else f" [control: stop_gradient_z={ctrl['stop_gradient_z']}, freeze={ctrl['freeze']}]"
+    notes.append(
+        f"{r['framework']}{label}: the ELBO trains the decoder: {_yes(v['elbo_trains_decoder'])}; "
+        f"the ELBO trains the encoder: {_yes(v['elbo_trains_encoder'])}"
+        f" (reconstruction reaches it: {_yes(m['matrix']['recon']['encoder']['nonzero_fraction'] == 1.0)}); "
+        f"pattern matches theory: {_yes(v['matches_theory'])}; "
+        f"{fd_note(v, m)} -> {'PASS' if passed else 'FAIL'}"
+    )
+    return rows
+
+
 def summarize(records: list[dict[str, Any]]) -> Summary:
-    rows, notes, ok = [], [], True
-    for r in by_framework(records):
-        if r["status"] != "ok":
-            ok = False
-            notes.append(f"{r['framework']}: {r['status']}: {r['error']}")
-            continue
-        m = r["metrics"]
-        v = recomputed_verdict(m)
-        for part in TERMS:
-            row: dict[str, Any] = {"framework": r["framework"], "part": part}
-            for blk in BLOCKS:
-                s = m["matrix"][part][blk]
-                row[f"{blk} ‖grad‖"] = fmt(s["norm"], ".3e")
-                row[f"{blk} tensors≠0"] = fmt(s["nonzero_fraction"], ".0%")
-                row[f"{blk} max abs"] = fmt(s["max_abs"], ".2e")
-            expect = {c["block"]: c for c in v["checks"] if c["part"] == part}
-            row["theory"] = " ".join(f"{blk}:{expect[blk]['expected']}" for blk in BLOCKS if blk in expect) or "-"
-            row["matches"] = ("yes" if all(c["ok"] for c in expect.values()) else "NO") if expect else "-"
-            rows.append(row)
-        bad_history = history_problem(m.get("history") or [])
-        passed = (v["matches_theory"] and v["elbo_trains_encoder"] and v["elbo_trains_decoder"] and v["fd_ok"]
-                  and bad_history is None)
-        ok = ok and passed
-        if bad_history:
-            notes.append(f"{r['framework']}: {bad_history}")
-        ctrl = m["controls"]
-        label = "" if not (ctrl["stop_gradient_z"] or ctrl["freeze"] != "none") else f" [control: stop_gradient_z={ctrl['stop_gradient_z']}, freeze={ctrl['freeze']}]"
-        notes.append(
-            f"{r['framework']}{label}: the ELBO trains the decoder: {_yes(v['elbo_trains_decoder'])}; "
-            f"the ELBO trains the encoder: {_yes(v['elbo_trains_encoder'])}"
-            f" (reconstruction reaches it: {_yes(m['matrix']['recon']['encoder']['nonzero_fraction'] == 1.0)}); "
-            f"pattern matches theory: {_yes(v['matches_theory'])}; "
-            f"{fd_note(v, m)} -> {'PASS' if passed else 'FAIL'}"
-        )
-    return Summary("Gradient flow: which loss part reaches which block (float64, one batch)", rows, ok and bool(rows), notes)
+    s = split(records, "matrix")  # a record that did not finish: a note, no row (the rows are loss parts)
+    rows, notes = s.table(_rows)
+    ok = s.ok and bool(rows) and all(assess(r["metrics"])[2] for r in s.good)
+    return Summary("Gradient flow: which loss part reaches which block (float64, one batch)", rows, ok, notes)
 
 
 def plot_gradflow(records: list[dict[str, Any]], path: Path) -> Path | None:
     """Heatmap of log10 gradient norm, parts x blocks, one panel per framework; exact zeros
     are shown as such (not as a colour)."""
-    recs = [r for r in records if r["measure"] == "gradflow" and r["status"] == "ok"]
+    recs = completed(records, "matrix")
     if not recs:
         return None
     plt = pyplot()
@@ -631,7 +642,7 @@ QUESTION = "Do gradients reach both blocks?"
 
 def answer(records: list[dict[str, Any]]) -> str:
     """One line for the suite's summary, from the records."""
-    good = completed(records, "verdict")
+    good = completed(records, "matrix")
     verdicts = {id(r): recomputed_verdict(r["metrics"]) for r in good}
     both = [r for r in good if verdicts[id(r)]["elbo_trains_encoder"] and verdicts[id(r)]["elbo_trains_decoder"]]
     theory = [r for r in good if verdicts[id(r)]["matches_theory"] and verdicts[id(r)]["fd_ok"]

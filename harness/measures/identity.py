@@ -38,7 +38,7 @@ from harness.schema import setting
 
 if TYPE_CHECKING:
     from harness.config import AppConfig
-from harness.measures.common import Quantity, Summary, backend, by_framework, completed, finished, fmt
+from harness.measures.common import Quantity, Summary, backend, completed, finished, fmt, split
 
 
 @dataclass
@@ -205,37 +205,32 @@ def checks(m: dict[str, Any]) -> dict[str, bool]:
     }
 
 
+def _row(r: dict[str, Any]) -> dict[str, Any]:
+    """A finished record's row."""
+    m = r["metrics"]
+    verdicts = checks(m)  # recomputed from the numbers: a stored True cannot hide a NaN
+    return {
+        "framework": r["framework"],
+        "log p(x)": fmt(m["log_px_mean"], ".4f"),
+        "ELBO": fmt(m["elbo_mean"], ".4f"),
+        "KL(q‖posterior)": fmt(m["gap_mean"], ".4f"),
+        "max abs(log p − ELBO − KL)": fmt(m["residual_max"], ".1e"),
+        "MC ELBO (SE)": f"{m['mc_elbo_mean']:.4f} ({m['mc_se']:.4f})",
+        f"IWAE k={','.join(str(x['k']) for x in m['iwae'])}": " ".join(f"{x['iwae']:.4f}" for x in m["iwae"]),
+        "orthogonal W: max gap": fmt(m["ortho_gap_max"], ".1e"),
+        "pass": "yes" if all(verdicts.values()) else "NO: " + ", ".join(k for k, v in verdicts.items() if not v),
+    }
+
+
 def summarize(records: list[dict[str, Any]]) -> Summary:
-    rows, notes, ok = [], [], True
-    for r in by_framework(records):
-        m = r["metrics"]
-        if r["status"] != "ok":
-            ok = False
-            rows.append({"framework": r["framework"], "status": r["status"]})
-            notes.append(f"{r['framework']}: {r['error']}")
-            continue
-        verdicts = checks(m)  # recomputed from the numbers: a stored True cannot hide a NaN
-        ok = ok and all(verdicts.values())
-        iw = " ".join(f"{x['iwae']:.4f}" for x in m["iwae"])
-        rows.append(
-            {
-                "framework": r["framework"],
-                "log p(x)": fmt(m["log_px_mean"], ".4f"),
-                "ELBO": fmt(m["elbo_mean"], ".4f"),
-                "KL(q‖posterior)": fmt(m["gap_mean"], ".4f"),
-                "max abs(log p − ELBO − KL)": fmt(m["residual_max"], ".1e"),
-                "MC ELBO (SE)": f"{m['mc_elbo_mean']:.4f} ({m['mc_se']:.4f})",
-                f"IWAE k={','.join(str(x['k']) for x in m['iwae'])}": iw,
-                "orthogonal W: max gap": fmt(m["ortho_gap_max"], ".1e"),
-                "pass": "yes" if all(verdicts.values()) else "NO: " + ", ".join(k for k, v in verdicts.items() if not v),
-            }
-        )
-    if rows and "log p(x)" in rows[0]:
-        notes.append(
-            f"means over {records[0]['metrics'].get('n_examples')} examples, float64; "
-            f"residual tolerance {records[0]['metrics'].get('tol')}"
-        )
-    return Summary("ELBO identity on the linear-Gaussian VAE: log p(x) = ELBO + KL(q ‖ posterior)", rows, ok and bool(rows), notes)
+    s = split(records, "residual_max", columns=["framework", "status"])
+    rows, notes = s.table(lambda r, _: [_row(r)])
+    if s.good:
+        m = s.good[0]["metrics"]
+        notes.append(f"means over {m.get('n_examples')} examples, float64; residual tolerance {m.get('tol')}")
+    passed = all(all(checks(r["metrics"]).values()) for r in s.good)
+    return Summary("ELBO identity on the linear-Gaussian VAE: log p(x) = ELBO + KL(q ‖ posterior)", rows,
+                   s.ok and passed and bool(rows), notes)
 
 
 PLOTS: dict[str, Any] = {}  # tables only

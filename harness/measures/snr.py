@@ -92,10 +92,10 @@ from harness.measures.common import (
     by_framework,
     completed,
     dataset,
-    failed_row,
     finished,
     fmt,
     model_spec,
+    split,
     train,
 )
 
@@ -556,55 +556,62 @@ def _snr_range(r: dict[str, Any], ks: list[int]) -> str:
     return f"{fmt(v0, '.3g')} (K={k0}) → {fmt(v1, '.3g')} (K={k1})"
 
 
-def summarize(records: list[dict[str, Any]]) -> Summary:
-    rows: list[dict[str, Any]] = []
-    notes: list[str] = []
-    ok = bool(records)
-    cols = ["framework", "model", "status", "decoder slope [95% CI] (fitted K)", "encoder slope [95% CI] (fitted K)",
-            "decoder SNR (resolved K range)", "encoder SNR (resolved K range)", "largest noise floor", "smallest SNR / floor",
-            "draws per K", "pass"]
-    for r in by_framework(records):
-        m = r.get("metrics") or {}
-        parts = [(p, m.get(p)) for p in ("toy", "trained")]
-        if r.get("status") != "ok" or not isinstance(m.get("toy"), dict):
-            ok = False
-            row, note = failed_row(r, cols)
-            rows.append(row)
-            notes.append(note)
+#: the table's columns
+COLUMNS = ["framework", "model", "status", "decoder slope [95% CI] (fitted K)", "encoder slope [95% CI] (fitted K)",
+           "decoder SNR (resolved K range)", "encoder SNR (resolved K range)", "largest noise floor", "smallest SNR / floor",
+           "draws per K", "pass"]
+
+
+def toy_held(toy: dict[str, Any]) -> bool:
+    """Whether the toy part holds: its checks pass and every SNR, t and floor is finite."""
+    return all(toy_checks(toy).values()) and not nonfinite_ks(toy)
+
+
+def _rows(r: dict[str, Any], notes: list[str]) -> list[dict[str, Any]]:
+    """A finished record's rows, its toy and its trained part, and a note per block whose Ks
+    the fit left out."""
+    m = r["metrics"]
+    rows = []
+    for name in ("toy", "trained"):
+        part = m.get(name)
+        if not isinstance(part, dict) or not isinstance(part.get("blocks"), dict):
             continue
-        for name, part in parts:
-            if not isinstance(part, dict) or not isinstance(part.get("blocks"), dict):
-                continue
-            bl = part["blocks"]
-            dec, enc = bl.get("decoder") or {}, bl.get("encoder") or {}
-            floors = [f for blk in (dec, enc) for f in blk.get("floor", [])]
-            ratios = [float(blk["min_floor_ratio"]) for blk in (dec, enc) if blk.get("min_floor_ratio") is not None]
-            checks = toy_checks(part) if name == "toy" else None
-            bad_ks = nonfinite_ks(part) if name == "toy" else []
-            passed = "not judged" if checks is None else ("yes" if all(checks.values()) and not bad_ks else
-                                                          "NO: " + ", ".join([*bad_ks, *(k for k, v in checks.items() if not v)]))
-            if checks is not None:
-                ok = ok and all(checks.values()) and not bad_ks
-            draws = part.get("draws") or []
-            rows.append({
-                "framework": r["framework"],
-                "model": "toy" if name == "toy" else f"trained: {part.get('model', '?')}",
-                "status": r["status"],
-                "decoder slope [95% CI] (fitted K)": _slope_cell(dec),
-                "encoder slope [95% CI] (fitted K)": _slope_cell(enc),
-                "decoder SNR (resolved K range)": _snr_range(dec, part.get("ks") or []),
-                "encoder SNR (resolved K range)": _snr_range(enc, part.get("ks") or []),
-                "largest noise floor": fmt(max(floors) if floors else None, ".2g"),
-                "smallest SNR / floor": fmt(min(ratios) if ratios else None, ".3g"),
-                "draws per K": str(min(draws)) if draws else "-",
-                "pass": passed,
-            })
-            for blk_name, blk in (("decoder", dec), ("encoder", enc)):
-                dropped = [k for k, res in zip(part.get("ks", []), blk.get("resolved", [])) if not res]
-                if dropped:
-                    notes.append(f"{r['framework']} {name} {blk_name}: K = {', '.join(map(str, dropped))} below "
-                                 f"{part.get('floor_ratio')}× the noise floor, left out of the fit (more draws: "
-                                 f"measure.snr.{'draws' if name == 'toy' else 'trained_draws'})")
+        bl = part["blocks"]
+        dec, enc = bl.get("decoder") or {}, bl.get("encoder") or {}
+        floors = [f for blk in (dec, enc) for f in blk.get("floor", [])]
+        ratios = [float(blk["min_floor_ratio"]) for blk in (dec, enc) if blk.get("min_floor_ratio") is not None]
+        checks = toy_checks(part) if name == "toy" else None
+        bad_ks = nonfinite_ks(part) if name == "toy" else []
+        passed = "not judged" if checks is None else ("yes" if all(checks.values()) and not bad_ks else
+                                                      "NO: " + ", ".join([*bad_ks, *(k for k, v in checks.items() if not v)]))
+        draws = part.get("draws") or []
+        rows.append({
+            "framework": r["framework"],
+            "model": "toy" if name == "toy" else f"trained: {part.get('model', '?')}",
+            "status": r["status"],
+            "decoder slope [95% CI] (fitted K)": _slope_cell(dec),
+            "encoder slope [95% CI] (fitted K)": _slope_cell(enc),
+            "decoder SNR (resolved K range)": _snr_range(dec, part.get("ks") or []),
+            "encoder SNR (resolved K range)": _snr_range(enc, part.get("ks") or []),
+            "largest noise floor": fmt(max(floors) if floors else None, ".2g"),
+            "smallest SNR / floor": fmt(min(ratios) if ratios else None, ".3g"),
+            "draws per K": str(min(draws)) if draws else "-",
+            "pass": passed,
+        })
+        for blk_name, blk in (("decoder", dec), ("encoder", enc)):
+            dropped = [k for k, res in zip(part.get("ks", []), blk.get("resolved", [])) if not res]
+            if dropped:
+                notes.append(f"{r['framework']} {name} {blk_name}: K = {', '.join(map(str, dropped))} below "
+                             f"{part.get('floor_ratio')}× the noise floor, left out of the fit (more draws: "
+                             f"measure.snr.{'draws' if name == 'toy' else 'trained_draws'})")
+    return rows
+
+
+def summarize(records: list[dict[str, Any]]) -> Summary:
+    s = split(records, "toy", dict, columns=COLUMNS)
+    rows, notes = s.table(_rows)
+    toys = [r["metrics"]["toy"] for r in s.good]
+    ok = bool(records) and s.ok and all(toy_held(t) for t in toys if isinstance(t.get("blocks"), dict))
     notes.append("SNR = root mean square over a block's parameters of the bias-corrected per-parameter |E g| / sd(g) "
                  "of the IWAE-K gradient; theory (Rainforth et al. 2018): decoder slope +0.5, encoder −0.5 in log SNR "
                  "vs log K; 95% intervals from a jackknife over draw groups; noise floor = SNR a zero-signal gradient "
@@ -692,7 +699,7 @@ def answer(records: list[dict[str, Any]]) -> str:
             else:
                 cells.append(f"{blk} {b['slope']:+.2f} [{b['slope_ci'][0]:+.2f}, {b['slope_ci'][1]:+.2f}]")
         parts.append(f"{r['framework']}: " + ", ".join(cells))
-    held = [r for r in good if all(toy_checks(r["metrics"]["toy"]).values()) and not nonfinite_ks(r["metrics"]["toy"])]
+    held = [r for r in good if toy_held(r["metrics"]["toy"])]
     verdict = ("yes, as theory says: the decoder's gradient SNR grows like sqrt(K), the encoder's falls like "
                "1/sqrt(K)" if len(held) == len(records) else
                "NO: not as theory says (or not resolved) in " + ", ".join(r["framework"] for r in records if r not in held))

@@ -49,12 +49,14 @@ from harness.measures.common import (
     Quantity,
     Summary,
     by_framework,
+    completed,
     dataset,
     finished,
     fmt,
     model_spec,
     optim_spec,
     runtime_spec,
+    split,
 )
 from harness.metrics import load, plain
 from harness.models.base import layer_step_flops, optimizer_flops
@@ -476,41 +478,39 @@ FINITE_KEYS = {"first_call_s": "first-call time", "step_s_median": "step time (m
                "clock_ratio": "clock ratio", "loss_after": "loss after timing"}
 
 
+def _batches(r: dict[str, Any]) -> list[Any]:
+    """The batch sizes a record measured (a failed job's: those it finished)."""
+    return (r.get("metrics") or {}).get("batches") or []
+
+
+def _clock_tol(r: dict[str, Any]) -> float:
+    return float((r.get("metrics") or {}).get("settings", {}).get("clock_tol", 0.05))
+
+
 def summarize(records: list[dict[str, Any]]) -> Summary:
     """One table, a row per framework x mode x batch; notes name the device(s), failed jobs,
     values that are not finite, clock-ratio violations and, per framework with more than one
     mode, the best mode at its largest batch size by samples/s, roofline fraction, first-call
     time and peak memory."""
-    rows: list[dict[str, Any]] = []
-    notes: list[str] = []
-    ok = True
-    devices: dict[str, list[str]] = {}
-    good: list[dict[str, Any]] = []
+    s = split(records, "batches", per_mode=True)
+    for f in s.failed:  # a failed job's batch sizes stay in the table
+        if _batches(f.record):
+            f.note += f" (kept the {len(_batches(f.record))} batch size(s) it finished)"
+    passed: list[bool] = []  # per batch row: its numbers finite, its clock ratio within tolerance
     ratios: list[float] = []
-    tol = 0.05
-    for r in by_framework(records):
-        label = f"{r.get('framework')}/{r.get('mode')}"
-        m = r.get("metrics") or {}
-        batches = m.get("batches") if isinstance(m, dict) else None
-        if r.get("status") != "ok" or not batches:
-            ok = False
-            kept = f" (kept the {len(batches)} batch size(s) it finished)" if batches else ""
-            notes.append(f"{label}: {r.get('status', '?')}: {r.get('error') or 'no measurements'}{kept}")
-            if not batches:
-                continue
-        else:
-            devices.setdefault(_device_name(r), []).append(label)
-            good.append(r)
-        tol = float(m.get("settings", {}).get("clock_tol", 0.05))
-        for b in batches:
+
+    def rows_of(r: dict[str, Any], notes: list[str]) -> list[dict[str, Any]]:
+        """A record's row per batch size, and a note per batch that failed a check."""
+        label, tol, rows = f"{r['framework']}/{r['mode']}", _clock_tol(r), []
+        for b in _batches(r):
             void = [f"{name} is {describe(b.get(key), 'repeat')}" for key, name in FINITE_KEYS.items()
                     if describe(b.get(key), "repeat") is not None]
+            passed.append(not void)
             if void:
-                ok = False
                 notes.append(f"{label} batch {b.get('batch')}: {'; '.join(void)}: the measurement is void")
             cr = b.get("clock_ratio")
             if not le(abs(cr - 1.0) if finite(cr) else math.nan, tol):
-                ok = False
+                passed.append(False)
                 notes.append(f"{label} batch {b.get('batch')}: clock ratio {fmt(cr, '.3f')} is outside 1 ± {tol}: "
                              "time escaped the timed region")
             elif finite(cr):
@@ -530,6 +530,15 @@ def summarize(records: list[dict[str, Any]]) -> Summary:
                     "step time / plain loop's": fmt(b.get("overhead_ratio"), ".2f"),
                 }
             )
+        return rows
+
+    rows, notes = s.table(rows_of, lambda f, notes: rows_of(f.record, notes))
+    ok = s.ok and all(passed)
+    good = s.good
+    tol = next((_clock_tol(r) for r in reversed(s.records) if _batches(r)), 0.05)
+    devices: dict[str, list[str]] = {}
+    for r in good:
+        devices.setdefault(_device_name(r), []).append(f"{r['framework']}/{r['mode']}")
     if rows and all(row["step time / plain loop's"] == "-" for row in rows):  # the plain loop was not timed
         for row in rows:
             del row["step time / plain loop's"]
@@ -619,8 +628,7 @@ def _best_modes(records: list[dict[str, Any]]) -> list[str]:
 def plot_throughput(records: list[dict[str, Any]], path: Path) -> Path | None:
     """samples/s against batch size (log-log), a line per framework x mode, and per framework
     the roofline from its measured matmul rate: samples/s <= rate / (step FLOP / batch)."""
-    recs = [r for r in by_framework(records) if r.get("measure", "throughput") == "throughput"
-            and r.get("status") == "ok" and (r.get("metrics") or {}).get("batches")]
+    recs = completed(by_framework(records), "batches")
     if not recs:
         return None
     plt = pyplot()
@@ -657,7 +665,7 @@ def plot_throughput(records: list[dict[str, Any]], path: Path) -> Path | None:
 
 def plot_layers(records: list[dict[str, Any]], path: Path) -> Path | None:
     """Each layer's time alone, forward and backward stacked, a bar per framework x mode."""
-    recs = [r for r in by_framework(records) if r.get("status") == "ok" and (r.get("metrics") or {}).get("layers")]
+    recs = completed(by_framework(records), "layers")
     if not recs:
         return None
     plt = pyplot()
@@ -695,7 +703,7 @@ QUESTION = "Which framework is fastest?"
 def answer(records: list[dict[str, Any]]) -> str:
     """One line for the suite's summary: at the largest batch size every record measured, the
     fastest framework/mode by samples/s, and its speed-up over each other framework's best mode."""
-    good = [r for r in records if r["status"] == "ok" and (r.get("metrics") or {}).get("batches")]
+    good = completed(records, "batches")
     if not good:
         return "no throughput was measured"
     batches = [(f"{r['framework']} ({r['mode']})", typed(r).batches) for r in good]
