@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -65,32 +66,60 @@ def cli(tmp_path: Path):  # type: ignore[no-untyped-def]
     return _run
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """End-to-end CLI runs and the benchmarks (run once each with timing disabled) are slow:
-    `make test-fast` (-m "not slow") leaves them to `make test`."""
-    for item in items:
-        path = Path(str(item.fspath))
-        if path.name == "test_cli.py" or path.parent.name == "bench" or "cli" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.slow)
-        # the state API in compiled modes: eager covers the logic fast, the compiled ones compile
-        if path.name == "test_state.py" and any(m in item.name for m in ("-xla-", "-jit-", "compiled", "-function-")):
-            item.add_marker(pytest.mark.slow)
-
-
-#: a test over this many seconds (its call, on a quiet 2-core machine) belongs under `slow`
-SLOW_S = 10.0
+#: a test measured over this many seconds (setup + call + teardown, DURATIONS) is marked slow:
+#: `make test-fast` (-m "not slow") leaves it to `make test`, so the edit-test loop stays short
+SLOW_S = 1.0
+#: a test not marked slow that takes over this many seconds is named at the end of every run
+#: (CI's log included): a drift of `make test-fast` that `make durations` should re-measure
+DRIFT_S = 10.0
+#: each test's measured seconds (setup + call + teardown, a quiet 2-core machine), written by
+#: `make durations` (pytest --store-durations): what marks a test slow, by measurement
+DURATIONS = ROOT / "tests" / "durations.json"
 _UNMARKED: list[tuple[float, str]] = []
+_MEASURED: dict[str, float] = {}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--store-durations", action="store_true",
+                     help=f"store each test's duration in {DURATIONS.relative_to(ROOT)} (the tests run update theirs)")
+
+
+def measured_durations() -> dict[str, float]:
+    """{test node id: seconds} from DURATIONS ({} where there is none yet)."""
+    try:
+        return {k: float(v) for k, v in json.loads(DURATIONS.read_text()).items()}
+    except FileNotFoundError:
+        return {}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test measured over SLOW_S seconds (DURATIONS) is marked slow; a test not measured yet
+    is fast until it is (the summary names it if it takes longer), or marked slow by hand."""
+    times = measured_durations()
+    for item in items:
+        if times.get(item.nodeid, 0.0) > SLOW_S:
+            item.add_marker(pytest.mark.slow)
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    if report.when == "call" and report.duration > SLOW_S and "slow" not in report.keywords:
-        _UNMARKED.append((report.duration, report.nodeid))
+    _MEASURED[report.nodeid] = _MEASURED.get(report.nodeid, 0.0) + report.duration
+    if report.when == "teardown" and _MEASURED[report.nodeid] > DRIFT_S and "slow" not in report.keywords:
+        _UNMARKED.append((_MEASURED[report.nodeid], report.nodeid))
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """With --store-durations: the tests of this run get their measured time in DURATIONS (the
+    others keep theirs), sorted, so a re-measured subset updates the file in place."""
+    worker = hasattr(session.config, "workerinput")  # under pytest-xdist the controller writes
+    if session.config.getoption("--store-durations", default=False) and _MEASURED and not worker:
+        times = {**measured_durations(), **{k: round(v, 2) for k, v in _MEASURED.items()}}
+        DURATIONS.write_text(json.dumps(dict(sorted(times.items())), indent=0) + "\n")
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    """Name the tests not marked slow that took over SLOW_S seconds, so a drift of `make
+    """Name the tests not marked slow that took over DRIFT_S seconds, so a drift of `make
     test-fast` shows in every run (CI's log included) rather than in someone's patience."""
     if _UNMARKED:
-        terminalreporter.section(f"tests over {SLOW_S:.0f} s not marked slow")
+        terminalreporter.section(f"tests over {DRIFT_S:.0f} s not marked slow")
         for d, nodeid in sorted(_UNMARKED, reverse=True):
             terminalreporter.write_line(f"{d:7.1f} s  {nodeid}")

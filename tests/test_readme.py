@@ -24,7 +24,8 @@ import re
 import shlex
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,6 +72,9 @@ SHRINK: dict[str, str] = {
     "measure.snr.trained_draws": "20",
     "progress": "false",
 }
+#: and for the conv VAE (`+experiment=conv`, `model=conv`), its layers at a test's size: the same
+#: code paths, a fraction of the compute (the frameworks' compiles stay)
+CONV_SHRINK: dict[str, str] = {"model.filters": "[4,8]", "model.dense": "8"}
 #: what the test passes to `make test`: one quick test file (never this one)
 MAKE_TEST_PYTEST = "-q -p no:cacheprovider tests/test_reference.py"
 #: make variables of the make that runs pytest must not reach the make a README command runs
@@ -298,7 +302,8 @@ def prepare(cmd: Command, tmp: Path, files: Path) -> tuple[list[str], dict[str, 
             for a in args:
                 if a.startswith(("hydra.run.dir=", "hydra.sweep.dir=")) and not a.split("=", 1)[1].startswith(inside):
                     raise ReadmeError(f"README line {cmd.line}: {a}: a run folder must be under results/runs/")
-            args = set_overrides(args, {**SHRINK, "out_dir": str(tmp)})
+            conv = any(a.lstrip("+") in ("experiment=conv", "model=conv") for a in args)
+            args = set_overrides(args, {**SHRINK, **(CONV_SHRINK if conv else {}), "out_dir": str(tmp)})
         return [prog, *args], env, ROOT
     if prog == "make":
         targets = [a for a in args if "=" not in a and not a.startswith("-")]
@@ -329,14 +334,24 @@ class Ran:
     seconds: float
 
 
+#: README commands run side by side, this many at a time (a CLI run spends much of its time
+#: importing and compiling on one core); the commands of a block that uses a run folder an
+#: earlier one made keep their order, one after another
+JOBS = int(os.environ.get("VAEBENCH_README_JOBS", "2"))
+
+
 @dataclass
 class Runner:
     """Runs the README's commands; a block's commands share one folder and run in order, so
-    a command that uses the previous one's run folder can be run (and selected) on its own."""
+    a command that uses the previous one's run folder can be run (and selected) on its own.
+    `start` runs the selected commands ahead, JOBS at a time: a block whose commands name a run
+    folder (`results/runs/`) or resume one is one unit, in order; any other command is a unit of
+    its own. `run` then waits for its command."""
 
     base: Path
     commands: list[Command]
     done: dict[tuple[int, int], Ran] = field(default_factory=dict)
+    units: dict[tuple[int, int], Future[None]] = field(default_factory=dict)
 
     def files(self) -> Path:
         folder = self.base / "user-files"
@@ -346,13 +361,34 @@ class Runner:
                 make(folder / name)
         return folder
 
+    def start(self, wanted: list[Command], pool: ThreadPoolExecutor) -> None:
+        self.files()
+        chains: list[list[Command]] = []
+        for block in dict.fromkeys(c.block for c in wanted):
+            last = max(c.index for c in wanted if c.block == block)
+            cmds = [c for c in self.commands if c.block == block and c.index <= last and not c.skip]
+            if any(RUNS in c.text or "resume=" in c.text for c in cmds):  # they use what an earlier one made
+                chains.append(cmds)
+            else:
+                chains.extend([c] for c in cmds)
+        for chain in chains:
+            fut = pool.submit(lambda ch=chain: [self._run(c) for c in ch] and None)
+            for c in chain:
+                self.units[(c.block, c.index)] = fut
+
     def run(self, cmd: Command) -> Ran:
         key = (cmd.block, cmd.index)
+        if key in self.units:
+            self.units[key].result()
         if key in self.done:
             return self.done[key]
         for before in self.commands:
             if before.block == cmd.block and before.index < cmd.index:
                 self.run(before)
+        return self._run(cmd)
+
+    def _run(self, cmd: Command) -> Ran:
+        key = (cmd.block, cmd.index)
         tmp = self.base / f"block-L{min(c.line for c in self.commands if c.block == cmd.block)}"
         tmp.mkdir(parents=True, exist_ok=True)
         argv, extra, cwd = prepare(cmd, tmp, self.files())
@@ -373,8 +409,16 @@ COMMANDS = extract(README.read_text(encoding="utf-8"))
 
 
 @pytest.fixture(scope="module")
-def runner(tmp_path_factory: pytest.TempPathFactory) -> Runner:
-    return Runner(tmp_path_factory.mktemp("readme"), COMMANDS)
+def runner(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Runner]:
+    """The README runner, with this session's selected commands already started (JOBS at a time)."""
+    r = Runner(tmp_path_factory.mktemp("readme"), COMMANDS)
+    wanted = [it.callspec.params["cmd"] for it in request.session.items
+              if getattr(it, "originalname", "") == "test_readme_command" and hasattr(it, "callspec")]
+    with ThreadPoolExecutor(max(1, JOBS)) as pool:
+        r.start([c for c in wanted if not c.skip], pool)
+        yield r
+        for f in r.units.values():
+            f.cancel()
 
 
 def _params() -> list[object]:
@@ -500,12 +544,12 @@ def test_shrink_keys_are_config_keys() -> None:
     """A renamed setting fails here at once, not only when the slow commands run."""
     from tests.conftest import make_config
 
-    config = make_config()
-    for key in SHRINK:
-        node: object = config
-        for part in key.split("."):
-            assert hasattr(node, part), f"SHRINK names {key}, which the config schema lacks"
-            node = getattr(node, part)
+    for keys, config in ((SHRINK, make_config()), (CONV_SHRINK, make_config(model={"kind": "conv"}))):
+        for key in keys:
+            node: object = config
+            for part in key.split("."):
+                assert hasattr(node, part), f"SHRINK names {key}, which the config schema lacks"
+                node = getattr(node, part)
 
 
 def test_user_files_occur_in_the_readme() -> None:
