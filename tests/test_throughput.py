@@ -233,10 +233,14 @@ def test_planted_retrace_in_run_one_raises() -> None:
 
 
 def test_cpu_peak_memory_sees_an_allocation() -> None:
+    """64 MB of fresh pages, touched: an anonymous mapping, so the allocator cannot hand back
+    pages an earlier test left resident (under pytest-xdist a worker's np.ones could read 0)."""
+    import mmap
+
     p = timing.CpuPeakMemory()
     p.reset()
-    a = np.ones(8_000_000)  # 64 MB, touched
-    del a
+    with mmap.mmap(-1, 64 << 20) as m:
+        m.write(b"\x01" * (64 << 20))
     peak = p.peak_bytes()
     assert p.method in ("vmhwm", "ru_maxrss")
     assert peak is not None and peak >= (40 << 20 if p.method == "vmhwm" else 0)
