@@ -1,11 +1,11 @@
-"""vaebench: the same VAE in PyTorch, TensorFlow and JAX, measured behind one interface.
+"""vaebench: the same VAE in several frameworks, measured behind one interface.
 
-This package is framework-neutral: importing it loads none of torch, tensorflow, jax.
-Notebook use::
+This package is framework-neutral: importing it loads no framework (they are named once, in the
+registry `harness.frameworks` and conf/framework/). Notebook use, with any registered name::
 
     from harness import load_backend, MlpSpec, init_params, data
     ds = data.load("digits").flat()
-    b = load_backend("torch", MlpSpec(x_dim=ds.x_dim), dtype="float64")
+    b = load_backend(name, MlpSpec(x_dim=ds.x_dim), dtype="float64")
     b.terms(ds.x_train[:32], np.random.default_rng(0).standard_normal((32, 8)))
 """
 

@@ -135,8 +135,9 @@ def load_backend(
     compile_mode, conv_transpose), never both. Every argument is validated first, by the rules of
     the CLI's config (a bad one raises a ValueError naming it: `ConfigError`).
 
-    >>> b = load_backend("torch", MlpSpec(x_dim=64), dtype="float64")  # doctest: +SKIP
-    >>> b = load_backend("jax", MlpSpec(x_dim=64), RuntimeSpec(mode="jit"))  # doctest: +SKIP
+    >>> name = FRAMEWORKS[0]  # any registered framework
+    >>> b = load_backend(name, MlpSpec(x_dim=64), dtype="float64")  # doctest: +SKIP
+    >>> b = load_backend(name, MlpSpec(x_dim=64), RuntimeSpec(mode="compiled"))  # doctest: +SKIP
     """
     from harness.initializers import init_params
 
