@@ -251,7 +251,7 @@ def run_one(
     backend_factory: Callable[..., Any] | None = None,
 ) -> tuple[BatchRow, dict[str, Any]]:
     """Measure one batch size; returns its row of the record (roofline filled in later by
-    `run_batches`, which knows the matmul rate) and the backend's version(), which run_batches
+    `measure_batches`, which knows the matmul rate) and the backend's version(), which measure_batches
     puts in the record's env. Raises RecompiledWhileTiming on a retrace.
     `backend_factory` replaces load_backend (same arguments), for tests."""
     runtime = dataclasses.replace(runtime, mode=resolve_mode(framework, runtime.mode))
@@ -379,21 +379,6 @@ def measure_batches(
     for row in rows:
         row.roofline_fraction = row.achieved_flops / rate
     return metrics, env
-
-
-def run_batches(
-    framework: str,
-    runtime: RuntimeSpec,
-    cfg: ThroughputConfig,
-    spec: ModelSpec,
-    *,
-    optim: OptimSpec | None = None,
-    progress: Callable[[str], None] | None = None,
-    save: Callable[[dict[str, Any]], Any] | None = None,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """`measure_batches`, its metrics as plain data (what the record stores)."""
-    metrics, env = measure_batches(framework, runtime, cfg, spec, optim=optim, progress=progress, save=save)
-    return plain(metrics), env
 
 
 def time_layers(framework: str, mode: str, spec: ModelSpec, batch: int, cfg: ThroughputConfig, *, dtype: str = "float32",
