@@ -440,12 +440,14 @@ def test_convergence_saves_epochs_as_it_goes(tmp_path: Path) -> None:
 def test_throughput_saves_after_each_batch_size(tmp_path: Path) -> None:
     from harness.api import MlpSpec, RuntimeSpec
     from harness.measures import throughput as T
+    from harness.metrics import plain
 
     cfg = T.ThroughputConfig(batch_sizes=[16, 8], repeats=2, steps=2, warmup=0, matmul_n=32, matmul_repeats=2, plain=False,
                                layers=False)
     saves: list[dict[str, Any]] = []
-    metrics, _ = T.run_batches("torch", RuntimeSpec(), cfg, MlpSpec(x_dim=16, hidden=(12,), latent=3),
-                               save=lambda m: saves.append(json.loads(json.dumps(m))))
+    typed, _ = T.measure_batches("torch", RuntimeSpec(), cfg, MlpSpec(x_dim=16, hidden=(12,), latent=3),
+                                 save=lambda m: saves.append(json.loads(json.dumps(m))))
+    metrics = plain(typed)
     assert [s["batch_sizes"] for s in saves] == [[8], [8, 16]]
     assert [r["batch"] for r in saves[-1]["batches"]] == [8, 16] and saves[-1]["settings"] == metrics["settings"]
     assert "matmul_flops_per_s" not in saves[-1] and "matmul_flops_per_s" in metrics
