@@ -23,7 +23,9 @@ from harness.schema import ConfigError, check, setting
 
 #: a framework's name: one of `FRAMEWORKS` (the registry; validated where it is used)
 Framework = str
-Dtype = Literal["float32", "float64"]
+#: what a backend computes in: float32 or float64 throughout, or mixed precision (bfloat16,
+#: float16: `MIXED`)
+Dtype = Literal["float32", "float64", "bfloat16", "float16"]
 Device = Literal["cpu", "gpu", "auto"]
 Likelihood = Literal["bernoulli", "gaussian"]
 Activation = Literal["relu", "tanh"]
@@ -37,8 +39,48 @@ CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotun
 ConvTranspose = Literal["native", "dilated"]
 
 
+#: Mixed precision: the low types, each with its unit roundoff u = 2^-(mantissa bits + 1)
+#: (bfloat16 keeps 7 stored bits: u = 2^-8; float16 keeps 10: u = 2^-11). Under a mixed policy
+#: the parameters, the optimizer state, the gradients the optimizer applies and every
+#: reduction of the loss (its parts, the KL, the IWAE's log-sum-exp) are float32; the
+#: encoder's and decoder's layers compute in the low type (`Policy`, `harness.vae`).
+MIXED: dict[str, float] = {"bfloat16": 2.0**-8, "float16": 2.0**-11}
+#: the dynamic loss scale of float16 training, the same in every framework: start at 2^15,
+#: halve on a non-finite gradient (that step is skipped), double after this many finite steps
+#: (Keras' LossScaleOptimizer defaults; torch's GradScaler is given the same)
+LOSS_SCALE_INIT = 2.0**15
+LOSS_SCALE_GROWTH_STEPS = 2000
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What a backend computes in: the layers' type, the parameters' (and optimizer state's),
+    and the type reductions are accumulated in; `loss_scaling` for float16 (`LOSS_SCALE_INIT`)."""
+
+    compute: str
+    param: str
+    accumulate: str
+    loss_scaling: bool = False
+
+    @staticmethod
+    def of(dtype: str) -> Policy:
+        if dtype in MIXED:
+            return Policy(compute=dtype, param="float32", accumulate="float32", loss_scaling=dtype == "float16")
+        return Policy(compute=dtype, param=dtype, accumulate=dtype)
+
+    @property
+    def mixed(self) -> bool:
+        return self.compute != self.param
+
+
+def param_dtype(dtype: str) -> str:
+    """The dtype a backend of `dtype` keeps its parameters, optimizer state and host arrays in
+    (float32 under mixed precision)."""
+    return Policy.of(dtype).param
+
+
 def choices(alias: Any) -> tuple[str, ...]:
-    """The values of a Literal alias: `choices(Dtype) == ("float32", "float64")`."""
+    """The values of a Literal alias: `choices(Likelihood) == ("bernoulli", "gaussian")`."""
     return tuple(get_args(alias))
 
 

@@ -28,15 +28,34 @@ def frozen(ops: Any, params: Mapping[str, Any], spec: ModelSpec) -> Mapping[str,
     return {k: (ops.stop_gradient(v) if k.startswith(spec.freeze + ".") else v) for k, v in params.items()}
 
 
+def _policy(ops: Any, params: Mapping[str, Any], x: Any, other: str) -> tuple[Mapping[str, Any], Any]:
+    """Under mixed precision (the ops carry the policy's `compute` type: `impls.base.formulation`),
+    a block's parameters (all but the `other` block's) and its input cast to the compute type:
+    the layers run in it, the float32 parameters get float32 gradients through the cast."""
+    low = getattr(ops, "compute", None)
+    if low is None:
+        return params, x
+    return {k: ops.cast(v, low) for k, v in params.items() if not k.startswith(other + ".")}, ops.cast(x, low)
+
+
+def _accumulate(ops: Any, out: Any) -> Any:
+    """A block's output in the policy's accumulation type (float32 under mixed precision): the
+    distribution heads, the sample, every loss part and reduction are computed in it."""
+    acc = getattr(ops, "accumulate", None)
+    return out if acc is None else ops.cast(out, acc)
+
+
 def encode(ops: Any, params: Mapping[str, Any], x: Any, spec: ModelSpec) -> tuple[Any, Any]:
     """The mean and log-variance of q(z|x), each (..., L)."""
-    out = spec.module.encode(ops, params, x, spec)
+    params, x = _policy(ops, params, x, "decoder")
+    out = _accumulate(ops, spec.module.encode(ops, params, x, spec))
     return out[..., : spec.latent], out[..., spec.latent :]
 
 
 def decode(ops: Any, params: Mapping[str, Any], z: Any, spec: ModelSpec) -> Any:
     """Bernoulli logits or Gaussian means of p(x|z), (..., *input)."""
-    return spec.module.decode(ops, params, z, spec)
+    params, z = _policy(ops, params, z, "encoder")
+    return _accumulate(ops, spec.module.decode(ops, params, z, spec))
 
 
 def event_axes(spec: ModelSpec) -> tuple[int, ...]:

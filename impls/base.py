@@ -36,6 +36,7 @@ import numpy as np
 
 from harness.api import TERMS, ModelSpec, OptimSpec, RuntimeSpec, Term, Terms, resolve_mode
 from harness.models.base import Param
+from harness.spec import Policy
 
 #: IWAE samples evaluated per chunk: bounds the device memory of `log_likelihood` to
 #: IWAE_CHUNK x batch x (widest layer) activations, whatever k is...
@@ -101,11 +102,18 @@ def check_runtime(framework: str, runtime: RuntimeSpec) -> RuntimeSpec:
 def formulation(ops: Any, runtime: RuntimeSpec | str) -> Any:
     """The framework's ops as this runtime asks: `conv_transpose=dilated` puts the ops'
     `conv2d_transpose_dilated` (the same numbers, its definition computed directly) in place of
-    `conv2d_transpose` (the framework's own op)."""
-    if (runtime if isinstance(runtime, str) else runtime.conv_transpose) == "native":
+    `conv2d_transpose` (the framework's own op); a mixed-precision dtype (`harness.spec.MIXED`)
+    adds the policy's `compute` and `accumulate` type names, which `harness.vae` casts to."""
+    transpose = runtime if isinstance(runtime, str) else runtime.conv_transpose
+    policy = None if isinstance(runtime, str) else Policy.of(runtime.dtype)
+    extra: dict[str, Any] = {}
+    if transpose != "native":
+        extra["conv2d_transpose"] = ops.conv2d_transpose_dilated
+    if policy is not None and policy.mixed:
+        extra.update(compute=policy.compute, accumulate=policy.accumulate)
+    if not extra:
         return ops
-    return types.SimpleNamespace(**{k: getattr(ops, k) for k in dir(ops) if not k.startswith("__")},
-                                 conv2d_transpose=ops.conv2d_transpose_dilated)
+    return types.SimpleNamespace(**{k: getattr(ops, k) for k in dir(ops) if not k.startswith("__")}, **extra)
 
 
 def shape_of(x: Any) -> tuple[int, ...] | None:
@@ -257,7 +265,7 @@ class BackendBase:
 
     Subclasses set `name` (a key of `harness.api.FRAMEWORK_MODES`) and implement the
     primitives; they do not override the public methods. Construction validates the runtime
-    (dtype float32|float64, device cpu|gpu|auto, the framework's modes or "compiled",
+    (dtype float32|float64|bfloat16|float16, device cpu|gpu|auto, the framework's modes or "compiled",
     threads >= 0: ValueError naming the argument otherwise), then calls `_setup()`, then
     `_build_step()` and `_build_log_weights()`.
     """
@@ -277,7 +285,9 @@ class BackendBase:
         self.runtime = check_runtime(self.name, runtime)
         self.ops = formulation(type(self).ops_module, self.runtime)
         self.spec, self.optim = spec, optim
-        self.np_dtype: np.dtype = np.dtype(self.runtime.dtype)
+        #: what it computes in; `np_dtype` is the parameters' (and host arrays') type
+        self.policy = Policy.of(self.runtime.dtype)
+        self.np_dtype: np.dtype = np.dtype(self.policy.param)
         self.compiled: bool = self.runtime.mode != "eager"
         self._param_shapes = spec.param_shapes()
         # canonical layout outside, the framework's own inside (`ops.to_native`): the shapes
@@ -295,7 +305,7 @@ class BackendBase:
         """Load canonical weights (`encoder.<i>.weight` in x out, ...): every canonical name,
         nothing else, in the canonical shape (ValueError otherwise). Resets the optimizer
         state to zero (step 0)."""
-        self._set_params(self._native(check_params(params, self._param_shapes, self.runtime.dtype)))
+        self._set_params(self._native(check_params(params, self._param_shapes, self.policy.param)))
 
     def get_params(self) -> dict[str, np.ndarray]:
         """Host copies of the weights, canonical names and order, in the backend's dtype."""
@@ -329,7 +339,7 @@ class BackendBase:
     def set_state(self, state: Mapping[str, np.ndarray]) -> None:
         """Load a canonical optimizer state (see `harness.api.Backend.set_state`); validated
         first, so a rejected state changes nothing. Never recompiles the step."""
-        checked = check_state(state, state_shapes(self.spec, self.optim), self.runtime.dtype)
+        checked = check_state(state, state_shapes(self.spec, self.optim), self.policy.param)
         self._set_state({k: self._native_state(k, a) for k, a in checked.items()})
 
     def _state_param(self, key: str) -> Param | None:
@@ -411,7 +421,7 @@ class BackendBase:
             if got is not self.dtype and got != self.dtype:  # dtypes are singletons: `is` first (fast)
                 raise ValueError(
                     f"put got a {self.name} tensor of dtype {dtype_name(got)}, but this backend's dtype "
-                    f"is {self.runtime.dtype} (pass a NumPy array to have it cast)"
+                    f"is {self.policy.param} (pass a NumPy array to have it cast)"
                 )
             return a
         return self._to_device(np.asarray(self._host(a, "input"), dtype=self.np_dtype))
@@ -582,9 +592,18 @@ class BackendBase:
         if clash:
             raise RuntimeError(f"{self.name} version() extras reuse reserved key(s) {clash}")
         info.update(extra)
+        # the mixed-precision policy; under float16 the dynamic loss scale reached and the steps
+        # it skipped for a non-finite gradient
+        info["policy"] = dataclasses.asdict(self.policy)
+        if self.policy.loss_scaling:
+            info["loss_scale"], info["skipped_steps"] = self._loss_scale()
         return info
 
     # == primitives: each framework overrides these ============================================
+    def _loss_scale(self) -> tuple[float, int]:
+        """float16 only: the dynamic loss scale now and the steps skipped so far."""
+        raise NotImplementedError
+
     def _setup(self) -> None:
         """Pick the device; create parameters (zeros), the training RNG and the optimizer."""
         raise NotImplementedError

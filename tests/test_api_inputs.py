@@ -98,7 +98,7 @@ BUILD_CASES: list[tuple[str, Callable[[str], Any], str]] = [
     ("stop_gradient_z as a string", lambda fw: load_backend(fw, {"x_dim": 12, "stop_gradient_z": "yes"}), r"MlpSpec.stop_gradient_z: must be true or false"),
     ("unknown model key", lambda fw: load_backend(fw, {"x_dim": 12, "layers": 3}), r"MlpSpec.layers: unknown argument"),
     ("model of the wrong type", lambda fw: load_backend(fw, 12), r"model must be a ModelSpec or a mapping"),
-    ("unknown dtype", lambda fw: load_backend(fw, SPEC, dtype="float16"), r"RuntimeSpec.dtype: must be one of float32, float64, got 'float16'"),
+    ("unknown dtype", lambda fw: load_backend(fw, SPEC, dtype="float8"), r"RuntimeSpec.dtype: must be one of float32, float64, bfloat16, float16, got 'float8'"),
     ("unknown device", lambda fw: load_backend(fw, SPEC, device="tpu"), r"RuntimeSpec.device: must be one of"),
     ("negative threads", lambda fw: load_backend(fw, SPEC, threads=-1), r"RuntimeSpec.threads: must be >= 0, got -1"),
     ("negative seed", lambda fw: load_backend(fw, SPEC, seed=-1), r"RuntimeSpec.seed: must be >= 0"),

@@ -245,7 +245,7 @@ def test_numpy_integer_k_is_fine(framework: str) -> None:
 @pytest.mark.parametrize(
     "kwargs,pattern",
     [
-        ({"dtype": "bfloat16"}, r"dtype: must be one of float32, float64, got 'bfloat16'"),
+        ({"dtype": "float8"}, r"dtype: must be one of float32, float64, bfloat16, float16, got 'float8'"),
         ({"device": "tpu"}, r"device: must be one of cpu, gpu, auto, got 'tpu'"),
         ({"mode": "turbo"}, r"mode: must be one of .*, got 'turbo'"),
         ({"threads": -1}, r"threads: must be >= 0, got -1"),

@@ -65,7 +65,7 @@ MALFORMED = [
     ("framework=torch framework.mode=jit", "framework.mode"),
     ("model.likelihood=poisson", "model.likelihood"),
     ("optim.beta2=1.5", "optim.beta2"),
-    ("framework.precision=float16", "framework.precision"),
+    ("framework.precision=float8", "framework.precision"),
     ("data=mnist", "data.path"),
     ("data=mnist data.path=/no/such/mnist.npz", "data.path"),
     ("measure.names=[speed]", "measure.names[0]"),

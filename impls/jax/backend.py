@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterator
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
@@ -17,7 +17,7 @@ import optax  # noqa: E402
 
 from harness import vae  # noqa: E402
 from harness.api import Backend, Term  # noqa: E402
-from harness.spec import wants_gpu  # noqa: E402
+from harness.spec import LOSS_SCALE_GROWTH_STEPS, LOSS_SCALE_INIT, wants_gpu  # noqa: E402
 from impls.base import BackendBase, F, StepDrawn, StepGiven, VersionCommon, pick_term  # noqa: E402
 from impls.jax import ops  # noqa: E402
 
@@ -32,6 +32,27 @@ def pick_device(device: str) -> Any:
 
 
 DTYPES: dict[str, np.dtype] = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
+
+
+class LossScale(NamedTuple):
+    """Dynamic loss scaling for float16 (JAX has none of its own: this is the rule of torch's
+    GradScaler and Keras' LossScaleOptimizer, `harness.spec.LOSS_SCALE_INIT`): a non-finite
+    gradient skips the step and halves the scale; `LOSS_SCALE_GROWTH_STEPS` finite steps in a
+    row double it. A pytree of device scalars, carried through the jitted step."""
+
+    scale: jax.Array  # float32
+    good: jax.Array  # int32: finite steps since the scale last changed
+    skipped: jax.Array  # int32: steps skipped so far
+
+    @staticmethod
+    def initial() -> LossScale:
+        return LossScale(jnp.float32(LOSS_SCALE_INIT), jnp.int32(0), jnp.int32(0))
+
+    def next(self, finite: jax.Array) -> LossScale:
+        grow = self.good + 1 == LOSS_SCALE_GROWTH_STEPS
+        scale = jnp.where(finite, jnp.where(grow, self.scale * 2, self.scale), self.scale / 2)
+        good = jnp.where(finite & ~grow, self.good + 1, 0)
+        return LossScale(scale, good.astype(jnp.int32), self.skipped + (~finite).astype(jnp.int32))
 
 
 class JaxBackend(BackendBase):
@@ -72,7 +93,7 @@ class JaxBackend(BackendBase):
         self._gpu = self.device.platform != "cpu"
         # "highest": full float32 matmuls on GPU; "default" lets XLA use TF32 there
         self.precision = "default" if runtime.allow_tf32 else "highest"
-        self.dtype = DTYPES[runtime.dtype]
+        self.dtype = DTYPES[self.policy.param]
         self._jitted: dict[str, list[Any]] = {what: [] for what in self._compiles}
         with self._scope():
             self.params = {
@@ -86,6 +107,7 @@ class JaxBackend(BackendBase):
             self.opt = optax.sgd(learning_rate=o.lr, momentum=o.momentum or None)
         with self._scope():
             self.opt_state = self._init_opt_state()
+            self.loss_scale = jax.device_put(LossScale.initial(), self.device) if self.policy.loss_scaling else None
 
     @contextlib.contextmanager
     def _scope(self) -> Iterator[None]:
@@ -271,28 +293,42 @@ class JaxBackend(BackendBase):
             recon, kl = vae.loss_terms(self.ops, params, x, eps, spec)
             return pick_term("loss", recon, kl).mean()
 
-        def update(params: Any, opt_state: Any, x: jax.Array, eps: jax.Array) -> tuple[Any, Any, jax.Array]:
+        def update(params: Any, opt_state: Any, ls: LossScale | None, x: jax.Array,
+                   eps: jax.Array) -> tuple[Any, Any, LossScale | None, jax.Array]:
             with jax.default_matmul_precision(precision):  # baked into the trace (HLO dot precision)
-                loss, g = jax.value_and_grad(loss_fn)(params, x, eps)
-            updates, opt_state = opt.update(g, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state, loss
+                if ls is None:
+                    loss, g = jax.value_and_grad(loss_fn)(params, x, eps)
+                else:  # float16: the scaled loss differentiated, the gradient unscaled
+                    scale = ls.scale
+                    scaled, g = jax.value_and_grad(lambda p: loss_fn(p, x, eps) * scale)(params)
+                    loss, g = scaled / scale, jax.tree.map(lambda t: t / scale, g)
+            updates, new_state = opt.update(g, opt_state, params)
+            new_params = optax.apply_updates(params, updates)
+            if ls is not None:  # a non-finite gradient: the step is skipped
+                finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(t)) for t in jax.tree.leaves(g)]))
+                keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+                new_params, new_state = jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_state, opt_state)
+                ls = ls.next(finite)
+            return new_params, new_state, ls, loss
 
-        def drawn_update(params: Any, opt_state: Any, key: jax.Array, x: jax.Array) -> tuple[Any, Any, jax.Array, jax.Array]:
+        def drawn_update(params: Any, opt_state: Any, ls: LossScale | None, key: jax.Array,
+                         x: jax.Array) -> tuple[Any, Any, LossScale | None, jax.Array, jax.Array]:
             key, sub = jax.random.split(key)
             eps = jax.random.normal(sub, (x.shape[0], spec.latent), dtype=dtype)
-            params, opt_state, loss = update(params, opt_state, x, eps)
-            return params, opt_state, key, loss
+            params, opt_state, ls, loss = update(params, opt_state, ls, x, eps)
+            return params, opt_state, ls, key, loss
 
         given = self._compile(update, "step", donate=(0, 1))
-        drawn = self._compile(drawn_update, "step", donate=(0, 1, 2))
+        drawn = self._compile(drawn_update, "step", donate=(0, 1, 3))
 
         # the state lives on the backend: each call passes it in and stores what comes back
         def step_given(x: jax.Array, eps: jax.Array) -> jax.Array:
-            self.params, self.opt_state, loss = given(self.params, self.opt_state, x, eps)
+            self.params, self.opt_state, self.loss_scale, loss = given(self.params, self.opt_state, self.loss_scale, x, eps)
             return loss
 
         def step_drawn(x: jax.Array) -> jax.Array:
-            self.params, self.opt_state, self.key, loss = drawn(self.params, self.opt_state, self.key, x)
+            self.params, self.opt_state, self.loss_scale, self.key, loss = drawn(
+                self.params, self.opt_state, self.loss_scale, self.key, x)
             return loss
 
         if self.compiled:  # all inputs are committed to our device: no per-call context
@@ -332,6 +368,10 @@ class JaxBackend(BackendBase):
             matmul_precision=self.precision,
             allow_tf32=self.runtime.allow_tf32,
         )
+
+    def _loss_scale(self) -> tuple[float, int]:
+        assert self.loss_scale is not None
+        return float(self.loss_scale.scale), int(self.loss_scale.skipped)
 
     def _version_extra(self) -> dict[str, Any]:
         import jaxlib

@@ -34,6 +34,11 @@ def logsumexp(x: jax.Array, axis: int) -> jax.Array:
     return jax.nn.logsumexp(x, axis=axis)
 
 
+def cast(x: jax.Array, dtype: str) -> jax.Array:
+    """`x` in `dtype` (a name: "bfloat16", ...); differentiable (the gradient comes back in x's type)."""
+    return x.astype(jnp.dtype(dtype))
+
+
 def stop_gradient(x: jax.Array) -> jax.Array:
     return lax.stop_gradient(x)
 

@@ -15,7 +15,7 @@ import tensorflow as tf  # noqa: E402
 
 from harness import vae  # noqa: E402
 from harness.api import Backend, Term  # noqa: E402
-from harness.spec import wants_gpu  # noqa: E402
+from harness.spec import LOSS_SCALE_GROWTH_STEPS, LOSS_SCALE_INIT, wants_gpu  # noqa: E402
 from impls.base import BackendBase, F, StepDrawn, StepGiven, VersionCommon, pick_term  # noqa: E402
 from impls.tensorflow import ops  # noqa: E402
 
@@ -71,7 +71,7 @@ class TensorFlowBackend(BackendBase):
         # CPU is asked for while a GPU is visible (it costs ~5 us per call: not entered else)
         self._needs_scope = not self._gpu and bool(tf.config.list_physical_devices("GPU"))
         tf.config.experimental.enable_tensor_float_32_execution(runtime.allow_tf32)
-        self.dtype = DTYPES[runtime.dtype]
+        self.dtype = DTYPES[self.policy.param]
         with tf.device(self.device):
             self.params = {
                 k: tf.Variable(tf.zeros(s, dtype=self.dtype), name=k, trainable=True)
@@ -105,7 +105,13 @@ class TensorFlowBackend(BackendBase):
                 )
             else:
                 self.opt = tf.keras.optimizers.SGD(learning_rate=lr, momentum=np.float64(o.momentum), nesterov=False)
-            self.opt.build(ps)
+            # float16: Keras' LossScaleOptimizer around it (it builds the inner one); `opt` stays
+            # the inner optimizer, whose variables are the canonical state
+            self.scaler = tf.keras.mixed_precision.LossScaleOptimizer(
+                self.opt, initial_scale=LOSS_SCALE_INIT, dynamic_growth_steps=LOSS_SCALE_GROWTH_STEPS,
+            ) if self.policy.loss_scaling else None
+            (self.scaler or self.opt).build(ps)
+            self.skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_steps")
 
     def _scope(self) -> contextlib.AbstractContextManager[Any]:
         """tf.device(ours) where default placement would pick another device, else nothing."""
@@ -264,14 +270,24 @@ class TensorFlowBackend(BackendBase):
         variables = [self.params[k] for k in names]
         params, spec, opt, generator, dtype = self.params, self.spec, self.opt, self.generator, self.dtype
 
+        scaler, skipped = self.scaler, self.skipped
+
         def update(x: tf.Tensor, eps: tf.Tensor) -> tf.Tensor:
             with tf.GradientTape() as tape:
                 recon, kl = vae.loss_terms(self.ops, params, x, eps, spec)
                 loss = tf.reduce_mean(pick_term("loss", recon, kl))
+                scaled = loss if scaler is None else scaler.scale_loss(loss)
             # frozen / detached parameters get a zero gradient: Adam and SGD then leave them
             # (and their zero moments) unchanged, as torch does for a None gradient
-            gs = tape.gradient(loss, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-            opt.apply(gs, variables)
+            gs = tape.gradient(scaled, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            if scaler is None:
+                opt.apply(gs, variables)
+                return loss
+            # LossScaleOptimizer unscales, skips the step on a non-finite gradient and halves
+            # the scale then (the only time it falls: how a skip is counted)
+            before = tf.identity(scaler.dynamic_scale)
+            scaler.apply(gs, variables)
+            skipped.assign_add(tf.cast(scaler.dynamic_scale < before, tf.int64))
             return loss
 
         given = self._compile(update, "step")
@@ -323,6 +339,10 @@ class TensorFlowBackend(BackendBase):
             matmul_precision="tf32" if tf32 else "float32",
             allow_tf32=tf32,
         )
+
+    def _loss_scale(self) -> tuple[float, int]:
+        assert self.scaler is not None
+        return float(self.scaler.dynamic_scale.numpy()), int(self.skipped.numpy())
 
     def _version_extra(self) -> dict[str, Any]:
         info: dict[str, Any] = {

@@ -34,6 +34,11 @@ def logsumexp(x: tf.Tensor, axis: int) -> tf.Tensor:
     return tf.reduce_logsumexp(x, axis=axis)
 
 
+def cast(x: tf.Tensor, dtype: str) -> tf.Tensor:
+    """`x` in `dtype` (a name: "bfloat16", ...); differentiable (the gradient comes back in x's type)."""
+    return tf.cast(x, tf.as_dtype(dtype))
+
+
 def stop_gradient(x: tf.Tensor) -> tf.Tensor:
     return tf.stop_gradient(x)
 

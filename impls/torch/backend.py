@@ -13,7 +13,7 @@ from torch.optim.optimizer import _get_scalar_dtype
 
 from harness import vae
 from harness.api import Backend, Term
-from harness.spec import wants_gpu
+from harness.spec import LOSS_SCALE_GROWTH_STEPS, LOSS_SCALE_INIT, wants_gpu
 from impls.base import BackendBase, F, StepDrawn, StepGiven, VersionCommon, pick_term
 from impls.torch import ops
 
@@ -64,7 +64,7 @@ class TorchBackend(BackendBase):
             torch.set_num_threads(runtime.threads)
         self.device = pick_device(runtime.device)
         self._cuda = self.device.type == "cuda"
-        self.dtype = DTYPES[runtime.dtype]
+        self.dtype = DTYPES[self.policy.param]
         self.params = {
             k: torch.zeros(s, dtype=self.dtype, device=self.device, requires_grad=True)
             for k, s in self._native_shapes.items()
@@ -81,6 +81,10 @@ class TorchBackend(BackendBase):
             )
         else:
             self.opt = torch.optim.SGD(ps, lr=o.lr, momentum=o.momentum, weight_decay=0.0, foreach=self._foreach)
+        # float16: torch's own dynamic loss scaling, with the scale rules every framework uses
+        self.scaler = torch.amp.GradScaler(self.device.type, init_scale=LOSS_SCALE_INIT,
+                                           growth_interval=LOSS_SCALE_GROWTH_STEPS) if self.policy.loss_scaling else None
+        self.skipped = 0  # float16 steps skipped for a non-finite gradient
 
     @contextlib.contextmanager
     def _scope(self) -> Iterator[None]:
@@ -259,9 +263,25 @@ class TorchBackend(BackendBase):
         opt_step: Callable[[], Any] = self._compile(self.opt.step, "step")  # type: ignore[arg-type]
         opt, dtype, latent, device, generator = self.opt, self.dtype, self.spec.latent, self.device, self.generator
 
+        scaler, params = self.scaler, list(self.params.values())
+
         def update(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(x, eps)
+            if scaler is not None:
+                # GradScaler: backward of the scaled loss, gradients unscaled in place; the
+                # step (compiled, as below) is skipped when one is not finite (a host sync,
+                # as GradScaler.step makes), then the scale is updated
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+                finite = bool(torch.stack([torch.isfinite(p.grad).all() for p in params if p.grad is not None]).all())
+                if finite:
+                    with _default_dtype(dtype):
+                        opt_step()
+                else:
+                    self.skipped += 1
+                scaler.update()
+                return loss.detach()
             loss.backward()
             # torch.optim keeps Adam's step count as a tensor of the *default* dtype; compiled,
             # the bias corrections 1 - beta**step are then computed in float32 even for float64
@@ -310,6 +330,10 @@ class TorchBackend(BackendBase):
             matmul_precision=precision,
             allow_tf32=allow_tf32,
         )
+
+    def _loss_scale(self) -> tuple[float, int]:
+        assert self.scaler is not None
+        return float(self.scaler.get_scale()), self.skipped
 
     def _version_extra(self) -> dict[str, Any]:
         info: dict[str, Any] = {

@@ -38,6 +38,14 @@ def logsumexp(x: torch.Tensor, axis: int) -> torch.Tensor:
     return torch.logsumexp(x, dim=axis)
 
 
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cast(x: torch.Tensor, dtype: str) -> torch.Tensor:
+    """`x` in `dtype` (a name: "bfloat16", ...); differentiable (the gradient comes back in x's type)."""
+    return x.to(_DTYPES[dtype])
+
+
 def stop_gradient(x: torch.Tensor) -> torch.Tensor:
     return x.detach()
 
