@@ -60,6 +60,19 @@ frameworks lie within `agree_nats` of each other; with shared noise, the lockste
 most `lockstep_tol`; for the linear model, in every seed the final |test gap to the optimum| is
 at most `optimum_tol` and the posterior gap at most `posterior_gap_tol`.
 
+Mixed precision (framework.precision=bfloat16|float16: float32 parameters, layers in the low
+type; one record per precision, `convergence-<fw>-<mode>-<precision>.json`). Records of several
+precisions make one table with a precision column (float32 first in each framework and mode;
+frameworks are compared, and lockstep judged, within one precision), float16's skipped steps
+(steps its dynamic loss scaling skipped for a non-finite gradient, per seed: `SeedRun.skipped_steps`,
+else the record's `env.skipped_steps`, the last seed's backend), and each low precision's row
+judged against float32 of the same framework and mode (`precision_checks`): its final test ELBO,
+mean over seeds, within max(3 x float32's standard deviation over seeds, 0.1) nats of float32's
+mean; a NaN or inf final ELBO, or a low-precision job that did not finish, fails by name.
+`vaebench report` summarizes each precision apart (framework.precision is a config key that
+differs between the records): `harness.measures.summarize("convergence", records)` over all of
+them gives the one table.
+
 Record metrics (`ConvergenceMetrics`): the settings the summary needs, `runs` (one `SeedRun`
 per seed, see `train_seed`), and for compatibility the means over completed seeds of `epochs`,
 `train_wall_s`, `first_step_s`, `time_to_target_s`, `test_log_likelihood(_se)` (one seed: its
@@ -89,6 +102,7 @@ from harness.lingauss import kl_to_posterior, log_px
 from harness.metrics import plain
 from harness.plots import COLORS, pyplot, save_png
 from harness.schema import ConfigError, setting
+from harness.spec import MIXED, param_dtype
 
 if TYPE_CHECKING:
     from harness.config import AppConfig
@@ -102,6 +116,7 @@ from harness.measures.common import (
     blank_row,
     by_framework,
     dataset,
+    fmt,
     model_spec,
     pm,
     split,
@@ -211,6 +226,7 @@ class SeedRun:
     time_to_target_s: float | None = None  # only with an explicit target_elbo (`TargetedSeedRun`)
     step_to_target: int | None = None
     final: FinalEvaluation | None = None  # a completed seed's
+    skipped_steps: int | None = None  # float16: steps skipped for a non-finite gradient (loss scaling)
 
 
 @dataclass(kw_only=True)
@@ -465,20 +481,23 @@ def train_seed(c: AppConfig, job: Job, ds: data_mod.Dataset, spec: ModelSpec, se
         seed=seed, status=status, error=error, step_loss=loop.losses[: cc.record_steps or None], evals=evals, epochs=epochs,
         steps=loop.steps, first_step_s=loop.first_step_s, train_wall_s=loop.wall_s, eval_s=eval_s,
         compile_count=b.compile_count(), **target)
+    env = b.version()
+    run.skipped_steps = env.get("skipped_steps")  # float16's dynamic loss scaling (one backend per seed)
     if run.status == "ok" and per_example is not None:
         run.final = final_evaluation(c, b, ds.x_test, spec, per_example)
         if not math.isfinite(run.final.test_log_likelihood):
             run.status, run.error = "diverged", f"test log-likelihood is not finite (seed {seed})"
-    return run, b.version()
+    return run, env
 
 
 def ulp_control(c: AppConfig, job: Job, ds: data_mod.Dataset, spec: ModelSpec, seed: int) -> list[float]:
     """The lockstep run's first `lockstep_steps` training losses of `seed` once more, in the same
-    framework on the same batches and noise, from the weights moved by one ulp of the job's
-    precision: how far that framework's own rounding carries its run (the perturbation control
-    the lockstep spread is judged against)."""
+    framework on the same batches and noise, from the weights moved by one ulp of the type the
+    parameters are kept in (float32 under mixed precision: `harness.spec.param_dtype`): how far
+    that framework's own rounding carries its run (the perturbation control the lockstep spread
+    is judged against)."""
     cc, bs = c.measure.convergence, c.data.batch_size
-    params = one_ulp(init_params(spec, seed), c.framework.precision)
+    params = one_ulp(init_params(spec, seed), param_dtype(c.framework.precision))
     b = backend(dataclasses.replace(c, seed=seed), job.framework, spec=spec, params=params)
     steps = min(cc.lockstep_steps, cc.epochs * (len(ds.x_train) // bs))  # no more than the run took
     batches = itertools.islice(batch_stream(ds.x_train, bs, seed), steps)
@@ -755,34 +774,185 @@ def partial_cells(r: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# --- precisions: float32 beside mixed precision (from records alone) -----------------------
+
+#: the mixed-precision check: a low precision's final test ELBO (mean over seeds) lies within
+#: max(PRECISION_SIGMAS x float32's standard deviation over seeds, PRECISION_FLOOR) nats of
+#: float32's mean, in the same framework and mode
+PRECISION_SIGMAS = 3.0
+PRECISION_FLOOR = 0.1
+#: the table's order of precisions within a framework and mode
+PRECISION_ORDER = ("float64", "float32", *MIXED)
+
+
+def precision_of(r: dict[str, Any]) -> str:
+    """What a record's job computed in: its `framework.precision` (the backend's dtype for a
+    record that lacks it; float32 for one that has neither)."""
+    configured = ((r.get("config") or {}).get("framework") or {}).get("precision")
+    return str(configured or (r.get("env") or {}).get("dtype") or "float32")
+
+
+def mixed(records: list[dict[str, Any]]) -> bool:
+    """Whether `records` hold more than one precision, or a mixed one: then the table has a
+    precision column and the labels name the precision."""
+    ps = {precision_of(r) for r in records}
+    return len(ps) > 1 or bool(ps & set(MIXED))
+
+
+def by_precision(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`records` in framework order, then mode, then precision (float32 before the mixed types)."""
+    order = {p: i for i, p in enumerate(PRECISION_ORDER)}
+    return by_framework(sorted(records, key=lambda r: (order.get(precision_of(r), len(order)), precision_of(r))))
+
+
+def who(r: dict[str, Any], multi: bool) -> str:
+    """'framework/mode', with the precision where the records hold several."""
+    base = f"{r.get('framework')}/{r.get('mode')}"
+    return f"{base} {precision_of(r)}" if multi else base
+
+
+def skipped_steps(r: dict[str, Any]) -> tuple[int, str] | None:
+    """float16's steps skipped for a non-finite gradient (dynamic loss scaling): the sum over the
+    record's seeds and its cell (per seed in brackets); from the backend's environment
+    (`env.skipped_steps`, the last seed's backend) for a record without per-seed counts; None
+    where the job did not scale its loss."""
+    per_seed = [x["skipped_steps"] for x in runs_of(r) if x.get("skipped_steps") is not None]
+    if per_seed:
+        total = int(sum(per_seed))
+        return total, str(total) + (f" ({', '.join(map(str, per_seed))})" if len(per_seed) > 1 else "")
+    env = (r.get("env") or {}).get("skipped_steps")
+    if env is None:
+        return None
+    seeds = len(runs_of(r))
+    return int(env), f"{int(env)}" + (" (last seed)" if seeds > 1 else "")
+
+
+@dataclass
+class PrecisionCheck:
+    """A mixed-precision record's final test ELBO against float32's, in one framework and mode
+    (`precision_checks`)."""
+
+    label: str  # "framework/mode"
+    precision: str
+    record: dict[str, Any]
+    ok: bool
+    diff: float | None = None  # mean over seeds minus float32's mean (nats)
+    tol: float | None = None
+    note: str = ""
+
+
+def _finals(r: dict[str, Any]) -> list[tuple[int, float]]:
+    return [(x["seed"], x["evals"][-1]["test_elbo"]) for x in done(r)]
+
+
+def _not_finite(r: dict[str, Any]) -> str | None:
+    """The first completed seed whose final test ELBO is NaN or inf, named."""
+    return next((f"{precision_of(r)} final test ELBO is {describe(v)} (seed {seed})"
+                 for seed, v in _finals(r) if not finite(v)), None)
+
+
+def precision_checks(records: list[dict[str, Any]]) -> tuple[list[PrecisionCheck], list[str]]:
+    """Each mixed-precision record (bfloat16, float16) judged against the float32 record of the
+    same framework and mode: its final test ELBO, mean over its completed seeds, within
+    max(PRECISION_SIGMAS x float32's standard deviation over seeds, PRECISION_FLOOR) nats of
+    float32's mean (one float32 seed: the floor). A low-precision job that did not finish
+    every seed, or a NaN or inf final ELBO on either side, FAILs, named. Returns the checks and
+    the notes for mixed-precision records that have no float32 record to compare with (not
+    judged)."""
+    checks: list[PrecisionCheck] = []
+    unjudged: list[str] = []
+    for r in by_precision(records):
+        prec = precision_of(r)
+        if prec not in MIXED:
+            continue
+        label = f"{r['framework']}/{r['mode']}"
+        ref = next((f for f in records if f["framework"] == r["framework"] and f["mode"] == r["mode"]
+                    and precision_of(f) == "float32"), None)
+        if ref is None:
+            unjudged.append(f"{label} {prec}: not judged against float32 (no float32 record of {label} among these)")
+            continue
+        check = PrecisionCheck(label, prec, r, ok=False)
+        checks.append(check)
+        base, low = _finals(ref), _finals(r)
+        bad = _not_finite(r) or _not_finite(ref)
+        if r.get("status") != "ok" or not low:
+            check.note = f"{prec} did not finish: {r.get('status')}: {r.get('error') or 'no completed seed'}"
+        elif ref.get("status") != "ok" or not base:
+            check.note = f"its float32 run did not finish: {ref.get('status')}: {ref.get('error') or 'no completed seed'}"
+        elif bad is not None:
+            check.note = bad
+        else:
+            m32, s32 = mean_std([v for _, v in base])
+            mean = float(np.mean([v for _, v in low]))
+            check.tol = max(PRECISION_SIGMAS * s32, PRECISION_FLOOR) if s32 is not None else PRECISION_FLOOR
+            check.diff = mean - m32
+            check.ok = le(abs(check.diff), check.tol)
+            spread = (f"max({PRECISION_SIGMAS:g} x float32's seed std {s32:.3f}, {PRECISION_FLOOR:g})"
+                      if s32 is not None else f"{PRECISION_FLOOR:g} (one float32 seed)")
+            check.note = (f"{prec} final test ELBO {mean:.3f} ({len(low)} seeds) against float32's {m32:.3f} "
+                          f"({len(base)} seeds): difference {check.diff:+.3f} nats, tolerance {spread} = {check.tol:.3f}")
+    return checks, unjudged
+
+
+
+#: the columns of the precision check (`precision_checks`), on the rows of a table with several precisions
+DIFF_COL, TOL_COL, VERDICT_COL = "Δ test ELBO vs float32", "tolerance (nats)", "vs float32"
+
+
 def summarize(records: list[dict[str, Any]]) -> Summary:
-    recs = by_framework(records)
+    recs = by_precision(records)
+    multi = mixed(recs)
     target, target_note = resolve_target(recs)
     linear = any("optimum" in (r.get("metrics") or {}) for r in recs)
     k = next((x["final"].get("iwae_k") for r in recs for x in done(r)), recorded_setting(recs, "iwae_k"))
-    cols = ["framework", "mode", "status", "seeds", "steps", "test ELBO", f"test log p(x) (IWAE-{k})", "log p − ELBO",
+    scaled = any(skipped_steps(r) is not None or precision_of(r) == "float16" for r in recs)
+    cols = ["framework", "mode", *(["precision"] if multi else []), "status", "seeds", "steps",
+            *(["skipped steps"] if scaled else []), "test ELBO", f"test log p(x) (IWAE-{k})", "log p − ELBO",
+            *([DIFF_COL, TOL_COL, VERDICT_COL] if multi else []),
             "time to target (s)", "… after first step (s)", "step at target", "train time (s)", "first step (s)", "active units"]
     if linear:
         cols += ["gap to pPCA optimum (test)", "gap to pPCA optimum (train)", "KL(q ‖ posterior)"]
     tol_opt, tol_post = recorded_setting(recs, "optimum_tol"), recorded_setting(recs, "posterior_gap_tol")
     s = split(recs, per_mode=True)
     for f in s.failed:
+        if multi:  # the note names the precision too
+            f.note = who(f.record, True) + f.note[len(who(f.record, False)):]
         f.note += kept_note(f.record)
+    checks, unjudged = precision_checks(recs)
+    check_of = {id(c.record): c for c in checks}
     passed: list[bool] = []  # each record's checks: its seeds' numbers and its one-ulp control finite, at the pPCA optimum
+
+    def precision_cells(r: dict[str, Any]) -> dict[str, Any]:
+        """The precision, the skipped steps and the check's cells of a record's row."""
+        cells: dict[str, Any] = {}
+        if multi:
+            cells["precision"] = precision_of(r)
+            c = check_of.get(id(r))
+            if c is not None:
+                cells[DIFF_COL] = fmt(c.diff, "+.3f")
+                cells[TOL_COL] = fmt(c.tol, ".3f")
+                cells[VERDICT_COL] = "PASS" if c.ok else "FAIL"
+            elif precision_of(r) == "float32" and any(x.record["framework"] == r["framework"] and x.record["mode"] == r["mode"]
+                                                      for x in checks):
+                cells[VERDICT_COL] = "reference"
+        if scaled:
+            got = skipped_steps(r)
+            cells["skipped steps"] = got[1] if got is not None else "-"
+        return cells
 
     def row_of(r: dict[str, Any], notes: list[str]) -> list[dict[str, Any]]:
         """A record's row (a failed one's too: what it kept, the seeds it completed), and its notes."""
-        row = {**blank_row(r, cols), **partial_cells(r)}
+        row = {**blank_row(r, cols), **partial_cells(r), **precision_cells(r)}
         for x in done(r):
             bad = nonfinite_run(x, linear)
             passed.append(bad is None)
             if bad is not None:
-                notes.append(f"{r['framework']}/{r['mode']} seed {x['seed']}: {bad}")
+                notes.append(f"{who(r, multi)} seed {x['seed']}: {bad}")
         ctrl = (r.get("metrics") or {}).get("ulp_control") or {}
         bad = describe(ctrl["step_loss"], "step") if ctrl else None
         passed.append(bad is None)
         if bad is not None:
-            notes.append(f"{r['framework']}/{r['mode']} seed {ctrl.get('seed')}: one-ulp control's training loss is {bad}")
+            notes.append(f"{who(r, multi)} seed {ctrl.get('seed')}: one-ulp control's training loss is {bad}")
         runs = done(r)
         if not runs:
             return [row]
@@ -813,7 +983,7 @@ def summarize(records: list[dict[str, Any]]) -> Summary:
             good = all(le(abs(e["gap_to_optimum"]), tol_opt) and le(e["posterior_gap"], tol_post) for e in last)
             passed.append(good)
             if not good:
-                notes.append(f"{r['framework']}/{r['mode']}: not at the pPCA optimum in every seed "
+                notes.append(f"{who(r, multi)}: not at the pPCA optimum in every seed "
                              f"(|test gap| ≤ {tol_opt:g}, KL(q ‖ posterior) ≤ {tol_post:g} required)")
         return [row]
 
@@ -826,24 +996,41 @@ def summarize(records: list[dict[str, Any]]) -> Summary:
     notes.append(f"time to target: training wall time (evaluation excluded) to the first evaluation with {target_note}; "
                  "'… after first step' leaves out the first step, which includes tracing and compilation"
                  + (f" ({'; '.join(cached)})" if cached else ""))
-    completed = [r for r in recs if done(r)]
-    if len(completed) > 1:
-        finals = {f"{r['framework']}/{r['mode']}": final_elbo(r) for r in completed}
-        spread, tol = elbo_spread(finals), recorded_setting(recs, "agree_nats")
-        ok = ok and le(spread, tol)
-        notes.append(f"final test ELBO spread across frameworks: {spread:.3f} nats (tolerance {tol:g}): "
-                     + ("pass" if le(spread, tol) else "FAIL"))
-    ls = lockstep(recs)
-    if ls is not None:
-        dev, where = ls
-        tol, steps = recorded_setting(recs, "lockstep_tol"), recorded_setting(recs, "lockstep_steps")
-        judged, control = lockstep_judged(recs)
-        good = le(dev, tol) and not control.startswith("; one-ulp control not finite")
-        ok = ok and (good or not judged)
-        verdict = ("pass" if good else "FAIL") if judged else (
-            "reported, not judged: rounding alone moves a run further than the tolerance")
-        notes.append(f"lockstep (shared noise): largest spread of the per-step training loss across frameworks over the first "
-                     f"{steps} steps: {dev:.2e} nats per example at {where} (tolerance {tol:g}{control}): {verdict}")
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in recs:  # frameworks are compared with each other within one precision
+        groups.setdefault(precision_of(r), []).append(r)
+    for prec, group in groups.items():
+        of = f" ({prec})" if multi else ""
+        completed = [r for r in group if done(r)]
+        if len(completed) > 1:
+            finals = {f"{r['framework']}/{r['mode']}": final_elbo(r) for r in completed}
+            spread, tol = elbo_spread(finals), recorded_setting(recs, "agree_nats")
+            ok = ok and le(spread, tol)
+            notes.append(f"final test ELBO spread across frameworks{of}: {spread:.3f} nats (tolerance {tol:g}): "
+                         + ("pass" if le(spread, tol) else "FAIL"))
+        ls = lockstep(group)
+        if ls is not None:
+            dev, where = ls
+            tol, steps = recorded_setting(recs, "lockstep_tol"), recorded_setting(recs, "lockstep_steps")
+            judged, control = lockstep_judged(group)
+            good = le(dev, tol) and not control.startswith("; one-ulp control not finite")
+            ok = ok and (good or not judged)
+            verdict = ("pass" if good else "FAIL") if judged else (
+                "reported, not judged: rounding alone moves a run further than the tolerance")
+            notes.append(f"lockstep (shared noise{', ' + prec if multi else ''}): largest spread of the per-step training "
+                         f"loss across frameworks over the first {steps} steps: {dev:.2e} nats per example at {where} "
+                         f"(tolerance {tol:g}{control}): {verdict}")
+    if checks or unjudged:
+        ok = ok and all(c.ok for c in checks)
+        notes.append(f"mixed precision (bfloat16, float16: float32 parameters, layers in the low type): judged per framework "
+                     f"and mode against float32: the final test ELBO (mean over seeds) within max({PRECISION_SIGMAS:g} x "
+                     f"float32's standard deviation over seeds, {PRECISION_FLOOR:g}) nats of float32's mean; a NaN, inf or "
+                     "unfinished run fails")
+        notes += [f"{c.label}: {c.note}: " + ("pass" if c.ok else "FAIL") for c in checks]
+        notes += unjudged
+    if scaled:
+        notes.append("skipped steps: float16 training steps skipped for a non-finite gradient (dynamic loss scaling), "
+                     "summed over the seeds (each seed's in brackets)")
     if linear:
         opt = next(r["metrics"]["optimum"] for r in recs if "optimum" in (r.get("metrics") or {}))
         notes.append(f"pPCA optimum (ML with fixed obs_sigma {opt['obs_sigma']:g}, from the training data): log p(x) "
@@ -863,7 +1050,8 @@ def cache_note(r: dict[str, Any]) -> str:
 
 
 def _label(r: dict[str, Any], recs: list[dict[str, Any]]) -> str:
-    return r["framework"] if len({x["mode"] for x in recs}) == 1 else f"{r['framework']}/{r['mode']}"
+    label = r["framework"] if len({x["mode"] for x in recs}) == 1 else f"{r['framework']}/{r['mode']}"
+    return f"{label} {precision_of(r)}" if mixed(recs) else label
 
 
 def _band(ax: Any, x: np.ndarray, ys: np.ndarray, color: Any, label: str) -> None:
@@ -1063,16 +1251,25 @@ QUESTION = "Which framework reaches the best ELBO?"
 
 def answer(records: list[dict[str, Any]]) -> str:
     """One line for the suite's summary, from the records."""
-    finals = {f"{r['framework']}/{r['mode']}": final_elbo(r) for r in records if done(r)}
+    multi = mixed(records)
+    finals = {who(r, multi): final_elbo(r) for r in by_precision(records) if done(r)}
     if not finals:
         return "no framework finished training"
     best = max(finals, key=lambda k: finals[k])
     others = ", ".join(f"{k} {v:.2f}" for k, v in finals.items() if k != best)
-    spread, tol = elbo_spread(finals), recorded_setting(records, "agree_nats")
+    # across frameworks within each precision: the widest
+    spreads = [elbo_spread({f"{r['framework']}/{r['mode']}": final_elbo(r) for r in records if done(r) and precision_of(r) == p})
+               for p in dict.fromkeys(precision_of(r) for r in records if done(r))]
+    spread = math.nan if any(math.isnan(v) for v in spreads) else max(spreads)  # a NaN spread is the worst
+    tol = recorded_setting(records, "agree_nats")
     steps = done(next(r for r in records if done(r)))[0]["evals"][-1]["step"]
     verdict = "within" if le(spread, tol) else "OUTSIDE"
+    checks, _ = precision_checks(records)
+    failed = [f"{c.label} {c.precision}" for c in checks if not c.ok]
+    low = ("; mixed precision within float32's band: " + ("all" if not failed else f"NO ({', '.join(failed)})")
+           + f" ({len(checks)} judged)") if checks else ""
     return (f"{best}: test ELBO {finals[best]:.2f} nats after {steps} steps" + (f" ({others})" if others else "") + "; "
-            f"spread {spread:.2f} nats, {verdict} the {tol:g}-nat agreement tolerance")
+            f"spread {spread:.2f} nats, {verdict} the {tol:g}-nat agreement tolerance" + low)
 
 
 #: the narrowest band `vaebench compare` allows around a final ELBO, in nats per example
@@ -1085,7 +1282,9 @@ def compared(records: list[dict[str, Any]]) -> dict[str, Quantity]:
     across CPUs), and the number of completed seeds."""
     out: dict[str, Quantity] = {}
     for r in records:
-        fw, runs = f"{r['framework']}/{r['mode']}", done(r)
+        # float32's and float64's names as they always were; a mixed precision's carry it
+        prec = precision_of(r)
+        fw, runs = f"{r['framework']}/{r['mode']}" + (f" {prec}" if prec in MIXED else ""), done(r)
         out[f"{fw} seeds completed"] = Quantity(len(runs), "same")
         if not runs:
             continue
