@@ -46,7 +46,7 @@ from harness.judged import Judged, describe
 from harness.metrics import load, plain
 from harness.models.base import reduction_terms
 from harness.schema import ConfigError, setting
-from harness.spec import FRAMEWORKS, TERMS, Dtype, OptimSpec, choices
+from harness.spec import FRAMEWORKS, MIXED, TERMS, Dtype, OptimSpec, choices, param_dtype
 
 if TYPE_CHECKING:
     from harness.config import AppConfig
@@ -62,6 +62,37 @@ TOLERANCES: dict[tuple[str, str], float] = {
     ("grads", "float64"): 1e-9,
     ("sgd trajectory", "float64"): 1e-8,  # free-running float64 trajectories of the same step (SGD, Adam per convention)
 }
+# Mixed precision (`harness.spec.MIXED`): the layers compute in a type of unit roundoff u
+# (2^-8 bfloat16, 2^-11 float16) and everything else in float32, so every tolerance is a
+# multiple of u, each derived from measurements (median over check batches / steps, torch,
+# TensorFlow and JAX on the MLP (digits) and the conv VAE (mnist5k)):
+#: terms and gradients against NumPy's float64 and pairwise: measured at most 3.4 u
+MIXED_TOL_U = 20.0
+#: the per-step Δθ floor adds one u of |Δθ| (relative L2) to float32's; the median step's Δθ /
+#: floor is judged against MIXED_FLOOR_FACTOR: healthy at most 3.5 (bfloat16 SGD, JAX; float16 1.5),
+#: the weights plant (scaled to the type: WEIGHTS_PLANT_U) 20 (Adam) to 52 (SGD) in bfloat16
+MIXED_FLOOR_FACTOR = 8.0
+#: a step's loss (a float32 reduction of low-type layers): measured at most 0.09 u (worst step); judged at 1 u
+MIXED_STEP_LOSS_U = 1.0
+#: the step's scale, median over steps of <Δθ, Δθ_numpy> / |Δθ_numpy|^2 - 1: rounding errors of
+#: random sign cancel in the projection (measured at most 0.03 u), a wrong step size does not (the
+#: lr plant, x 1.001, reads 1e-3: 0.26 u in bfloat16, 2 u in float16): judged at u / 10
+MIXED_STEP_SCALE_U = 0.1
+#: the weights plant in a low type: 1e-3 relative is below bfloat16's resolution (u = 3.9e-3: the
+#: cast to the compute type rounds most of it away, no fault of the computation), so it moves
+#: the weights by this many u there (max with 1e-3)
+WEIGHTS_PLANT_U = 30.0
+for _low, _u in MIXED.items():
+    TOLERANCES[("terms", _low)] = TOLERANCES[("grads", _low)] = MIXED_TOL_U * _u
+
+
+def floor_factor(dtype: str) -> float:
+    """What the median step's Δθ / floor is judged against in `dtype`."""
+    return MIXED_FLOOR_FACTOR if dtype in MIXED else FLOOR_FACTOR
+
+
+def step_loss_tol(dtype: str) -> float:
+    return MIXED_STEP_LOSS_U * MIXED[dtype] if dtype in MIXED else STEP_LOSS_TOL[dtype]
 #: per-step checks: the median step's deviation / (rounding floor of that step) must stay below
 #: this factor. The floor is what the dtype alone makes unavoidable (see `step_floor`); healthy
 #: frameworks measured at most 0.6 (worst step, ReLU-kink steps aside), one-ulp plants at most
@@ -93,6 +124,11 @@ KERAS_ADAM_NOTE = (
     "the convention itself moves Adam's update by {effect:.1e} relative (largest over the steps, NumPy), which "
     "is why {keras}'s free-running float64 Adam trajectory drifts from {standard}'s (reported, not judged: the "
     "trajectories of one convention are judged against each other)."
+)
+MIXED_NOTE = (
+    "Mixed precision ({types}): the layers compute in the low type, parameters, optimizer state and loss "
+    "reductions in float32, judged against NumPy's float64 oracle with tolerances in units of u; a step's size "
+    "(its projection on NumPy's step) is judged beside its deviation, which the low type's rounding dominates."
 )
 #: the arrays file's key holding the number of check batches (a record without it has one batch,
 #: its terms and gradients without the leading batch axis)
@@ -150,6 +186,8 @@ class ConformanceMetrics:
     sgd_lr_halved: list[str] | None = None  # the SGD steps stable_sgd tried and rejected
     float32: DtypeMetrics | None = None  # per dtype of `dtypes` (absent when not measured)
     float64: DtypeMetrics | None = None
+    bfloat16: DtypeMetrics | None = None
+    float16: DtypeMetrics | None = None
     arrays: str  # the arrays file beside the record (`<record>.npz`)
 
 
@@ -162,13 +200,23 @@ VERSION = 1
 
 
 def reads(config: dict[str, Any]) -> tuple[str, ...]:
-    """READS; without `plant_framework` when nothing is planted (`plant=none`)."""
+    """READS; without `plant_framework` when nothing is planted (`plant=none`); with
+    `framework.precision` when it names a mixed precision (it then chooses the dtype: `dtypes`)."""
     plant = ((config.get("measure") or {}).get("conformance") or {}).get("plant", ConformanceConfig().plant)
-    return READS if plant != "none" else (*READS, "-measure.conformance.plant_framework")
+    out: tuple[str, ...] = READS if plant != "none" else (*READS, "-measure.conformance.plant_framework")
+    if (config.get("framework") or {}).get("precision") in MIXED:
+        out = tuple(r for r in out if r != "-framework.precision")
+    return out
+
+
+def dtypes(c: AppConfig) -> list[str]:
+    """The dtypes compared: `measure.conformance.dtypes`, or the mixed precision that
+    `framework.precision` names (bfloat16 | float16), judged against NumPy's float64 oracle."""
+    return [c.framework.precision] if c.framework.precision in MIXED else list(c.measure.conformance.dtypes)
 
 
 def precision(c: AppConfig) -> str:
-    return "+".join(c.measure.conformance.dtypes)
+    return "+".join(dtypes(c))
 
 
 def validate(c: AppConfig) -> None:
@@ -206,11 +254,14 @@ def trajectory_batches(c: AppConfig, x_train: np.ndarray, latent: int) -> list[t
 
 
 def plant_params(params: dict[str, np.ndarray], plant: str, dtype: str, seed: int) -> dict[str, np.ndarray]:
+    """The plant's weights: one ulp of the stored type (`param_dtype`), or a relative perturbation
+    of 1e-3 (WEIGHTS_PLANT_U unit roundoffs in a low type, where that is more)."""
     if plant == "ulp":
-        return one_ulp(params, dtype)
+        return one_ulp(params, param_dtype(dtype))
     if plant == "weights":
         rng = np.random.default_rng([seed, 99])
-        return {k: v * (1.0 + 1e-3 * rng.standard_normal(v.shape)) + 1e-5 * rng.standard_normal(v.shape)
+        rel = max(1e-3, WEIGHTS_PLANT_U * MIXED.get(dtype, 0.0))
+        return {k: v * (1.0 + rel * rng.standard_normal(v.shape)) + 1e-5 * rng.standard_normal(v.shape)
                 for k, v in params.items()}
     return params
 
@@ -342,12 +393,13 @@ def per_step(c: AppConfig, framework: str, spec: ModelSpec, dtype: str, opt_name
     """One step per reference state, in the framework and in NumPy (its own Adam convention)."""
     convention = adam_convention(framework) if opt_name == "adam" else "standard"
     b = backend(c, framework, spec=spec, dtype=dtype, optim=plant_optim(optim, plant))
-    dev, loss_dev, floor, keras = [], [], [], []
+    hold, u = param_dtype(dtype), MIXED.get(dtype)  # the stored type; the layers' unit roundoff (mixed)
+    dev, loss_dev, floor, keras, scale = [], [], [], [], []
     terms = entry_terms(spec, traj[0][0], len(steps[0][0])) if traj else np.ones(0)
     for (p, s), (xb, e) in zip(traj, steps):
-        p = {k: v.astype(dtype).astype(np.float64) for k, v in p.items()}  # the state as `dtype` holds it
-        s = {k: (v if k.endswith(".step") else v.astype(dtype).astype(np.float64)) for k, v in s.items()}
-        e = e.astype(dtype).astype(np.float64)
+        p = {k: v.astype(hold).astype(np.float64) for k, v in p.items()}  # the state as `dtype` holds it
+        s = {k: (v if k.endswith(".step") else v.astype(hold).astype(np.float64)) for k, v in s.items()}
+        e = e.astype(hold).astype(np.float64)
         loaded = plant_params(p, plant, dtype, c.seed)
         b.set_params(loaded)
         b.set_state(plant_state(s, plant))
@@ -357,7 +409,10 @@ def per_step(c: AppConfig, framework: str, spec: ModelSpec, dtype: str, opt_name
         new, _ = reference.optimizer_step(p, s, g, optim, convention=convention)
         want = _flat(new) - _flat(p)
         dev.append(float(np.linalg.norm(got - want)) / max(float(np.linalg.norm(want)), 1e-300))
-        floor.append(step_floor(_flat(p), _flat(new), dtype, terms))
+        # mixed: the layers' rounding adds one u of |Δθ| (relative L2) to the stored type's floor
+        floor.append(step_floor(_flat(p), _flat(new), hold, terms) + (u or 0.0))
+        if u is not None:
+            scale.append(float(got @ want) / max(float(want @ want), 1e-300) - 1.0)
         ref_loss = float(reference.terms(p, xb, e, spec).loss.mean())
         loss_dev.append(abs(loss - ref_loss) / abs(ref_loss))
         if convention == "keras":
@@ -366,6 +421,8 @@ def per_step(c: AppConfig, framework: str, spec: ModelSpec, dtype: str, opt_name
     out = {"dtheta": np.array(dev), "floor": np.array(floor), "loss": np.array(loss_dev)}
     if keras:
         out["keras convention effect"] = np.array(keras)
+    if scale:
+        out["scale"] = np.array(scale)
     return out
 
 
@@ -392,37 +449,42 @@ def run(c: AppConfig, job: Job) -> Result:
     per_dtype: dict[str, DtypeMetrics] = {}
     for name in optims:
         arrays[f"ref/{name} trajectory"] = reference_losses(spec, trajs[name], steps)
-    for dtype in cf.dtypes:
+    for dtype in dtypes(c):
+        hold = param_dtype(dtype)  # what the backend stores (float32 under mixed precision)
         start = plant_params(params, plant, dtype, c.seed)
         b = backend(c, job.framework, spec=spec, dtype=dtype, params=start)
         # NumPy at the unplanted inputs as `dtype` holds them (a plant must show as a deviation),
         # in float64 (the oracle) and in `dtype` (NumPy's own rounding: the floor of the tolerance)
-        pd = {k: v.astype(dtype).astype(np.float64) for k, v in params.items()}
-        pn = {k: v.astype(dtype) for k, v in params.items()}
+        # (a mixed precision has no NumPy floor: its tolerances are multiples of its u, MIXED_TOL_U)
+        pd = {k: v.astype(hold).astype(np.float64) for k, v in params.items()}
+        pn = {k: v.astype(hold) for k, v in params.items()}
         per: dict[str, list[Any]] = {}
         for x, eps in checks:
             t = b.terms(x, eps)
-            ed = eps.astype(dtype).astype(np.float64)
-            xn, en = x.astype(dtype), eps.astype(dtype)
-            ref, low = reference.terms(pd, x, ed, spec), reference.terms(pn, xn, en, spec)
+            ed = eps.astype(hold).astype(np.float64)
+            xn, en = x.astype(hold), eps.astype(hold)
+            ref = reference.terms(pd, x, ed, spec)
+            low = None if dtype in MIXED else reference.terms(pn, xn, en, spec)
             for part in TERMS:
                 per.setdefault(f"{dtype}/terms/{part}", []).append(getattr(t, part))
                 per.setdefault(f"ref/{dtype}/terms/{part}", []).append(getattr(ref, part))
-                per.setdefault(f"ref/{dtype}/floor terms/{part}", []).append(_rel(getattr(low, part), getattr(ref, part)))
+                if low is not None:
+                    per.setdefault(f"ref/{dtype}/floor terms/{part}", []).append(_rel(getattr(low, part), getattr(ref, part)))
                 ref_g = reference.grads(pd, x, ed, spec, part)  # type: ignore[arg-type]
-                low_g = reference.grads(pn, xn, en, spec, part)  # type: ignore[arg-type]
+                low_g = None if low is None else reference.grads(pn, xn, en, spec, part)  # type: ignore[arg-type]
                 for name, g in b.grads(x, eps, part).items():  # type: ignore[arg-type]
                     per.setdefault(f"{dtype}/grads/{part}/{name}", []).append(g)
                     per.setdefault(f"{dtype}/grads vs numpy/{part}/{name}", []).append(_rel_l2(g, ref_g[name]))
-                    per.setdefault(f"ref/{dtype}/floor grads/{part}/{name}", []).append(_rel_l2(low_g[name], ref_g[name]))
+                    if low_g is not None:
+                        per.setdefault(f"ref/{dtype}/floor grads/{part}/{name}", []).append(_rel_l2(low_g[name], ref_g[name]))
         arrays.update({k: np.stack([np.asarray(v) for v in vs]) for k, vs in per.items()})
         for name, o in optims.items():
             for key, arr in per_step(c, job.framework, spec, dtype, name, o, trajs[name], steps, plant).items():
                 arrays[f"{dtype}/{name} step/{key}"] = arr
             arrays[f"{dtype}/{name} trajectory"] = free_run(c, job.framework, spec, dtype, o, start, steps, plant)
-            if dtype == "float32":
+            if dtype != "float64":
                 arrays[f"{dtype}/{name} trajectory/ulp control"] = free_run(
-                    c, job.framework, spec, dtype, o, one_ulp(start, dtype), steps, plant)
+                    c, job.framework, spec, dtype, o, one_ulp(start, hold), steps, plant)
         per_dtype[dtype] = DtypeMetrics(loss=float(np.mean(arrays[f"{dtype}/terms/loss"])))
         env = b.version()
     arrays[CHECK_BATCHES] = np.array(cf.check_batches)
@@ -431,9 +493,10 @@ def run(c: AppConfig, job: Job) -> Result:
     np.savez_compressed(buf, **arrays)  # type: ignore[arg-type]
     write_atomic(path, buf.getvalue())
     metrics = ConformanceMetrics(
-        dtypes=list(cf.dtypes), steps=cf.steps, batch_size=cf.batch_size, plant=plant, check_batches=cf.check_batches,
+        dtypes=dtypes(c), steps=cf.steps, batch_size=cf.batch_size, plant=plant, check_batches=cf.check_batches,
         check_batch_size=cf.check_batch_size, sgd_lr=optims["sgd"].lr, adam_lr=optims["adam"].lr, sgd_lr_halved=halved,
-        float32=per_dtype.get("float32"), float64=per_dtype.get("float64"), arrays=path.name)
+        float32=per_dtype.get("float32"), float64=per_dtype.get("float64"), bfloat16=per_dtype.get("bfloat16"),
+        float16=per_dtype.get("float16"), arrays=path.name)
     diverged = []  # the NumPy reference by the growth rule; the framework's own runs by a non-finite loss
     for key in sorted(k for k in arrays if k.endswith(("trajectory", "ulp control"))):
         why = divergence(arrays[key], DIVERGENCE_FACTOR if key.startswith("ref/") else np.inf)
@@ -630,6 +693,7 @@ def _per_step_rows(loaded: dict[str, dict[str, np.ndarray]], dtype: str, opt: st
     rows = []
     med_worst, who, where, dev_at = -1.0, "-", "", 0.0
     lworst, lwho, lwhere = -1.0, "-", ""
+    sworst, swho, swhere = -1.0, "-", ""
     for fw, a in loaded.items():
         if f"{key}/dtheta" not in a:
             continue
@@ -638,11 +702,18 @@ def _per_step_rows(loaded: dict[str, dict[str, np.ndarray]], dtype: str, opt: st
             ratio = dtheta / floor
         bad = nonfinite_where({f"{fw}: Δθ": dtheta, f"{fw}: floor": floor, f"{fw}: Δθ / floor": ratio}, "step")
         med = float(np.median(ratio)) if bad is None else math.nan
+        if f"{key}/scale" in a:
+            sc = a[f"{key}/scale"]
+            sbad = nonfinite_where({f"{fw}: step scale": sc}, "step")
+            sv = abs(float(np.median(sc))) if sbad is None else math.nan
+            if _worse(sv, sworst):
+                sworst, swho = sv, f"{fw} vs numpy"
+                swhere = sbad or f"median over {len(sc)} steps {float(np.median(sc)):+.2e}"
         if _worse(med, med_worst):
             med_worst, who = med, f"{fw} vs numpy"
             if bad is None:
                 i = int(np.argmax(ratio))
-                n_out = int(np.sum(ratio > FLOOR_FACTOR))
+                n_out = int(np.sum(ratio > floor_factor(dtype)))
                 dev_at = float(np.median(dtheta))
                 where = f"median step {med:.2g} x floor; worst step {i + 1}: {ratio[i]:.3g} x; {n_out}/{len(ratio)} steps above"
             else:
@@ -653,10 +724,13 @@ def _per_step_rows(loaded: dict[str, dict[str, np.ndarray]], dtype: str, opt: st
         if _worse(lv, lworst):
             lworst, lwho, lwhere = lv, f"{fw} vs numpy", f"step {j + 1}" if lbad is None else lbad
     if who != "-":
-        rows.append(_row(f"{opt} step Δθ", dtype, who, where, med_worst, FLOOR_FACTOR))
+        factor = floor_factor(dtype)
+        rows.append(_row(f"{opt} step Δθ", dtype, who, where, med_worst, factor))
         rows[-1]["max rel. deviation"] = f"{dev_at:.2e} (median)"
-        rows[-1]["tolerance"] = f"{FLOOR_FACTOR:g} x floor"
-        rows.append(_row(f"{opt} step loss", dtype, lwho, lwhere, lworst, STEP_LOSS_TOL[dtype]))
+        rows[-1]["tolerance"] = f"{factor:g} x floor"
+        rows.append(_row(f"{opt} step loss", dtype, lwho, lwhere, lworst, step_loss_tol(dtype)))
+    if swho != "-":  # mixed precision: the step's size, which a low type's rounding cannot hide
+        rows.append(_row(f"{opt} step scale", dtype, swho, swhere, sworst, MIXED_STEP_SCALE_U * MIXED[dtype]))
     return rows
 
 
@@ -803,8 +877,10 @@ def summarize(records: list[dict[str, Any]]) -> Summary:
         others = [n for n, f in frameworks.registry().items() if f.adam_convention != "keras"]
         notes.append(KERAS_ADAM_NOTE.format(effect=max(keras), keras="/".join(dict.fromkeys(in_keras)),
                                             standard="/".join(others) or "the others"))
-    if "float32" in dtypes and len(loaded) >= 2:
+    if any(d != "float64" for d in dtypes) and len(loaded) >= 2:
         notes.append(KINK_NOTE)
+    if any(d in MIXED for d in dtypes):
+        notes.append(MIXED_NOTE.format(types=", ".join(f"{d} u = 2^{int(math.log2(MIXED[d]))}" for d in dtypes if d in MIXED)))
     if len(loaded) < 2:
         notes.append("fewer than two frameworks ran: only the comparisons with NumPy are meaningful")
     judged_rows = [r for r in rows if r["pass"] != "reported"]
@@ -837,8 +913,9 @@ def answer(records: list[dict[str, Any]]) -> str:
     failing = [f"{r['quantity']} {r['dtype']} ({r['worst']})" for r in judged_rows if r["pass"] != "yes"]
     fws = ", ".join(dict.fromkeys(r["framework"] for r in completed(records)))
     if s.ok:
+        dts = " and ".join(dict.fromkeys(d for r in completed(records) for d in r["metrics"].get("dtypes", [])))
         return (f"yes: {fws} agree with each other and with NumPy in all {len(judged_rows)} judged checks "
-                "(terms, gradients, SGD and Adam steps, float32 and float64)")
+                f"(terms, gradients, SGD and Adam steps, {dts})")
     return f"NO: {len(failing)} of {len(judged_rows)} judged checks fail" + (f": {'; '.join(failing)}" if failing else "") + (
         f"; {'; '.join(s.notes[:1])}" if not failing else "")
 
