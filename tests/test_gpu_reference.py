@@ -13,6 +13,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import zipfile
 from collections import defaultdict
 from importlib.machinery import SourceFileLoader
 from pathlib import Path
@@ -145,7 +146,7 @@ def _fakes(tmp_path: Path) -> dict[str, str]:
     scripts = {
         "nvidia-smi": "#!/bin/sh\necho 'Fake GPU 9000'\n",
         "python": '#!/bin/sh\nif [ "$1" = "-c" ]; then\n  case "$2" in *find_spec*) echo "${FAKE_MISSING:-[]}";; *) echo 0;; esac\n'
-                  '  exit 0\nfi\necho "fake: $*"\nexit 0\n',
+                  '  exit 0\nfi\necho "fake: $* PYTHONPATH=$PYTHONPATH"\nexit 0\n',
     }
     for name, text in scripts.items():
         (bin_dir / name).write_text(text)
@@ -195,6 +196,22 @@ def test_without_mlxtend_the_models_take_their_shape_from_a_small_file(tmp_path:
     GR.write_shape_file(sys.executable, dict(os.environ), shape)
     assert shape.stat().st_size < 100_000
     assert prevalidate(calls["jax-jit-conv-bfloat16"]) == 1
+
+
+def test_carried_wheels_are_unpacked_onto_the_calls_path_and_removed(tmp_path: Path) -> None:
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    with zipfile.ZipFile(wheels / "probe_mod-1.0-py3-none-any.whl", "w") as z:
+        z.writestr("probe_mod/__init__.py", "")
+    out = tmp_path / "ref"
+    res = _script("--python", str(tmp_path / "bin" / "python"), "--only", "jax-jit-mlp-float32", "--out", str(out),
+                  "--wheels", str(wheels), env=_fakes(tmp_path))
+    assert res.returncode == 0, res.stdout + res.stderr
+    site = Path(res.stdout.split("wheels unpacked into ", 1)[1].split(":", 1)[0])
+    assert "probe_mod-1.0-py3-none-any.whl" in res.stdout and not site.exists()  # removed at exit
+    called = (out / "gpu-reference.out").read_text()
+    assert f"PYTHONPATH={site}{os.pathsep}{wheels}" in called
+    assert not any(p.suffix == ".whl" or p.name == "probe_mod" for p in out.rglob("*"))
 
 
 def test_a_call_past_its_budget_is_stopped(tmp_path: Path) -> None:
