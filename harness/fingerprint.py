@@ -6,13 +6,13 @@ framework without one, or whose probe fails, is recorded as "unknown"."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from harness import frameworks
-from harness.records import _read_cpuinfo, cpu_vector_features
+from harness.records import _read_cpuinfo, cpu_vector_features, cpuinfo_fields
 
 # --- the ISA a framework's CPU kernels use (call from the worker, framework loaded) ------
 #
@@ -113,6 +113,50 @@ def safe(fn: Any, *args: Any) -> Any:
 def cpu_features() -> list[str]:
     """This CPU's vector features (as `records.host_env` records them)."""
     return cpu_vector_features(_read_cpuinfo())
+
+
+# --- low-precision arithmetic the CPU has natively -----------------------------------------
+#
+# Mixed precision (framework.precision=bfloat16|float16) computes the layers in a 16-bit type.
+# A CPU with these flags multiplies in it natively (x86: AVX-512 dot products and AMX tiles;
+# ARM: the BF16 and half-precision vector extensions); without them a framework converts to
+# float32 and back around float32 arithmetic (emulation), and a slow mixed-precision step is the
+# CPU's, not the framework's. Whether a framework's kernels do use the instructions is its own
+# choice (its `framework_isa`).
+
+#: per low type, the CPU flags (/proc/cpuinfo "flags" on x86, "Features" on ARM) that give native
+#: arithmetic in it, in `records.VECTOR_FEATURES` order (every record's env keeps them)
+LOW_PRECISION_FLAGS: dict[str, tuple[str, ...]] = {
+    "bfloat16": ("avx512_bf16", "amx_bf16", "bf16"),
+    "float16": ("avx512_fp16", "amx_fp16", "asimdhp", "fphp"),
+}
+#: what `native_support` says for a low type the CPU has no flag for
+EMULATED = "emulated"
+
+
+def low_precision_support(features: Iterable[str]) -> dict[str, list[str]]:
+    """Per low type (`LOW_PRECISION_FLAGS`), the flags of it among `features` (a CPU's flags):
+    an empty list where the CPU has none, and the frameworks emulate that type."""
+    have = set(features)
+    return {dtype: [f for f in flags if f in have] for dtype, flags in LOW_PRECISION_FLAGS.items()}
+
+
+def cpu_low_precision(text: str | None = None) -> dict[str, list[str]]:
+    """`low_precision_support` of the CPU a /proc/cpuinfo text describes (this one's by default),
+    read from its whole flags line (not only the vector features `records` keeps)."""
+    fields = cpuinfo_fields(_read_cpuinfo() if text is None else text)
+    return low_precision_support((fields.get("flags", "") + " " + fields.get("Features", "")).split())
+
+
+def native_support(dtype: str, support: Mapping[str, Sequence[str]] | None) -> str:
+    """A table cell: the CPU flags giving native `dtype` arithmetic ("avx512_bf16, amx_bf16"),
+    "emulated" where there are none, "-" for a type that is not a low one (float32, float64) and
+    "unknown" without the CPU's flags (`support`: `low_precision_support`'s mapping)."""
+    if dtype not in LOW_PRECISION_FLAGS:
+        return "-"
+    if support is None or dtype not in support:
+        return "unknown"
+    return ", ".join(support[dtype]) or EMULATED
 
 
 #: what `framework_isa` records for a framework it cannot probe

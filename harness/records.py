@@ -257,17 +257,28 @@ def kept_config(measure: str, config: dict[str, Any]) -> dict[str, Any]:
     return select(config, lambda k: k in NEUTRAL_KEYS or is_read(k, reads))
 
 
-def measured_config(rec: dict[str, Any]) -> dict[str, Any]:
+def measure_row_keys(measure: str) -> tuple[str, ...]:
+    """The config keys measure `measure` shows as a column of its own table (its optional
+    `ROW_KEYS`), as framework.mode is for every measure: the report and compare keep its records
+    of different values in one summary rather than splitting them into variants, and
+    `config_hash` still tells them apart."""
+    from harness.measures import MEASURES  # the registry builds on this module: looked up when asked
+
+    return tuple(getattr(MEASURES.get(measure), "ROW_KEYS", ()))
+
+
+def measured_config(rec: dict[str, Any], *, rows: bool = False) -> dict[str, Any]:
     """The flattened config keys that can change what `rec`'s measure measures: the keys its
     measure reads (its current declaration, also for records written before there was one, which
-    kept the whole config), less the neutral keys. A measure that declares nothing: every key but
-    the neutral ones and other measures' sections."""
+    kept the whole config), less the neutral keys and (unless `rows`) its `ROW_KEYS`. A measure
+    that declares nothing: every key but the neutral ones and other measures' sections."""
     config = rec.get("config") or {}
     reads = measure_reads(rec["measure"], config)
     own = f"measure.{rec['measure']}."
+    row_keys = () if rows else measure_row_keys(rec["measure"])
 
     def counts(k: str) -> bool:
-        if k in NEUTRAL_KEYS:
+        if k in NEUTRAL_KEYS or k in row_keys:
             return False
         if reads is None:
             return not k.startswith("measure.") or k.startswith(own)
@@ -277,11 +288,12 @@ def measured_config(rec: dict[str, Any]) -> dict[str, Any]:
 
 
 def config_hash(rec: dict[str, Any]) -> str:
-    """What `resume=true` matches on: measure, its version, framework, mode and the measured config."""
+    """What `resume=true` matches on: measure, its version, framework, mode and the measured config
+    (its `ROW_KEYS` included)."""
     import hashlib
 
     key = {"measure": rec["measure"], "measure_version": measure_version(rec), "framework": rec["framework"],
-           "mode": rec["mode"], **measured_config(rec)}
+           "mode": rec["mode"], **measured_config(rec, rows=True)}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

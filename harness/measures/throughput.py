@@ -22,8 +22,19 @@ Timing follows DESIGN.md section 7 through the one timing core, `harness.timing`
   timed repeats / its share of an outer wall clock around the whole block (within
   `clock_tol` of 1, or the summary fails).
 - After the batch sizes: a dense matmul_n x matmul_n matmul rate in the same framework on the
-  same device and dtype (measured last, so its buffers do not raise the memory peaks);
+  same device, in the type the step computes in (bfloat16 or float16 under mixed precision:
+  like with like), measured last, so its buffers do not raise the memory peaks;
   `roofline_fraction = achieved FLOP/s / matmul rate`.
+
+Mixed precision (`framework.precision=bfloat16|float16`): the harness's step and the plain loop
+run the same policy (`harness.spec.Policy`: layers in the low type, parameters, optimizer state
+and loss reductions in float32; float16 with each framework's dynamic loss scaling). The record's
+env says which low types this CPU computes in natively (`cpu_low_precision`, from its flags:
+`harness.fingerprint.cpu_low_precision`); the table shows each row's precision, its speed-up over
+the float32 row of the same framework, mode and batch, and "emulated" where the CPU has no
+instructions for the type (the frameworks then convert to float32 and back: a slow row is the
+CPU's, not the framework's). Precision is a column of one table, not a report variant
+(`ROW_KEYS`), so the speed-up can be read across the runs of a precision sweep.
 - After each batch size the rows so far are saved beside the record (`harness.job.checkpoint`):
   a job that dies later (killed, timed out, out of memory) keeps them in its `failed` record.
 """
@@ -42,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from harness.api import ModelSpec, OptimSpec, RuntimeSpec, load_backend, resolve_mode
+from harness.fingerprint import cpu_low_precision, low_precision_support, native_support
 from harness.initializers import init_params
 from harness.job import Job, Result, checkpoint
 from harness.judged import Judged, describe, finite, le
@@ -64,6 +76,7 @@ from harness.models.base import step_flops as models_step_flops
 from harness.plots import COLORS, pyplot, save_png
 from harness.records import compile_cache_state
 from harness.schema import check, setting
+from harness.spec import MIXED, Policy
 from harness.timing import Contender, first_call, median, time_interleaved, time_steps, warm_up
 
 if TYPE_CHECKING:
@@ -153,6 +166,7 @@ class ThroughputMetrics:
 
     batches: list[BatchRow]
     matmul_flops_per_s: float | None = None  # measured after the batch sizes
+    matmul_dtype: str | None = None  # the type of the roofline's matmul (the step's compute type; absent from older records)
     batch_sizes: list[int]
     matmul_n: int
     # step_flops(B) = matmul_flops_per_example * B + optimizer_flops (the roofline's curve)
@@ -181,6 +195,10 @@ METRICS = ThroughputMetrics
 #: the FLOPs), the seed of the backend's RNG
 READS = ("framework", "seed", "model", "data", "-data.batch_size", "optim", "measure.throughput")
 VERSION = 3  # 2: measures the configured model and data, not its own MLP; 3: per-layer backward with a random cotangent
+#: config keys that are a column of this measure's table rather than a variant of the report
+#: (`harness.records.measured_config`; they still tell records apart: `config_hash`): a
+#: precision sweep is one table, with each row's speed-up over float32
+ROW_KEYS = ("framework.precision",)
 
 
 def settings(c: AppConfig) -> ThroughputConfig:
@@ -374,8 +392,11 @@ def measure_batches(
     if cfg.layers:
         metrics.layers = time_layers(framework, mode, spec, max(metrics.batch_sizes), cfg, dtype=dtype, device=device,
                                      seed=seed, progress=progress)
-    rate = float(pl.matmul_rate(dtype, device, cfg.matmul_n, repeats=cfg.matmul_repeats, allow_tf32=runtime.allow_tf32))
-    metrics.matmul_flops_per_s = rate
+    # in the type the step's layers compute in (Policy.compute: the low one under mixed precision)
+    compute = Policy.of(dtype).compute
+    rate = float(pl.matmul_rate(compute, device, cfg.matmul_n, repeats=cfg.matmul_repeats, allow_tf32=runtime.allow_tf32))
+    metrics.matmul_flops_per_s, metrics.matmul_dtype = rate, compute
+    env["cpu_low_precision"] = cpu_low_precision()  # which low types this CPU computes in natively
     for row in rows:
         row.roofline_fraction = row.achieved_flops / rate
     return metrics, env
@@ -472,21 +493,68 @@ def _clock_tol(r: dict[str, Any]) -> float:
     return float((r.get("metrics") or {}).get("settings", {}).get("clock_tol", 0.05))
 
 
+#: the precisions in table order: float32 (the speed-ups' base) first
+PRECISION_ORDER = ("float32", "bfloat16", "float16", "float64")
+
+
+def precision_of(r: dict[str, Any]) -> str:
+    """What a record's step computed in: its metrics' `precision` (every throughput record has
+    it), else its config's `framework.precision`, else float32."""
+    m = r.get("metrics") or {}
+    return str(m.get("precision") or ((r.get("config") or {}).get("framework") or {}).get("precision") or "float32")
+
+
+def _by_precision(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`records` with float32 first, then the low types (a stable sort: `by_framework` keeps it
+    within a framework and mode)."""
+    rank = {p: i for i, p in enumerate(PRECISION_ORDER)}
+    return sorted(records, key=lambda r: rank.get(precision_of(r), len(rank)))
+
+
+def cpu_support(r: dict[str, Any]) -> dict[str, list[str]] | None:
+    """Which low types the record's CPU computes in natively: its env's `cpu_low_precision`,
+    else derived from the vector features every record's env keeps (older records); None
+    without either (a record the parent wrote for a job that never started)."""
+    env = r.get("env") or {}
+    if isinstance(env.get("cpu_low_precision"), dict):
+        return {k: list(v) for k, v in env["cpu_low_precision"].items()}
+    if isinstance(env.get("cpu_features"), list):
+        return low_precision_support(env["cpu_features"])
+    return None
+
+
+def _float32_rates(records: list[dict[str, Any]]) -> dict[tuple[str, str, Any], float]:
+    """(framework, mode, batch) -> samples/s of the float32 records: the base of the speed-ups."""
+    out: dict[tuple[str, str, Any], float] = {}
+    for r in records:
+        if precision_of(r) != "float32":
+            continue
+        for b in _batches(r):
+            if finite(b.get("samples_per_s")):
+                out[(r["framework"], r["mode"], b.get("batch"))] = float(b["samples_per_s"])
+    return out
+
+
 def summarize(records: list[dict[str, Any]]) -> Summary:
-    """One table, a row per framework x mode x batch; notes name the device(s), failed jobs,
-    values that are not finite, clock-ratio violations and, per framework with more than one
-    mode, the best mode at its largest batch size by samples/s, roofline fraction, first-call
-    time and peak memory."""
-    s = split(records, "batches", per_mode=True)
+    """One table, a row per framework x mode x precision x batch; notes name the device(s),
+    failed jobs, values that are not finite, clock-ratio violations and, per framework and
+    precision with more than one mode, the best mode at its largest batch size by samples/s,
+    roofline fraction, first-call time and peak memory. With a low precision among the rows
+    (bfloat16, float16), each row's speed-up over the float32 row of the same framework, mode and
+    batch (blank without one), and whether the CPU computes in that type natively (its flags) or
+    the frameworks emulate it."""
+    s = split(_by_precision(records), "batches", per_mode=True)
     for f in s.failed:  # a failed job's batch sizes stay in the table
         if _batches(f.record):
             f.note += f" (kept the {len(_batches(f.record))} batch size(s) it finished)"
     passed: list[bool] = []  # per batch row: its numbers finite, its clock ratio within tolerance
     ratios: list[float] = []
+    base = _float32_rates(s.good)
 
     def rows_of(r: dict[str, Any], notes: list[str]) -> list[dict[str, Any]]:
         """A record's row per batch size, and a note per batch that failed a check."""
-        label, tol, rows = f"{r['framework']}/{r['mode']}", _clock_tol(r), []
+        prec = precision_of(r)
+        label, tol, rows = f"{r['framework']}/{r['mode']}" + ("" if prec == "float32" else f" {prec}"), _clock_tol(r), []
         for b in _batches(r):
             void = [f"{name} is {describe(b.get(key), 'repeat')}" for key, name in FINITE_KEYS.items()
                     if describe(b.get(key), "repeat") is not None]
@@ -500,19 +568,24 @@ def summarize(records: list[dict[str, Any]]) -> Summary:
                              "time escaped the timed region")
             elif finite(cr):
                 ratios.append(float(cr))
+            f32 = base.get((r["framework"], r["mode"], b.get("batch")))
+            rate = b.get("samples_per_s")
             rows.append(
                 {
                     "framework": r["framework"],
                     "mode": r["mode"],
+                    "precision": prec,
                     "batch": b.get("batch"),
                     "first call (s)": fmt(b.get("first_call_s"), ".3f"),
                     "step (ms, median)": _ms(b.get("step_s_median")),
                     "IQR (ms)": _ms(b.get("step_s_iqr")),
-                    "samples/s": fmt(b.get("samples_per_s"), ".4g"),
+                    "samples/s": fmt(rate, ".4g"),
+                    "speed-up vs float32": fmt(rate / f32 if f32 and finite(rate) else None, ".2f"),
                     "GFLOP/s": fmt(None if b.get("achieved_flops") is None else b["achieved_flops"] / 1e9, ".3g"),
                     "roofline": fmt(b.get("roofline_fraction"), ".2f"),
                     "peak mem (MiB)": _mib(b.get("peak_memory_bytes")),
                     "step time / plain loop's": fmt(b.get("overhead_ratio"), ".2f"),
+                    "native": native_support(prec, cpu_support(r)),
                 }
             )
         return rows
@@ -527,18 +600,23 @@ def summarize(records: list[dict[str, Any]]) -> Summary:
     if rows and all(row["step time / plain loop's"] == "-" for row in rows):  # the plain loop was not timed
         for row in rows:
             del row["step time / plain loop's"]
-    where = "; ".join(f"{d} ({', '.join(ls)})" for d, ls in devices.items()) or "no device"
+    precisions = list(dict.fromkeys(precision_of(r) for r in s.records))
+    if not any(p in MIXED for p in precisions):  # no low type: no speed-up over float32, nothing native to say
+        for row in rows:
+            del row["speed-up vs float32"], row["native"]
+    where = "; ".join(f"{d} ({', '.join(dict.fromkeys(ls))})" for d, ls in devices.items()) or "no device"
     if len(devices) > 1:
         notes.append("records come from different devices: compare ratios, not absolute times, across them")
     for r in good[:1]:
         m = r["metrics"]
-        notes.insert(0, f"device: {where}; {m.get('precision')}, threads={m.get('threads')} "
+        notes.insert(0, f"device: {where}; {', '.join(p for p in precisions)}, threads={m.get('threads')} "
                         f"(0: framework default), allow_tf32={m.get('allow_tf32')}, R={m.get('repeats')} x "
                         f"N={m.get('steps')} steps, compile cache {m.get('compile_cache')}; absolute times hold "
                         "only for this machine")
     if ratios:
         notes.append(f"clock check: the timed repeats are {min(ratios):.3f} to {max(ratios):.3f} of an outer wall clock "
                      f"around the whole timed block (required: 1 ± {tol:g}; outside it, time escaped the timed region)")
+    notes.extend(mixed_notes(good))
     notes.extend(_best_modes(good))
     notes.extend(layer_notes(good))
     model = good[0]["metrics"].get("model", {}) if good else {}
@@ -548,6 +626,34 @@ def summarize(records: list[dict[str, Any]]) -> Summary:
         shape = "MLP " + "-".join(str(v) for v in [model.get("x_dim"), *model.get("hidden", []), model.get("latent")]) if model else "?"
     title = f"Throughput ({shape}, one training step) on {where}"
     return Summary(title, rows, ok, notes)
+
+
+def mixed_notes(records: list[dict[str, Any]]) -> list[str]:
+    """With a low precision among `records`: what its columns mean, the matmul rates the
+    rooflines divide by (each in its row's type), the CPU's native low types, and float16's loss
+    scale and skipped steps (a skipped step does no optimizer update: it is cheaper)."""
+    if not any(precision_of(r) in MIXED for r in records):
+        return []
+    out = ["mixed precision (bfloat16, float16): layers in the low type, parameters, optimizer state and loss reductions "
+           "in float32, float16 with dynamic loss scaling; speed-up vs float32 = this row's samples/s / the float32 row's "
+           "(same framework, mode and batch); roofline against a matmul in the row's own type; native: the CPU flags "
+           "for that type (emulated: the CPU has none, so the frameworks convert to float32 and back, and a slow row is "
+           "the CPU's, not the framework's); whether a framework's kernels use the instructions is its own choice"]
+    rates = [f"{r['framework']}/{r['mode']} {m.get('matmul_dtype') or precision_of(r)} {m['matmul_flops_per_s'] / 1e9:.3g}"
+             for r in records if finite((m := r["metrics"]).get("matmul_flops_per_s"))]
+    if rates:
+        out.append(f"matmul rates (GFLOP/s, {records[0]['metrics'].get('matmul_n')}² matmul, the rooflines' base): "
+                   + "; ".join(rates))
+    cpus = {_device_name(r): cpu_support(r) for r in records}
+    for cpu, support in cpus.items():
+        if support is not None:
+            out.append(f"{cpu}: native " + "; ".join(f"{d}: {native_support(d, support)}" for d in support))
+    for r in records:
+        env = r.get("env") or {}
+        if precision_of(r) == "float16" and env.get("loss_scale") is not None:
+            out.append(f"{r['framework']}/{r['mode']} float16: loss scale {env['loss_scale']:g}, "
+                       f"{env.get('skipped_steps', 0)} step(s) skipped for a non-finite gradient (largest batch)")
+    return out
 
 
 def layer_notes(records: list[dict[str, Any]]) -> list[str]:
@@ -583,10 +689,11 @@ def layer_notes(records: list[dict[str, Any]]) -> list[str]:
 
 
 def _best_modes(records: list[dict[str, Any]]) -> list[str]:
-    """Per framework timed in more than one mode: its best mode at the largest common batch."""
+    """Per framework (and precision) timed in more than one mode: its best mode at the largest
+    common batch."""
     out = []
-    for fw in dict.fromkeys(r["framework"] for r in records):
-        recs = [r for r in records if r["framework"] == fw]
+    for fw, prec in dict.fromkeys((r["framework"], precision_of(r)) for r in records):
+        recs = [r for r in records if r["framework"] == fw and precision_of(r) == prec]
         if len({r["mode"] for r in recs}) < 2:
             continue
         common = set.intersection(*({b["batch"] for b in r["metrics"]["batches"]} for r in recs))
@@ -603,7 +710,7 @@ def _best_modes(records: list[dict[str, Any]]) -> list[str]:
             return f"{mode} ({format(vals[mode] * scale, spec)})"
 
         out.append(
-            f"best {fw} mode at batch {batch}: samples/s {best('samples_per_s', True, '.4g')}; roofline fraction "
+            f"best {fw}{'' if prec == 'float32' else ' ' + prec} mode at batch {batch}: samples/s {best('samples_per_s', True, '.4g')}; roofline fraction "
             f"{best('roofline_fraction', True, '.2f')}; first call {best('first_call_s', False, '.3f')} s; "
             f"peak memory {best('peak_memory_bytes', False, '.1f', 2**-20)} MiB"
         )
@@ -621,23 +728,25 @@ def plot_throughput(records: list[dict[str, Any]], path: Path) -> Path | None:
     colors = COLORS
     styles = ["-", "--", ":", "-."]
     seen: dict[str, int] = {}
-    roofs: dict[str, tuple[float, float, float]] = {}  # framework -> (matmul rate, FLOP/example, fixed FLOP)
+    # framework (and precision, where not float32) -> (matmul rate, FLOP/example, fixed FLOP)
+    roofs: dict[str, tuple[str, float, float, float]] = {}
     lo, hi = math.inf, 0.0
-    for r in recs:
-        fw, m = r["framework"], typed(r)
+    for r in _by_precision(recs):
+        fw, m, prec = r["framework"], typed(r), precision_of(r)
         i = seen[fw] = seen.get(fw, -1) + 1
         bs = [b.batch for b in m.batches]
         lo, hi = min(lo, *bs), max(hi, *bs)
+        name = fw if prec == "float32" else f"{fw} {prec}"
         ax.plot(bs, [b.samples_per_s for b in m.batches], marker="o", ls=styles[i % len(styles)],
-                color=colors.get(fw), label=f"{fw}/{r['mode']}")
+                color=colors.get(fw), label=f"{fw}/{r['mode']}" + ("" if prec == "float32" else f" {prec}"))
         rate = m.matmul_flops_per_s
-        if rate and m.matmul_flops_per_example and (fw not in roofs or rate > roofs[fw][0]):
-            roofs[fw] = (rate, float(m.matmul_flops_per_example), float(m.optimizer_flops))
+        if rate and m.matmul_flops_per_example and (name not in roofs or rate > roofs[name][1]):
+            roofs[name] = (fw, rate, float(m.matmul_flops_per_example), float(m.optimizer_flops))
     grid = np.geomspace(lo / 2, hi * 2, 64)
-    for fw, (rate, per_ex, fixed) in roofs.items():
+    for name, (fw, rate, per_ex, fixed) in roofs.items():
         # samples/s <= rate / (step FLOP / B), step FLOP = per_ex B + fixed
         ax.plot(grid, rate * grid / (per_ex * grid + fixed), color=colors.get(fw), lw=1.0, alpha=0.7, ls=(0, (1, 1)),
-                label=f"{fw} roofline ({rate / 1e9:.0f} GFLOP/s matmul)")
+                label=f"{name} roofline ({rate / 1e9:.0f} GFLOP/s matmul)")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("batch size")
@@ -691,7 +800,12 @@ def answer(records: list[dict[str, Any]]) -> str:
     good = completed(records, "batches")
     if not good:
         return "no throughput was measured"
-    batches = [(f"{r['framework']} ({r['mode']})", typed(r).batches) for r in good]
+    # frameworks compared like with like, in one precision: float32 where there is one
+    everything = good
+    prec = next(p for p in (*PRECISION_ORDER, precision_of(good[0])) if any(precision_of(r) == p for r in good))
+    good = [r for r in good if precision_of(r) == prec]
+    low = "" if prec == "float32" else f", {prec}"
+    batches = [(f"{r['framework']} ({r['mode']}{low})", typed(r).batches) for r in good]
     batch = max(set.intersection(*({b.batch for b in bs} for _, bs in batches)), default=None)
     if batch is None:
         return "the records share no batch size"
@@ -702,14 +816,33 @@ def answer(records: list[dict[str, Any]]) -> str:
     top = next(iter(best_per_fw.values()))
     rest = ", ".join(f"{rate[top] / rate[lab]:.2f}x {lab}" for fw, lab in best_per_fw.items() if lab != top)
     return (f"{top} at batch {batch}: {rate[top]:,.0f} samples/s" + (f", {rest}" if rest else "")
-            + f" (on {_device_name(good[0])}; one machine's numbers)")
+            + _best_speedups(everything, batch) + f" (on {_device_name(good[0])}; one machine's numbers)")
+
+
+def _best_speedups(records: list[dict[str, Any]], batch: int) -> str:
+    """"; bfloat16: at best 1.3x float32 (torch/compiled)" per low type among `records` at `batch`
+    (its best speed-up over the float32 row of the same framework and mode); "" without one."""
+    base = _float32_rates(records)
+    best: dict[str, tuple[float, str]] = {}
+    for r in records:
+        prec = precision_of(r)
+        f32 = base.get((r["framework"], r["mode"], batch))
+        b = next((b for b in _batches(r) if b.get("batch") == batch), None)
+        if prec in MIXED and f32 and b is not None and finite(b.get("samples_per_s")):
+            up = float(b["samples_per_s"]) / f32
+            if prec not in best or up > best[prec][0]:
+                best[prec] = (up, f"{r['framework']}/{r['mode']}")
+    return "".join(f"; {p}: at best {up:.2f}x float32 ({who})" for p, (up, who) in best.items())
 
 
 def compared(records: list[dict[str, Any]]) -> dict[str, Quantity]:
-    """For `vaebench compare`: per framework/mode/batch, the per-repeat step times (a
-    statistical test there), and the compile count (informational)."""
+    """For `vaebench compare`: per framework/mode/batch (and precision, where it is not float32:
+    float32 names are those of the records from before mixed precision), the per-repeat step
+    times (a statistical test there)."""
     out: dict[str, Quantity] = {}
     for fw, m in finished(records, "batches"):
+        prec = str(m.get("precision") or "float32")
+        fw = fw if prec == "float32" else f"{fw} {prec}"
         for b in m["batches"]:
             if b.get("step_s_samples"):
                 out[f"{fw} batch {b['batch']} step time (s)"] = Quantity(b["step_s_median"], "speed", samples=b["step_s_samples"])

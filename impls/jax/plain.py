@@ -8,6 +8,14 @@ donated; in eager mode the same function un-jitted. It is called bare: no per-ca
 managers. The one exception is a GPU run without TF32, where full-precision float32 matmuls
 need `jax.default_matmul_precision("highest")` around the call (as the backend has), so both
 compute the same thing.
+
+Mixed precision (`framework.precision=bfloat16|float16`) follows the backend's policy
+(`harness.spec.Policy`): float32 parameters, optimizer state and noise, the layers in the low
+type (the model functions cast to it: `impls.base.formulation`), the loss parts and their mean in
+float32. JAX has no loss scaling of its own; for float16 the step does what a JAX user writes by
+hand (as in DeepMind's jmp): differentiate the loss times a scale carried in the jitted state,
+unscale, keep the old parameters and optimizer state where a gradient is not finite, and halve
+the scale then (double it after `LOSS_SCALE_GROWTH_STEPS` finite steps: the backend's rule).
 """
 
 from __future__ import annotations
@@ -26,12 +34,14 @@ import optax  # noqa: E402
 
 from harness import vae  # noqa: E402
 from harness.api import ModelSpec, OptimSpec, RuntimeSpec  # noqa: E402
+from harness.spec import LOSS_SCALE_GROWTH_STEPS, LOSS_SCALE_INIT, Policy, param_dtype  # noqa: E402
 from harness.timing import CPU_PEAK, cotangent, time_steps  # noqa: E402
 from impls.base import formulation
 from impls.jax import ops  # noqa: E402
 from impls.jax.backend import pick_device  # noqa: E402
 
-DTYPES = {"float32": np.float32, "float64": np.float64}
+#: every type a step computes in (`framework.precision`), mixed precision's low types included
+DTYPES: dict[str, Any] = {"float32": np.float32, "float64": np.float64, "bfloat16": jnp.bfloat16, "float16": np.float16}
 
 
 def resolve_device(device: str) -> Any:
@@ -49,14 +59,15 @@ class PlainStep:
         params: Mapping[str, np.ndarray],
         runtime: RuntimeSpec = RuntimeSpec(),  # noqa: B008  (frozen: one shared default is safe)
     ) -> None:
-        dtype, mode, device, seed = runtime.dtype, runtime.mode, runtime.device, runtime.seed
-        allow_tf32, conv_transpose = runtime.allow_tf32, runtime.conv_transpose
+        mode, device, seed, allow_tf32 = runtime.mode, runtime.device, runtime.seed, runtime.allow_tf32
         if mode not in ("eager", "jit"):
             raise ValueError(f"jax has no mode {mode!r}")
         self.spec, self.mode = spec, mode
-        self.ops = formulation(ops, conv_transpose)  # the transposed convolution as the harness's step has it
+        # the transposed convolution as the harness's step has it, and mixed precision's compute type
+        self.ops = formulation(ops, runtime)
         self.device = resolve_device(device)
-        self.dtype = DTYPES[dtype]
+        self.policy = Policy.of(runtime.dtype)
+        self.dtype = DTYPES[self.policy.param]  # parameters, optimizer state, inputs and noise
         self._precision: Any = (
             jax.default_matmul_precision("highest")
             if self.device.platform == "gpu" and not allow_tf32
@@ -70,6 +81,8 @@ class PlainStep:
             opt = optax.sgd(learning_rate=optim.lr, momentum=optim.momentum or None)
         self.opt_state = jax.device_put(opt.init(self.params), self.device)
         self.key = jax.device_put(jax.random.key(seed), self.device)
+        # float16: (loss scale, finite steps since it last changed), carried through the step
+        self.scale = jax.device_put((jnp.float32(LOSS_SCALE_INIT), jnp.int32(0)), self.device) if self.policy.loss_scaling else None
         latent, dt = spec.latent, self.dtype
 
         def loss_fn(params: dict[str, jax.Array], x: jax.Array, eps: jax.Array) -> jax.Array:
@@ -83,7 +96,27 @@ class PlainStep:
             updates, opt_state = opt.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), opt_state, key, loss
 
-        self._fn = jax.jit(train_step, donate_argnums=(0, 1, 2)) if mode == "jit" else train_step
+        def scaled_step(params: Any, opt_state: Any, scale: tuple[jax.Array, jax.Array], key: jax.Array,
+                        x: jax.Array) -> tuple[Any, Any, tuple[jax.Array, jax.Array], jax.Array, jax.Array]:
+            key, sub = jax.random.split(key)
+            eps = jax.random.normal(sub, (x.shape[0], latent), dtype=dt)
+            s, good = scale
+            scaled, grads = jax.value_and_grad(lambda p: loss_fn(p, x, eps) * s)(params)
+            grads = jax.tree.map(lambda g: g / s, grads)
+            finite = jnp.all(jnp.array([jnp.isfinite(g).all() for g in jax.tree.leaves(grads)]))
+            updates, new_state = opt.update(grads, opt_state, params)
+            new_params = optax.apply_updates(params, updates)
+            params = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_params, params)
+            opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, opt_state)
+            grow = good + 1 == LOSS_SCALE_GROWTH_STEPS
+            s = jnp.where(finite, jnp.where(grow, s * 2, s), s / 2)
+            good = jnp.where(finite & ~grow, good + 1, 0).astype(jnp.int32)
+            return params, opt_state, (s, good), key, scaled / scale[0]
+
+        if self.scale is None:
+            self._fn = jax.jit(train_step, donate_argnums=(0, 1, 2)) if mode == "jit" else train_step
+        else:
+            self._scaled = jax.jit(scaled_step, donate_argnums=(0, 1, 2, 3)) if mode == "jit" else scaled_step
 
     def put(self, x: Any) -> jax.Array:
         return jax.device_put(np.asarray(ops.input_to_native(np.asarray(x), self.spec.input_shape), dtype=self.dtype), self.device)
@@ -91,22 +124,31 @@ class PlainStep:
     def __call__(self, x: jax.Array) -> jax.Array:
         ctx = self._precision if self._precision is not None else contextlib.nullcontext()
         with ctx:
-            self.params, self.opt_state, self.key, loss = self._fn(self.params, self.opt_state, self.key, x)
+            if self.scale is None:
+                self.params, self.opt_state, self.key, loss = self._fn(self.params, self.opt_state, self.key, x)
+            else:
+                self.params, self.opt_state, self.scale, self.key, loss = self._scaled(
+                    self.params, self.opt_state, self.scale, self.key, x)
         return loss
+
+    def loss_scale(self) -> float | None:
+        """float16: the dynamic loss scale now (None in other precisions)."""
+        return None if self.scale is None else float(self.scale[0])
 
     def sync(self) -> None:
         jax.block_until_ready(self.params)
 
     def compile_count(self) -> int:
         """Executables in the jitted step's cache (0 in eager mode)."""
-        size = getattr(self._fn, "_cache_size", None)
+        size = getattr(self._fn if self.scale is None else self._scaled, "_cache_size", None)
         return int(size()) if self.mode == "jit" and callable(size) else 0
 
 
 def matmul_rate(dtype: str, device: str, n: int, *, repeats: int = 10, warmup: int = 2, allow_tf32: bool = False) -> float:
-    """FLOP/s of a dense n x n @ n x n matmul (2 n^3 FLOP), jitted, median over `repeats`
-    single matmuls timed with the shared timing core (block_until_ready before every clock
-    read). Full float32 precision unless TF32 is allowed."""
+    """FLOP/s of a dense n x n @ n x n matmul (2 n^3 FLOP) in `dtype` (the type the step computes
+    in: bfloat16 or float16 under mixed precision), jitted, median over `repeats` single matmuls
+    timed with the shared timing core (block_until_ready before every clock read). Full float32
+    precision unless TF32 is allowed."""
     dev = resolve_device(device)
     precision = jax.lax.Precision.DEFAULT if allow_tf32 else jax.lax.Precision.HIGHEST
     rng = np.random.default_rng(0)
@@ -115,8 +157,9 @@ def matmul_rate(dtype: str, device: str, n: int, *, repeats: int = 10, warmup: i
     mm = jax.jit(lambda a, b: jnp.matmul(a, b, precision=precision))
     out: list[jax.Array] = [a]
 
-    def step() -> None:
+    def step() -> jax.Array:
         out[0] = mm(a, b)
+        return out[0]
 
     res = time_steps(step, lambda: jax.block_until_ready(out[0]), repeats, 1, warmup)
     return 2.0 * n**3 / res.median
@@ -156,7 +199,8 @@ def layer_steps(op: str, stride: int, x: np.ndarray, w: np.ndarray, b: np.ndarra
                 mode: str) -> tuple[Any, Any, Any]:
     """(forward, forward + backward, sync) of one layer (`ops.<op>`) on a batch: op by op, or one
     jax.jit each in jit mode, as the step runs it. The backward (a VJP) computes every input's
-    gradient (x, w, b)."""
+    gradient (x, w, b). `dtype` is the type the layers compute in (the low one under mixed
+    precision)."""
     dev = resolve_device(device)
     xt, wt, bt = (jax.device_put(np.asarray(a, dtype=DTYPES[dtype]), dev) for a in (x, w, b))
     fn = getattr(ops, op)
@@ -171,7 +215,7 @@ def layer_steps(op: str, stride: int, x: np.ndarray, w: np.ndarray, b: np.ndarra
 
     # the cotangent: random, and an argument (a constant, or all ones, lets XLA simplify the
     # backward away); the output is returned too, so the forward is not dead code
-    ct = jax.device_put(cotangent(run(xt, wt, bt).shape, dtype), dev)
+    ct = jax.device_put(cotangent(run(xt, wt, bt).shape, param_dtype(dtype)).astype(DTYPES[dtype]), dev)
     if mode != "eager":
         run, grads = jax.jit(run), jax.jit(grads)  # type: ignore[assignment]
     out: dict[str, Any] = {}

@@ -7,6 +7,13 @@ hyperparameters, noise from a `tf.random.Generator` drawn inside the step, one f
 for the whole step: `tf.function(jit_compile=True)` in xla mode (the noise inside the XLA
 cluster), `tf.function` in function mode, plain eager otherwise. It is called bare, with no
 per-call device scope, unless the CPU is asked for while a GPU is visible.
+
+Mixed precision (`framework.precision=bfloat16|float16`) follows the backend's policy
+(`harness.spec.Policy`): float32 variables, optimizer state and noise, the layers in the low type
+(the model functions cast to it: `impls.base.formulation`), the loss parts and their mean in
+float32. float16 wraps the optimizer in Keras' `LossScaleOptimizer` (the backend's scale rule) and
+writes the step as its documentation does: `opt.scale_loss(loss)` inside the tape, then
+`opt.apply_gradients`, which unscales and skips a step whose gradient is not finite.
 """
 
 from __future__ import annotations
@@ -23,12 +30,14 @@ import tensorflow as tf  # noqa: E402
 
 from harness import vae  # noqa: E402
 from harness.api import ModelSpec, OptimSpec, RuntimeSpec  # noqa: E402
+from harness.spec import LOSS_SCALE_GROWTH_STEPS, LOSS_SCALE_INIT, Policy, param_dtype  # noqa: E402
 from harness.timing import CPU_PEAK, cotangent, time_steps  # noqa: E402
 from impls.base import formulation
 from impls.tensorflow import ops  # noqa: E402
 from impls.tensorflow.backend import pick_device  # noqa: E402
 
-DTYPES = {"float32": tf.float32, "float64": tf.float64}
+#: every type a step computes in (`framework.precision`), mixed precision's low types included
+DTYPES = {"float32": tf.float32, "float64": tf.float64, "bfloat16": tf.bfloat16, "float16": tf.float16}
 
 
 def resolve_device(device: str) -> str:
@@ -46,14 +55,15 @@ class PlainStep:
         params: Mapping[str, np.ndarray],
         runtime: RuntimeSpec = RuntimeSpec(),  # noqa: B008  (frozen: one shared default is safe)
     ) -> None:
-        dtype, mode, device, seed = runtime.dtype, runtime.mode, runtime.device, runtime.seed
-        allow_tf32, conv_transpose = runtime.allow_tf32, runtime.conv_transpose
+        mode, device, seed, allow_tf32 = runtime.mode, runtime.device, runtime.seed, runtime.allow_tf32
         if mode not in ("eager", "function", "xla"):
             raise ValueError(f"tensorflow has no mode {mode!r}")
         self.spec, self.mode = spec, mode
-        self.ops = formulation(ops, conv_transpose)  # the transposed convolution as the harness's step has it
+        # the transposed convolution as the harness's step has it, and mixed precision's compute type
+        self.ops = formulation(ops, runtime)
         self.device = resolve_device(device)
-        self.dtype = DTYPES[dtype]
+        self.policy = Policy.of(runtime.dtype)
+        self.dtype = DTYPES[self.policy.param]  # variables, optimizer state, inputs and noise
         tf.config.experimental.enable_tensor_float_32_execution(allow_tf32)
         # a device scope per call only where default placement would pick the wrong device
         self._scope = self.device == "/CPU:0" and bool(tf.config.list_physical_devices("GPU"))
@@ -67,16 +77,21 @@ class PlainStep:
                 )
             else:
                 self.opt = tf.keras.optimizers.SGD(learning_rate=optim.lr, momentum=optim.momentum)
+            if self.policy.loss_scaling:  # float16
+                self.opt = tf.keras.mixed_precision.LossScaleOptimizer(
+                    self.opt, initial_scale=LOSS_SCALE_INIT, dynamic_growth_steps=LOSS_SCALE_GROWTH_STEPS)
             variables = list(self.params.values())
             self.opt.build(variables)
         latent, dt, generator, opt, ps = spec.latent, self.dtype, self.generator, self.opt, self.params
+        scaling = self.policy.loss_scaling
 
         def train_step(x: tf.Tensor) -> tf.Tensor:
             eps = generator.normal((tf.shape(x)[0], latent), dtype=dt)
             with tf.GradientTape() as tape:
                 recon, kl = vae.loss_terms(self.ops, ps, x, eps, spec)
                 loss = tf.reduce_mean(recon + kl)
-            grads = tape.gradient(loss, variables)
+                scaled = opt.scale_loss(loss) if scaling else loss
+            grads = tape.gradient(scaled, variables)
             opt.apply_gradients(zip(grads, variables))
             return loss
 
@@ -95,6 +110,10 @@ class PlainStep:
                 return self._fn(x)
         return self._fn(x)
 
+    def loss_scale(self) -> float | None:
+        """float16: the LossScaleOptimizer's dynamic loss scale now (None in other precisions)."""
+        return float(self.opt.dynamic_scale.numpy()) if self.policy.loss_scaling else None
+
     def sync(self) -> None:
         tf.test.experimental.sync_devices()
 
@@ -106,8 +125,9 @@ class PlainStep:
 
 
 def matmul_rate(dtype: str, device: str, n: int, *, repeats: int = 10, warmup: int = 2, allow_tf32: bool = False) -> float:
-    """FLOP/s of a dense n x n @ n x n matmul (2 n^3 FLOP), median over `repeats` single
-    eager tf.matmul calls timed with the shared timing core (sync before every clock read)."""
+    """FLOP/s of a dense n x n @ n x n matmul (2 n^3 FLOP) in `dtype` (the type the step computes
+    in: bfloat16 or float16 under mixed precision), median over `repeats` single eager tf.matmul
+    calls timed with the shared timing core (sync before every clock read)."""
     dev = resolve_device(device)
     old = tf.config.experimental.tensor_float_32_execution_enabled()
     tf.config.experimental.enable_tensor_float_32_execution(allow_tf32)
@@ -118,8 +138,9 @@ def matmul_rate(dtype: str, device: str, n: int, *, repeats: int = 10, warmup: i
             b = tf.identity(tf.constant(rng.standard_normal((n, n)), dtype=DTYPES[dtype]))
             out: list[tf.Tensor] = [a]
 
-            def step() -> None:
+            def step() -> tf.Tensor:
                 out[0] = tf.matmul(a, b)
+                return out[0]
 
             res = time_steps(step, tf.test.experimental.sync_devices, repeats, 1, warmup)
     finally:
@@ -167,7 +188,8 @@ def layer_steps(op: str, stride: int, x: np.ndarray, w: np.ndarray, b: np.ndarra
                 mode: str) -> tuple[Any, Any, Any]:
     """(forward, forward + backward, sync) of one layer (`ops.<op>`) on a batch: eager, or a
     tf.function (jit_compile in xla mode) in compiled modes, as the step runs it. The backward
-    computes every input's gradient (x, w, b)."""
+    computes every input's gradient (x, w, b). `dtype` is the type the layers compute in (the
+    low one under mixed precision)."""
     dev = resolve_device(device)
     with tf.device(dev):
         xt, wt, bt = (tf.constant(a, dtype=DTYPES[dtype]) for a in (x, w, b))
@@ -185,7 +207,7 @@ def layer_steps(op: str, stride: int, x: np.ndarray, w: np.ndarray, b: np.ndarra
     # the cotangent: random, and an argument (with tf.ones_like(y) XLA simplified the backward of
     # a transposed convolution to nearly nothing); the output is returned, so the forward stays
     with tf.device(dev):
-        ct = tf.constant(cotangent(tuple(run(xt, wt, bt).shape), dtype), dtype=DTYPES[dtype])
+        ct = tf.constant(cotangent(tuple(run(xt, wt, bt).shape), param_dtype(dtype)), dtype=DTYPES[dtype])
 
     if mode != "eager":
         run = tf.function(run, jit_compile=mode == "xla", autograph=False)  # type: ignore[assignment]

@@ -7,6 +7,14 @@ for everything the config does not set (foreach: torch's choice), noise from tor
 and in compiled mode `torch.compile` of the loss function and of `opt.step` with default
 options. The throughput measure times it beside the harness step to measure the harness's
 overhead.
+
+Mixed precision (`framework.precision=bfloat16|float16`) follows the backend's policy
+(`harness.spec.Policy`): parameters, Adam's state and the noise in float32, the layers in the low
+type (the model functions cast to it: `impls.base.formulation`), the loss parts and their mean in
+float32. float16 adds torch's dynamic loss scaling as its documentation writes it:
+`scaler.scale(loss).backward(); scaler.step(opt); scaler.update()` with a `torch.amp.GradScaler`
+of the backend's scale rule (in compiled mode `opt.step` is the compiled one, so GradScaler's
+step calls it).
 """
 
 from __future__ import annotations
@@ -19,12 +27,14 @@ import torch
 
 from harness import vae
 from harness.api import ModelSpec, OptimSpec, RuntimeSpec
+from harness.spec import LOSS_SCALE_GROWTH_STEPS, LOSS_SCALE_INIT, Policy, param_dtype
 from harness.timing import CPU_PEAK, cotangent, time_steps
 from impls.base import formulation
 from impls.torch import ops
 from impls.torch.backend import pick_device
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+#: every type a step computes in (`framework.precision`), mixed precision's low types included
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_device(device: str) -> torch.device:
@@ -47,14 +57,16 @@ class PlainStep:
         params: Mapping[str, np.ndarray],
         runtime: RuntimeSpec = RuntimeSpec(),  # noqa: B008  (frozen: one shared default is safe)
     ) -> None:
-        dtype, mode, device, seed = runtime.dtype, runtime.mode, runtime.device, runtime.seed
-        allow_tf32, compile_mode, conv_transpose = runtime.allow_tf32, runtime.compile_mode, runtime.conv_transpose
+        mode, device, seed = runtime.mode, runtime.device, runtime.seed
+        allow_tf32, compile_mode = runtime.allow_tf32, runtime.compile_mode
         if mode not in ("eager", "compiled"):
             raise ValueError(f"torch has no mode {mode!r}")
         self.spec, self.mode = spec, mode
-        self.ops = formulation(ops, conv_transpose)  # the transposed convolution as the harness's step has it
+        # the transposed convolution as the harness's step has it, and mixed precision's compute type
+        self.ops = formulation(ops, runtime)
         self.device = resolve_device(device)
-        self.dtype = DTYPES[dtype]
+        self.policy = Policy.of(runtime.dtype)
+        self.dtype = DTYPES[self.policy.param]  # parameters, optimizer state, inputs and noise
         torch.backends.cuda.matmul.allow_tf32 = allow_tf32
         torch.backends.cudnn.allow_tf32 = allow_tf32
         self.params = {
@@ -69,6 +81,8 @@ class PlainStep:
             self.opt = torch.optim.SGD(ps, lr=optim.lr, momentum=optim.momentum)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
+        self.scaler = torch.amp.GradScaler(self.device.type, init_scale=LOSS_SCALE_INIT,
+                                           growth_interval=LOSS_SCALE_GROWTH_STEPS) if self.policy.loss_scaling else None
 
         def loss_fn(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
             recon, kl = vae.loss_terms(self.ops, self.params, x, eps, spec)
@@ -77,6 +91,8 @@ class PlainStep:
         if mode == "compiled":
             self._loss = torch.compile(loss_fn, mode=compile_mode)
             self._opt_step = torch.compile(self.opt.step, mode=compile_mode)
+            if self.scaler is not None:  # GradScaler.step(opt) calls opt.step: the compiled one
+                self.opt.step = self._opt_step  # type: ignore[method-assign]
         else:
             self._loss, self._opt_step = loss_fn, self.opt.step
 
@@ -87,9 +103,18 @@ class PlainStep:
         eps = torch.randn((x.shape[0], self.spec.latent), generator=self.generator, dtype=self.dtype, device=self.device)
         self.opt.zero_grad(set_to_none=True)
         loss = self._loss(x, eps)
+        if self.scaler is not None:  # float16: skips the step on a non-finite gradient
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
+            return loss.detach()
         loss.backward()
         self._opt_step()
         return loss.detach()
+
+    def loss_scale(self) -> float | None:
+        """float16: GradScaler's dynamic loss scale now (None in other precisions)."""
+        return None if self.scaler is None else float(self.scaler.get_scale())
 
     def sync(self) -> None:
         _sync(self.device)
@@ -105,8 +130,9 @@ class PlainStep:
 
 
 def matmul_rate(dtype: str, device: str, n: int, *, repeats: int = 10, warmup: int = 2, allow_tf32: bool = False) -> float:
-    """FLOP/s of a dense n x n @ n x n matmul (2 n^3 FLOP), median over `repeats` single
-    matmuls timed with the shared timing core (sync before every clock read)."""
+    """FLOP/s of a dense n x n @ n x n matmul (2 n^3 FLOP) in `dtype` (the type the step computes
+    in: bfloat16 or float16 under mixed precision), median over `repeats` single matmuls timed
+    with the shared timing core (sync before every clock read)."""
     dev = resolve_device(device)
     old = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = allow_tf32
@@ -163,7 +189,8 @@ def layer_steps(op: str, stride: int, x: np.ndarray, w: np.ndarray, b: np.ndarra
     """(forward, forward + backward, sync) of one layer (`ops.<op>`) on a batch, in torch's
     layout (x, w, b given native). Eager in every mode: torch.compile of the whole step calls
     the same aten convolution and matmul kernels, and compiling each layer alone would cost
-    seconds apiece. The backward computes every input's gradient (x, w, b)."""
+    seconds apiece. The backward computes every input's gradient (x, w, b). `dtype` is the type
+    the layers compute in (the low one under mixed precision)."""
     dev, dt = resolve_device(device), DTYPES[dtype]
     xt, wt, bt = (torch.tensor(np.ascontiguousarray(a), dtype=dt, device=dev, requires_grad=True) for a in (x, w, b))
     fn = getattr(ops, op)
@@ -172,7 +199,7 @@ def layer_steps(op: str, stride: int, x: np.ndarray, w: np.ndarray, b: np.ndarra
         return fn(xt, wt, bt) if op == "dense" else fn(xt, wt, bt, stride)
 
     with torch.no_grad():  # a random cotangent, as the other frameworks take (`timing.cotangent`)
-        g = torch.tensor(cotangent(tuple(run().shape), dtype), dtype=dt, device=dev)
+        g = torch.tensor(cotangent(tuple(run().shape), param_dtype(dtype)), dtype=dt, device=dev)  # NumPy has no bfloat16
 
     def forward() -> Any:
         with torch.no_grad():
