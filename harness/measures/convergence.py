@@ -69,9 +69,9 @@ else the record's `env.skipped_steps`, the last seed's backend), and each low pr
 judged against float32 of the same framework and mode (`precision_checks`): its final test ELBO,
 mean over seeds, within max(3 x float32's standard deviation over seeds, 0.1) nats of float32's
 mean; a NaN or inf final ELBO, or a low-precision job that did not finish, fails by name.
-`vaebench report` summarizes each precision apart (framework.precision is a config key that
-differs between the records): `harness.measures.summarize("convergence", records)` over all of
-them gives the one table.
+framework.precision is a column of this table, not a variant of the report (`ROW_KEYS`, read by
+`harness.records.measured_config`), so `vaebench report` over a precision sweep gives the one
+table; records of different precisions still differ in their config hash (resume, newest-per-config).
 
 Record metrics (`ConvergenceMetrics`): the settings the summary needs, `runs` (one `SeedRun`
 per seed, see `train_seed`), and for compatibility the means over completed seeds of `epochs`,
@@ -152,6 +152,9 @@ Config = ConvergenceConfig
 #: what it reads (`harness.measures`): the configured model, data and optimizer
 READS = ("framework", "seed", "model", "data", "optim", "measure.convergence")
 VERSION = 1
+#: config keys that are a column of this measure's table rather than a variant of the report:
+#: records of several precisions make one table, each low precision judged against float32
+ROW_KEYS = ("framework.precision",)
 
 
 def reads(config: dict[str, Any]) -> tuple[str, ...]:
