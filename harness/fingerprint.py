@@ -2,7 +2,9 @@
 as it can be read cheaply, and a numerical fingerprint of those kernels. Each framework declares
 its own probe (`FrameworkFacts.isa_probe`, in `impls/<name>/__init__.py`, importing the framework
 when called: the worker calls it, where the framework is loaded anyway) from the helpers here; a
-framework without one, or whose probe fails, is recorded as "unknown"."""
+framework without one, or whose probe fails, is recorded as "unknown". Also which low-precision
+types (bfloat16, float16) the CPU computes in natively, from its flags (`cpu_low_precision`): the
+throughput measure records it, and its table says "emulated" where the CPU has none."""
 
 from __future__ import annotations
 

@@ -600,7 +600,7 @@ def summarize(records: list[dict[str, Any]]) -> Summary:
     if rows and all(row["step time / plain loop's"] == "-" for row in rows):  # the plain loop was not timed
         for row in rows:
             del row["step time / plain loop's"]
-    precisions = list(dict.fromkeys(precision_of(r) for r in s.records))
+    precisions = [precision_of(r) for r in _by_precision(list({precision_of(r): r for r in s.records}.values()))]
     if not any(p in MIXED for p in precisions):  # no low type: no speed-up over float32, nothing native to say
         for row in rows:
             del row["speed-up vs float32"], row["native"]
@@ -743,9 +743,11 @@ def plot_throughput(records: list[dict[str, Any]], path: Path) -> Path | None:
         if rate and m.matmul_flops_per_example and (name not in roofs or rate > roofs[name][1]):
             roofs[name] = (fw, rate, float(m.matmul_flops_per_example), float(m.optimizer_flops))
     grid = np.geomspace(lo / 2, hi * 2, 64)
+    dashes = {"bfloat16": (0, (4, 1, 1, 1)), "float16": (0, (6, 2))}  # a low type's roofline: its own dash
     for name, (fw, rate, per_ex, fixed) in roofs.items():
         # samples/s <= rate / (step FLOP / B), step FLOP = per_ex B + fixed
-        ax.plot(grid, rate * grid / (per_ex * grid + fixed), color=colors.get(fw), lw=1.0, alpha=0.7, ls=(0, (1, 1)),
+        ax.plot(grid, rate * grid / (per_ex * grid + fixed), color=colors.get(fw), lw=1.0, alpha=0.7,
+                ls=dashes.get(name.rsplit(" ", 1)[-1], (0, (1, 1))),
                 label=f"{name} roofline ({rate / 1e9:.0f} GFLOP/s matmul)")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
