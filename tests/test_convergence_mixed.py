@@ -175,3 +175,22 @@ def test_a_tiny_real_run_in_mixed_precision_finishes_with_a_finite_elbo(precisio
            "config": {"framework": {"precision": precision}}, "env": res.backend_env, "metrics": res.metrics}
     s = cv.summarize([rec])
     assert s.rows[0]["precision"] == precision and s.rows[0]["test ELBO"] != "-"
+
+
+def test_a_report_over_a_precision_sweep_is_one_table() -> None:
+    """framework.precision is a row key of this measure (`ROW_KEYS`): the report summarizes the
+    precisions together (one block of rows, the judged ones included), while the records' config
+    hashes still differ (resume and newest-per-config keep each precision)."""
+    from harness import records as records_mod
+    from harness import report
+
+    recs = [_record(fw, p, F32 if p == "float32" else [-22.1, -22.2, -21.9]) for fw in ("torch", "jax")
+            for p in ("float32", "bfloat16", "float16")]
+    for i, r in enumerate(recs):
+        r.update(run_id=f"run{i}", created_at=f"2026-01-01T00:00:0{i}+00:00", schema_version=1)
+    table = report.measure_table("convergence", recs)
+    assert "framework.precision" not in table.rows[0]  # not a variant column
+    assert [(r["framework"], r["precision"], r[cv.VERDICT_COL]) for r in table.rows] == [
+        ("torch", "float32", "reference"), ("torch", "bfloat16", "PASS"), ("torch", "float16", "PASS"),
+        ("jax", "float32", "reference"), ("jax", "bfloat16", "PASS"), ("jax", "float16", "PASS")]
+    assert table.ok and len({records_mod.config_hash(r) for r in recs}) == len(recs)

@@ -1057,9 +1057,15 @@ def _label(r: dict[str, Any], recs: list[dict[str, Any]]) -> str:
     return f"{label} {precision_of(r)}" if mixed(recs) else label
 
 
-def _band(ax: Any, x: np.ndarray, ys: np.ndarray, color: Any, label: str) -> None:
+#: the line style and marker of each precision in the plots (a framework keeps its colour; "--"
+#: is left for the partial curves of failed jobs)
+LINE_STYLE = {"bfloat16": "-.", "float16": ":"}
+MARKER = {"bfloat16": "s", "float16": "^"}
+
+
+def _band(ax: Any, x: np.ndarray, ys: np.ndarray, color: Any, label: str, ls: str = "-") -> None:
     """Mean over seeds (rows of ys) as a line, min-max as a band."""
-    ax.plot(x, ys.mean(axis=0), color=color, label=label, lw=1.4)
+    ax.plot(x, ys.mean(axis=0), color=color, label=label, lw=1.4, ls=ls)
     if len(ys) > 1:
         ax.fill_between(x, ys.min(axis=0), ys.max(axis=0), color=color, alpha=0.2, lw=0)
 
@@ -1089,9 +1095,10 @@ def plot_convergence(records: list[dict[str, Any]], path: Path) -> Path | None:
         cur = _curves(r, "test_elbo")
         if cur is not None:
             steps, wall, ys = cur
-            _band(a1, steps, ys, color, _label(r, recs))
+            ls = LINE_STYLE.get(precision_of(r), "-")
+            _band(a1, steps, ys, color, _label(r, recs), ls)
             timed = wall > 0  # step 0 has no place on a log axis
-            _band(a2, wall[timed], ys[:, timed], color, _label(r, recs))
+            _band(a2, wall[timed], ys[:, timed], color, _label(r, recs), ls)
         for i, x in enumerate(kept(r)):
             if x.get("status") == "ok":
                 continue  # a finished seed of a failed job: drawn above
@@ -1143,7 +1150,7 @@ def plot_iwae(records: list[dict[str, Any]], path: Path) -> Path | None:
     for r in recs:
         xs = [x["evals"][-1]["test_elbo"] for x in done(r)]
         ys = [x["final"]["test_log_likelihood"] for x in done(r)]
-        ax.scatter(xs, ys, color=COLORS.get(r["framework"]), label=_label(r, recs), s=25)
+        ax.scatter(xs, ys, color=COLORS.get(r["framework"]), label=_label(r, recs), s=25, marker=MARKER.get(precision_of(r), "o"))
         pts += xs + ys
     lo, hi = min(pts), max(pts)
     ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls=":", label="log p = ELBO")
@@ -1165,7 +1172,8 @@ def plot_kl(records: list[dict[str, Any]], path: Path) -> Path | None:
     for r in recs:
         for i, x in enumerate(done(r)):
             kl = np.sort(np.asarray(x["final"]["kl_per_dim"]))[::-1]
-            ax.plot(np.arange(1, len(kl) + 1), np.maximum(kl, 1e-5), marker="o", ms=3, lw=1, alpha=0.8,
+            ax.plot(np.arange(1, len(kl) + 1), np.maximum(kl, 1e-5), marker=MARKER.get(precision_of(r), "o"), ms=3, lw=1,
+                    alpha=0.8, ls=LINE_STYLE.get(precision_of(r), "-"),
                     color=COLORS.get(r["framework"]), label=_label(r, recs) if i == 0 else None)
     ax.set_yscale("log")
     ax.set_xlabel("latent dimension (sorted by KL)")
