@@ -30,12 +30,16 @@ def frozen(ops: Any, params: Mapping[str, Any], spec: ModelSpec) -> Mapping[str,
 
 def _policy(ops: Any, params: Mapping[str, Any], x: Any, other: str) -> tuple[Mapping[str, Any], Any]:
     """Under mixed precision (the ops carry the policy's `compute` type: `impls.base.formulation`),
-    a block's parameters (all but the `other` block's) and its input cast to the compute type:
-    the layers run in it, the float32 parameters get float32 gradients through the cast."""
+    a block's weights (all but the `other` block's) and its input cast to the compute type: the
+    layers run in it, the float32 weights get float32 gradients through the cast. Biases (the
+    vectors) stay float32: the ops add them in float32 (`impls.base.formulation`), so their
+    gradient, a sum over the batch and an image's pixels, is never held in the low type (the conv
+    VAE's output-bias gradient, 285 at initialisation, overflows float16 at any loss scale above 229)."""
     low = getattr(ops, "compute", None)
     if low is None:
         return params, x
-    return {k: ops.cast(v, low) for k, v in params.items() if not k.startswith(other + ".")}, ops.cast(x, low)
+    block = {k: v for k, v in params.items() if not k.startswith(other + ".")}
+    return {k: v if ops.ndim(v) == 1 else ops.cast(v, low) for k, v in block.items()}, ops.cast(x, low)
 
 
 def _accumulate(ops: Any, out: Any) -> Any:

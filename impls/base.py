@@ -55,6 +55,13 @@ def iwae_chunk(spec: ModelSpec, rows: int) -> int:
     widest = max([spec.x_dim, *(math.prod(layer.in_shape) for layer in (layers(spec) if layers else []))])
     return max(1, min(IWAE_CHUNK, IWAE_BUDGET // max(rows * widest, 1)))
 
+#: float16's `grads`: the gradient of the term x 2^10, divided by it (a power of two: exact for
+#: every value that neither underflows nor overflows), as the training step scales its loss: the
+#: small cotangents of an unscaled float16 backward fall below float16's normal range (6e-5) and
+#: lose digits (measured: the conv VAE's decoder.0 gradient 38 u off NumPy's unscaled, within
+#: 20 u scaled); 2^10, not the step's dynamic 2^15, since nothing here skips an overflow
+GRADS_LOSS_SCALE = 2.0**10
+
 #: The keys every backend's `version()` reports (framework-specific extras may follow).
 VERSION_KEYS: tuple[str, ...] = (
     "framework",
@@ -111,9 +118,29 @@ def formulation(ops: Any, runtime: RuntimeSpec | str) -> Any:
         extra["conv2d_transpose"] = ops.conv2d_transpose_dilated
     if policy is not None and policy.mixed:
         extra.update(compute=policy.compute, accumulate=policy.accumulate)
+        for name in BIASED_OPS:
+            extra[name] = _bias_accumulated(ops, extra.get(name, getattr(ops, name)), policy)
     if not extra:
         return ops
-    return types.SimpleNamespace(**{k: getattr(ops, k) for k in dir(ops) if not k.startswith("__")}, **extra)
+    return types.SimpleNamespace(**{**{k: getattr(ops, k) for k in dir(ops) if not k.startswith("__")}, **extra})
+
+
+#: the ops that add a bias: under a mixed policy the bias is added in the accumulation type
+BIASED_OPS = ("dense", "conv2d", "conv2d_transpose")
+
+
+def _bias_accumulated(ops: Any, op: Callable[..., Any], policy: Policy) -> Callable[..., Any]:
+    """`op` (a dense layer or convolution, computed in the low type) with its bias added in the
+    accumulation type and the sum cast back: the bias's gradient, a sum over the batch (and an
+    image's pixels: 32 x 784 terms for the conv VAE's output bias), is then accumulated in float32.
+    Added in the low type, XLA's CPU backend sums that gradient in the low type (measured: JAX's
+    bfloat16 gradient of the conv VAE's output bias 97% off NumPy's, and float16's overflows)."""
+
+    def biased(x: Any, w: Any, b: Any, *rest: Any) -> Any:
+        y = ops.cast(op(x, w, None, *rest), policy.accumulate)
+        return ops.cast(ops.bias_add(y, b), policy.compute)  # b: float32 (`harness.vae` leaves biases uncast)
+
+    return biased
 
 
 def shape_of(x: Any) -> tuple[int, ...] | None:
@@ -460,6 +487,8 @@ class BackendBase:
         xd = self.put(x)
         with self._scope():
             gs = self._grads(xd, self._noise(eps, self._rows(xd)), term)
+        if self.policy.loss_scaling:  # float16: the scaled term's gradient (`_scaled`), unscaled
+            gs = {k: None if g is None else g / GRADS_LOSS_SCALE for k, g in gs.items()}
         got = self._canonical({k: g for k, g in gs.items() if g is not None})
         return {k: got[k] if k in got else np.zeros(shape, dtype=self.np_dtype) for k, shape in self._param_shapes.items()}
 
@@ -598,6 +627,11 @@ class BackendBase:
         if self.policy.loss_scaling:
             info["loss_scale"], info["skipped_steps"] = self._loss_scale()
         return info
+
+    def _scaled(self, value: Any) -> Any:
+        """What `_grads` differentiates: the term, times GRADS_LOSS_SCALE under float16 (`grads`
+        divides it out), as a float16 user scales a loss."""
+        return value * GRADS_LOSS_SCALE if self.policy.loss_scaling else value
 
     # == primitives: each framework overrides these ============================================
     def _loss_scale(self) -> tuple[float, int]:

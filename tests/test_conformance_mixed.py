@@ -27,12 +27,13 @@ def _steps(dtype: str, scale: float, dev: float = 1.0) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("dtype", list(MIXED))
-def test_the_step_scale_row_is_judged_at_a_tenth_of_u(dtype: str) -> None:
+def test_the_step_scale_row_is_judged_in_units_of_u(dtype: str) -> None:
     u = MIXED[dtype]
+    tol = cf.MIXED_STEP_SCALE_U * u
     rows = {r["quantity"]: r for r in cf.table_rows({"a": _steps(dtype, 0.05 * u)}, [dtype])}
     assert rows["sgd step scale"]["pass"] == "yes" and rows["sgd step Δθ"]["pass"] == "yes"
     assert rows["sgd step Δθ"]["tolerance"] == f"{cf.MIXED_FLOOR_FACTOR:g} x floor"
-    bad = {r["quantity"]: r for r in cf.table_rows({"a": _steps(dtype, 0.05 * u), "b": _steps(dtype, 1e-3)}, [dtype])}
+    bad = {r["quantity"]: r for r in cf.table_rows({"a": _steps(dtype, 0.8 * tol), "b": _steps(dtype, -1.2 * tol)}, [dtype])}
     assert bad["sgd step scale"]["pass"] == "NO" and bad["sgd step scale"]["worst"] == "b vs numpy"
     assert bad["sgd step Δθ"]["pass"] == "yes"  # a wrong lr below the type's rounding: only the scale sees it
     nan = _steps(dtype, 0.0)
@@ -57,6 +58,12 @@ def test_the_weights_plant_stands_above_a_low_types_resolution() -> None:
     for dtype, rel in (("float32", 1e-3), ("bfloat16", cf.WEIGHTS_PLANT_U * 2.0**-8), ("float16", cf.WEIGHTS_PLANT_U * 2.0**-11)):
         moved = cf.plant_params(p, "weights", dtype, 0)["w"] / p["w"] - 1
         assert np.std(moved) == pytest.approx(rel, rel=0.05), dtype
+    # the lr plant: x 1.001, or x (1 + 3 u) in a low type
+    from harness.spec import OptimSpec
+
+    assert cf.plant_optim(OptimSpec(lr=1.0), "lr", "float32").lr == pytest.approx(1.001)
+    assert cf.plant_optim(OptimSpec(lr=1.0), "lr", "bfloat16").lr == pytest.approx(1 + 3 * 2.0**-8)
+    assert cf.plant_optim(OptimSpec(lr=1.0), "lr", "float16").lr == pytest.approx(1 + 3 * 2.0**-11)
     # one ulp of the stored type: float32 under mixed precision
     assert np.array_equal(cf.plant_params(p, "ulp", "bfloat16", 0)["w"], cf.one_ulp(p, "float32")["w"])
 

@@ -94,3 +94,22 @@ def test_the_jax_loss_scale_follows_the_shared_rule() -> None:
     assert (float(s.scale), int(s.good), int(s.skipped)) == (LOSS_SCALE_INIT / 2, 0, 1)
     s = LossScale(s.scale, jnp.int32(LOSS_SCALE_GROWTH_STEPS - 1), s.skipped).next(jnp.bool_(True))
     assert (float(s.scale), int(s.good), int(s.skipped)) == (LOSS_SCALE_INIT, 0, 1)
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_a_bias_gradient_summed_over_pixels_is_accumulated_in_float32(framework: str) -> None:
+    """The conv VAE's output bias: its gradient sums batch x 784 pixel terms. Biases stay float32
+    and are added in float32 (`harness.vae`, `impls.base.formulation`): within a few u of NumPy in
+    bfloat16 (measured 1e-4 relative), where a bias added in bfloat16 had JAX's CPU backend sum its
+    gradient in bfloat16, 97% off."""
+    from harness.models.conv import ConvSpec
+
+    spec = ConvSpec(image=(28, 28, 1), filters=(4, 8), dense=8, latent=4)
+    params = init_params(spec, 0)
+    x = (np.random.default_rng(0).uniform(size=(32, 28, 28, 1)) > 0.7).astype(np.float64)
+    eps = np.random.default_rng(1).standard_normal((32, 4))
+    want = reference.grads(params, x, eps, spec, "loss")
+    got = load_backend(framework, spec, dtype="bfloat16", params=params).grads(x, eps, "loss")
+    out_bias = [k for k in params if k.startswith("decoder.") and k.endswith(".bias")][-1]
+    rel = float(np.linalg.norm(got[out_bias] - want[out_bias]) / np.linalg.norm(want[out_bias]))
+    assert rel < 4 * MIXED["bfloat16"], (out_bias, rel)

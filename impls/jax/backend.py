@@ -212,7 +212,7 @@ class JaxBackend(BackendBase):
 
         def value(params: dict[str, jax.Array], x: jax.Array, eps: jax.Array) -> jax.Array:
             recon, kl = vae.loss_terms(self.ops, params, x, eps, spec)
-            return pick_term(term, recon, kl).mean()
+            return self._scaled(pick_term(term, recon, kl).mean())
 
         # jax.grad gives zeros (never None) where no gradient flows
         gs = jax.grad(value)(self.params, x, eps)

@@ -18,8 +18,18 @@ softplus = jax.nn.softplus
 DIMS = ("NHWC", "HWIO", "NHWC")
 
 
-def dense(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
-    return x @ w + b
+def bias_add(y: jax.Array, b: jax.Array) -> jax.Array:
+    """A layer's output plus its bias (channels last: it broadcasts)."""
+    return y + b
+
+
+def _biased(y: jax.Array, b: jax.Array | None) -> jax.Array:
+    """`y + b`; `y` without a bias (None: a mixed-precision policy adds it in float32)."""
+    return y if b is None else y + b
+
+
+def dense(x: jax.Array, w: jax.Array, b: jax.Array | None) -> jax.Array:
+    return _biased(x @ w, b)
 
 
 def sum(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
@@ -70,13 +80,13 @@ def unflatten_image(x: jax.Array, hwc: tuple[int, int, int]) -> jax.Array:
     return x.reshape(x.shape[:-1] + hwc)
 
 
-def conv2d(x: jax.Array, w: jax.Array, b: jax.Array, stride: int) -> jax.Array:
-    return lax.conv_general_dilated(x, w, (stride, stride), "SAME", dimension_numbers=DIMS) + b
+def conv2d(x: jax.Array, w: jax.Array, b: jax.Array | None, stride: int) -> jax.Array:
+    return _biased(lax.conv_general_dilated(x, w, (stride, stride), "SAME", dimension_numbers=DIMS), b)
 
 
-def conv2d_transpose(x: jax.Array, w: jax.Array, b: jax.Array, stride: int) -> jax.Array:
+def conv2d_transpose(x: jax.Array, w: jax.Array, b: jax.Array | None, stride: int) -> jax.Array:
     """w: (kh, kw, out, in); output (N, h stride, w stride, out)."""
-    return lax.conv_transpose(x, w, (stride, stride), "SAME", dimension_numbers=DIMS, transpose_kernel=True) + b
+    return _biased(lax.conv_transpose(x, w, (stride, stride), "SAME", dimension_numbers=DIMS, transpose_kernel=True), b)
 
 
 # -- canonical <-> native ---------------------------------------------------------------------------
@@ -89,7 +99,7 @@ input_to_native = input_from_native = conv_layout.canonical_input
 native_input = conv_layout.canonical_input_shape
 
 
-def conv2d_transpose_dilated(x: jax.Array, w: jax.Array, b: jax.Array, stride: int) -> jax.Array:
+def conv2d_transpose_dilated(x: jax.Array, w: jax.Array, b: jax.Array | None, stride: int) -> jax.Array:
     """The same transposed convolution as `conv2d_transpose`, formulated as its definition: the
     input dilated with zeros (`lax.pad`'s interior padding), padded, and a plain stride-1
     convolution with the kernel flipped (framework.conv_transpose=dilated). Its backward is
@@ -98,4 +108,4 @@ def conv2d_transpose_dilated(x: jax.Array, w: jax.Array, b: jax.Array, stride: i
     pads = [dilated_pads(size, k, stride) for size in (x.shape[1], x.shape[2])]
     xp = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), (*pads[0], stride - 1), (*pads[1], stride - 1), (0, 0, 0)])
     kernel = jnp.flip(jnp.swapaxes(w, -1, -2), (0, 1))  # (kh, kw, out, in) -> flipped (kh, kw, in, out)
-    return lax.conv_general_dilated(xp, kernel, (1, 1), "VALID", dimension_numbers=DIMS) + b
+    return _biased(lax.conv_general_dilated(xp, kernel, (1, 1), "VALID", dimension_numbers=DIMS), b)

@@ -201,7 +201,7 @@ class TensorFlowBackend(BackendBase):
         names = list(self.params)
         with tf.GradientTape() as tape:
             recon, kl = vae.loss_terms(self.ops, self.params, x, eps, self.spec)
-            value = tf.reduce_mean(pick_term(term, recon, kl))
+            value = self._scaled(tf.reduce_mean(pick_term(term, recon, kl)))
         gs = tape.gradient(value, [self.params[k] for k in names])
         return {k: (None if g is None else self._from_device(g)) for k, g in zip(names, gs)}
 

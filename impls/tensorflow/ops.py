@@ -18,8 +18,18 @@ relu, tanh, exp, log = tf.nn.relu, tf.tanh, tf.exp, tf.math.log
 softplus = tf.math.softplus
 
 
-def dense(x: tf.Tensor, w: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
-    return x @ w + b
+def bias_add(y: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+    """A layer's output plus its bias (channels last: it broadcasts)."""
+    return y + b
+
+
+def _biased(y: tf.Tensor, b: tf.Tensor | None) -> tf.Tensor:
+    """`y + b`; `y` without a bias (None: a mixed-precision policy adds it in float32)."""
+    return y if b is None else y + b
+
+
+def dense(x: tf.Tensor, w: tf.Tensor, b: tf.Tensor | None) -> tf.Tensor:
+    return _biased(x @ w, b)
 
 
 def sum(x: tf.Tensor, axes: tuple[int, ...]) -> tf.Tensor:
@@ -73,14 +83,14 @@ def unflatten_image(x: tf.Tensor, hwc: tuple[int, int, int]) -> tf.Tensor:
     return tf.reshape(x, tuple(x.shape[:-1]) + hwc)
 
 
-def conv2d(x: tf.Tensor, w: tf.Tensor, b: tf.Tensor, stride: int) -> tf.Tensor:
-    return tf.nn.conv2d(x, w, strides=stride, padding="SAME") + b
+def conv2d(x: tf.Tensor, w: tf.Tensor, b: tf.Tensor | None, stride: int) -> tf.Tensor:
+    return _biased(tf.nn.conv2d(x, w, strides=stride, padding="SAME"), b)
 
 
-def conv2d_transpose(x: tf.Tensor, w: tf.Tensor, b: tf.Tensor, stride: int) -> tf.Tensor:
+def conv2d_transpose(x: tf.Tensor, w: tf.Tensor, b: tf.Tensor | None, stride: int) -> tf.Tensor:
     """w: (kh, kw, out, in); output (N, h stride, w stride, out)."""
     out_shape = tf.stack([tf.shape(x)[0], x.shape[1] * stride, x.shape[2] * stride, w.shape[2]])
-    return tf.nn.conv2d_transpose(x, w, out_shape, strides=stride, padding="SAME") + b
+    return _biased(tf.nn.conv2d_transpose(x, w, out_shape, strides=stride, padding="SAME"), b)
 
 
 # -- canonical <-> native ---------------------------------------------------------------------------
@@ -93,7 +103,7 @@ input_to_native = input_from_native = conv_layout.canonical_input
 native_input = conv_layout.canonical_input_shape
 
 
-def conv2d_transpose_dilated(x: tf.Tensor, w: tf.Tensor, b: tf.Tensor, stride: int) -> tf.Tensor:
+def conv2d_transpose_dilated(x: tf.Tensor, w: tf.Tensor, b: tf.Tensor | None, stride: int) -> tf.Tensor:
     """The same transposed convolution as `conv2d_transpose`, formulated as its definition: the
     input dilated with zeros, padded, and a plain stride-1 convolution with the kernel flipped
     (framework.conv_transpose=dilated); w is (kh, kw, out, in) as for `conv2d_transpose`."""
@@ -103,4 +113,4 @@ def conv2d_transpose_dilated(x: tf.Tensor, w: tf.Tensor, b: tf.Tensor, stride: i
     xd = tf.pad(x[:, :, None, :, None, :], [[0, 0], [0, 0], [0, s - 1], [0, 0], [0, s - 1], [0, 0]])
     xd = tf.reshape(xd, tf.stack([tf.shape(x)[0], h * s, wd * s, c]))[:, : (h - 1) * s + 1, : (wd - 1) * s + 1, :]
     kernel = tf.reverse(tf.transpose(w, [0, 1, 3, 2]), [0, 1])  # (kh, kw, out, in) -> flipped (kh, kw, in, out)
-    return tf.nn.conv2d(tf.pad(xd, [[0, 0], [top, bottom], [left, right], [0, 0]]), kernel, strides=1, padding="VALID") + b
+    return _biased(tf.nn.conv2d(tf.pad(xd, [[0, 0], [top, bottom], [left, right], [0, 0]]), kernel, strides=1, padding="VALID"), b)

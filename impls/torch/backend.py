@@ -191,7 +191,7 @@ class TorchBackend(BackendBase):
 
     def _grads(self, x: torch.Tensor, eps: torch.Tensor, term: Term) -> dict[str, np.ndarray | None]:
         recon, kl = vae.loss_terms(self.ops, self.params, x, eps, self.spec)
-        value = pick_term(term, recon, kl).mean()
+        value = self._scaled(pick_term(term, recon, kl).mean())
         names = list(self.params)
         gs = torch.autograd.grad(value, [self.params[k] for k in names], allow_unused=True)
         return {k: (None if g is None else self._from_device(g)) for k, g in zip(names, gs)}

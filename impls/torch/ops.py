@@ -22,8 +22,14 @@ relu, tanh, exp, log = torch.relu, torch.tanh, torch.exp, torch.log
 softplus = F.softplus
 
 
-def dense(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return x @ w + b
+def bias_add(y: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """A layer's output plus its bias, per channel of an image (N, c, h, w) or per unit."""
+    return y + b[:, None, None] if y.dim() == 4 else y + b
+
+
+def dense(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """`x @ w + b`; without a bias when b is None (a mixed-precision policy adds it in float32)."""
+    return x @ w if b is None else x @ w + b
 
 
 def sum(x: torch.Tensor, axes: tuple[int, ...]) -> torch.Tensor:
@@ -80,7 +86,7 @@ def unflatten_image(x: torch.Tensor, hwc: tuple[int, int, int]) -> torch.Tensor:
     return x.reshape(x.shape[:-1] + native_image(hwc))
 
 
-def conv2d(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, stride: int) -> torch.Tensor:
+def conv2d(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, stride: int) -> torch.Tensor:
     """Keras-"same" convolution of (N, c, h, w) with w (out, in, kh, kw)."""
     (top, bottom), (left, right) = (same_pads(x.shape[-2], w.shape[-2], stride), same_pads(x.shape[-1], w.shape[-1], stride))
     if top == bottom and left == right:
@@ -88,7 +94,7 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, stride: int) -> to
     return F.conv2d(F.pad(x, (left, right, top, bottom)), w, b, stride=stride)
 
 
-def conv2d_transpose(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, stride: int) -> torch.Tensor:
+def conv2d_transpose(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, stride: int) -> torch.Tensor:
     """Keras-"same" transposed convolution of (N, c, h, w) with w (in, out, kh, kw): output
     (N, out, h stride, w stride)."""
     h, wd = x.shape[-2] * stride, x.shape[-1] * stride
@@ -141,7 +147,7 @@ def input_from_native(a: np.ndarray, input_shape: tuple[int, ...]) -> np.ndarray
     return np.moveaxis(a, -3, -1) if len(input_shape) == 3 else a
 
 
-def conv2d_transpose_dilated(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, stride: int) -> torch.Tensor:
+def conv2d_transpose_dilated(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, stride: int) -> torch.Tensor:
     """The same transposed convolution as `conv2d_transpose`, formulated as its definition: the
     input dilated with zeros, padded, and a plain stride-1 convolution with the kernel flipped
     (framework.conv_transpose=dilated); w is (in, out, kh, kw) as for `conv2d_transpose`."""
