@@ -672,7 +672,9 @@ def layer_notes(records: list[dict[str, Any]]) -> list[str]:
         top = sorted(rows, key=lambda x: -x["forward_backward_s"])[:2]
         parts = [f"{x['layer']} {x['forward_backward_s'] * 1e3:.3g} ms (backward {x['backward_s'] * 1e3:.3g}), "
                  f"{x['forward_backward_s'] / total:.0%}" for x in top]
-        note = (f"{r['framework']}/{r['mode']} layer by layer at batch {rows[0]['batch']} (forward + backward, each "
+        prec = precision_of(r)
+        note = (f"{r['framework']}/{r['mode']}{'' if prec == 'float32' else ' ' + prec} layer by layer at batch "
+                f"{rows[0]['batch']} (forward + backward, each "
                 f"layer alone; throughput_layers.png): {'; '.join(parts)} of the layers' {total * 1e3:.3g} ms")
         pairs: dict[str, dict[str, float]] = {}
         for x in every:
@@ -775,8 +777,9 @@ def plot_layers(records: list[dict[str, Any]], path: Path) -> Path | None:
         fwd = [rows[n].forward_s * 1e3 if n in rows else 0.0 for n in names]
         bwd = [rows[n].backward_s * 1e3 if n in rows else 0.0 for n in names]
         color = COLORS.get(r["framework"])
-        ax.barh(ys, fwd, height, color=color, label=f"{r['framework']}/{r['mode']} forward")
-        ax.barh(ys, bwd, height, left=fwd, color=color, alpha=0.45, hatch="//", label=f"{r['framework']}/{r['mode']} backward")
+        who = f"{r['framework']}/{r['mode']}" + ("" if precision_of(r) == "float32" else f" {precision_of(r)}")
+        ax.barh(ys, fwd, height, color=color, label=f"{who} forward")
+        ax.barh(ys, bwd, height, left=fwd, color=color, alpha=0.45, hatch="//", label=f"{who} backward")
     ax.set_yticks(np.arange(len(names)) + 0.4 - height / 2, names, fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel(f"ms per call, batch {layers[0][0].batch} (each layer alone)")
