@@ -58,12 +58,12 @@ def test_the_weights_plant_stands_above_a_low_types_resolution() -> None:
     for dtype, rel in (("float32", 1e-3), ("bfloat16", cf.WEIGHTS_PLANT_U * 2.0**-8), ("float16", cf.WEIGHTS_PLANT_U * 2.0**-11)):
         moved = cf.plant_params(p, "weights", dtype, 0)["w"] / p["w"] - 1
         assert np.std(moved) == pytest.approx(rel, rel=0.05), dtype
-    # the lr plant: x 1.001, or x (1 + 3 u) in a low type
+    # the lr plant: x 1.001, or x (1 + LR_PLANT_U u) in a low type
     from harness.spec import OptimSpec
 
     assert cf.plant_optim(OptimSpec(lr=1.0), "lr", "float32").lr == pytest.approx(1.001)
-    assert cf.plant_optim(OptimSpec(lr=1.0), "lr", "bfloat16").lr == pytest.approx(1 + 3 * 2.0**-8)
-    assert cf.plant_optim(OptimSpec(lr=1.0), "lr", "float16").lr == pytest.approx(1 + 3 * 2.0**-11)
+    assert cf.plant_optim(OptimSpec(lr=1.0), "lr", "bfloat16").lr == pytest.approx(1 + cf.LR_PLANT_U * 2.0**-8)
+    assert cf.plant_optim(OptimSpec(lr=1.0), "lr", "float16").lr == pytest.approx(1 + cf.LR_PLANT_U * 2.0**-11)
     # one ulp of the stored type: float32 under mixed precision
     assert np.array_equal(cf.plant_params(p, "ulp", "bfloat16", 0)["w"], cf.one_ulp(p, "float32")["w"])
 

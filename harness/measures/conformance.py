@@ -67,27 +67,31 @@ TOLERANCES: dict[tuple[str, str], float] = {
 # multiple of u, each derived from measurements (median over check batches / steps, torch,
 # TensorFlow and JAX on the MLP (digits) and the conv VAE (mnist5k)):
 #: terms and gradients against NumPy's float64 and pairwise (the median check batch): measured at
-#: most 3.4 u on the MLPs, ~10 u on the conv VAE in bfloat16 and 38 u in float16, where a ReLU
+#: most 3.4 u on the MLPs, 22 u on the conv VAE in bfloat16 and 38 u in float16, where a ReLU
 #: within the low type's rounding of its kink flips and moves a gradient by a step that does not
-#: shrink with u (bfloat16's and float16's deviation of the same gradient: 0.041 and 0.052)
-MIXED_TOL_U = {"bfloat16": 20.0, "float16": 80.0}
+#: shrink with u (bfloat16's and float16's deviation of the same gradient: 0.041 and 0.052); about
+#: twice the worst
+MIXED_TOL_U = {"bfloat16": 50.0, "float16": 80.0}
 #: the per-step Δθ floor adds one u of |Δθ| (relative L2) to float32's; the median step's Δθ /
-#: floor is judged against MIXED_FLOOR_FACTOR: healthy at most 3.5 (bfloat16 SGD, JAX; float16 1.5),
+#: floor is judged against MIXED_FLOOR_FACTOR: healthy at most 4.2 (bfloat16 SGD on the conv VAE,
+#: torch; 3.5 on the MLP; float16 1.5),
 #: the weights plant (scaled to the type: WEIGHTS_PLANT_U) 52 in bfloat16 SGD. Adam's floor carries
 #: the gradient's rounding through Adam's step (see `per_step`), which amplifies it where |g| is
 #: small: wide, so Adam's faults (lr, beta2, bias correction) are caught by the step scale
-MIXED_FLOOR_FACTOR = 8.0
+MIXED_FLOOR_FACTOR = 10.0
 #: a step's loss (a float32 reduction of low-type layers): measured at most 0.09 u (worst step); judged at 1 u
 MIXED_STEP_LOSS_U = 1.0
 #: the step's scale, median over steps of <Δθ, Δθ_numpy> / |Δθ_numpy|^2 - 1: rounding errors of
 #: random sign mostly cancel in the projection, a wrong step size does not. Measured healthy: at
 #: most 0.03 u on the MLP of the sample config (50 steps), 0.18 u on a 32-unit MLP over 8 steps
 #: (fewer entries and steps average less), 0.46 u for float16 Adam on the conv VAE (Adam's step
-#: of an entry whose gradient is within rounding of 0 takes a random sign); judged at 1 u
-MIXED_STEP_SCALE_U = 1.0
+#: of an entry whose gradient is within rounding of 0 takes a random sign) and 1.5 u for torch's
+#: bfloat16 SGD on it (a systematic 0.6% in its gradient's size); judged at 3 u
+MIXED_STEP_SCALE_U = 3.0
 #: the lr plant in a low type: x 1.001 reads 1e-3 in the step scale, 0.26 u in bfloat16, within
-#: the healthy spread of a small model; so it is x (1 + 3 u) there (max with 1e-3): 3 x the tolerance
-LR_PLANT_U = 3.0
+#: the type's own spread; so it is x (1 + 10 u) there (max with 1e-3: 3.9% in bfloat16, 0.49% in
+#: float16), 3 x the tolerance: a smaller error of the step size is not told from the low type's
+LR_PLANT_U = 10.0
 #: float16 per-step checks: a step skipped for an overflow (the dynamic loss scale halves) is taken
 #: again from the same state, up to this many times (the conv VAE's first steps overflow 2^15 and
 #: settle at 2^14; `skipped` in the arrays counts the retries per step)
@@ -121,7 +125,7 @@ PLANTS = ("none", "ulp", "weights", "lr", "beta2", "bias_correction")
 PLANT_NOTES = {
     "ulp": "its weights were moved by one ulp (a rounding-level change): the verdict must still PASS",
     "weights": "its weights were perturbed by 1e-3 relative (30 u in a low type of unit roundoff u): it must FAIL",
-    "lr": "its learning rate was x 1.001 (x (1 + 3 u) in a low type of unit roundoff u): it must FAIL",
+    "lr": "its learning rate was x 1.001 (x (1 + 10 u) in a low type of unit roundoff u): it must FAIL",
     "beta2": "its Adam beta2 was lowered by 1e-3: it must FAIL",
     "bias_correction": "its Adam step counter was loaded as 1e9, i.e. Adam without bias correction: it must FAIL",
 }
