@@ -84,7 +84,7 @@ class TorchBackend(BackendBase):
         # float16: torch's own dynamic loss scaling, with the scale rules every framework uses
         self.scaler = torch.amp.GradScaler(self.device.type, init_scale=LOSS_SCALE_INIT,
                                            growth_interval=LOSS_SCALE_GROWTH_STEPS) if self.policy.loss_scaling else None
-        self.skipped = 0  # float16 steps skipped for a non-finite gradient
+        self.skipped: Any = 0  # float16 steps skipped for a non-finite gradient (a CPU tensor once counted)
 
     @contextlib.contextmanager
     def _scope(self) -> Iterator[None]:
@@ -263,23 +263,23 @@ class TorchBackend(BackendBase):
         opt_step: Callable[[], Any] = self._compile(self.opt.step, "step")  # type: ignore[arg-type]
         opt, dtype, latent, device, generator = self.opt, self.dtype, self.spec.latent, self.device, self.generator
 
-        scaler, params = self.scaler, list(self.params.values())
+        scaler = self.scaler
+        if scaler is not None and self.compiled:
+            opt.step = opt_step  # type: ignore[method-assign,assignment]  # what GradScaler.step calls
 
         def update(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(x, eps)
             if scaler is not None:
-                # GradScaler: backward of the scaled loss, gradients unscaled in place; the
-                # step (compiled, as below) is skipped when one is not finite (a host sync,
-                # as GradScaler.step makes), then the scale is updated
+                # GradScaler as torch documents it: backward of the scaled loss; `step` unscales
+                # (one fused kernel), skips the step when a gradient is not finite (its one host
+                # sync) and otherwise calls opt.step, the compiled one in compiled mode (below);
+                # the skip is counted on the device from GradScaler's own found-inf flags
                 scaler.scale(loss).backward()
-                scaler.unscale_(opt)
-                finite = bool(torch.stack([torch.isfinite(p.grad).all() for p in params if p.grad is not None]).all())
-                if finite:
-                    with _default_dtype(dtype):
-                        opt_step()
-                else:
-                    self.skipped += 1
+                with _default_dtype(dtype):
+                    scaler.step(opt)
+                found = scaler._per_optimizer_states[id(opt)]["found_inf_per_device"]
+                self.skipped = self.skipped + sum(f.to("cpu", torch.int64) for f in found.values())
                 scaler.update()
                 return loss.detach()
             loss.backward()
@@ -333,7 +333,7 @@ class TorchBackend(BackendBase):
 
     def _loss_scale(self) -> tuple[float, int]:
         assert self.scaler is not None
-        return float(self.scaler.get_scale()), self.skipped
+        return float(self.scaler.get_scale()), int(self.skipped)
 
     def _version_extra(self) -> dict[str, Any]:
         info: dict[str, Any] = {
