@@ -28,7 +28,7 @@ def _steps(dtype: str, scale: float, dev: float = 1.0) -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize("dtype", list(MIXED))
 def test_the_step_scale_row_is_judged_in_units_of_u(dtype: str) -> None:
-    u = MIXED[dtype]
+    u = cf.unit(dtype)  # bfloat16's unit roundoff for both low types
     tol = cf.MIXED_STEP_SCALE_U * u
     rows = {r["quantity"]: r for r in cf.table_rows({"a": _steps(dtype, 0.05 * u)}, [dtype])}
     assert rows["sgd step scale"]["pass"] == "yes" and rows["sgd step Δθ"]["pass"] == "yes"
@@ -55,7 +55,7 @@ def test_mixed_precision_chooses_the_dtype_and_is_read() -> None:
 
 def test_the_weights_plant_stands_above_a_low_types_resolution() -> None:
     p = {"w": np.random.default_rng(1).standard_normal(20000) + 3.0}
-    for dtype, rel in (("float32", 1e-3), ("bfloat16", cf.WEIGHTS_PLANT_U * 2.0**-8), ("float16", cf.WEIGHTS_PLANT_U * 2.0**-11)):
+    for dtype, rel in (("float32", 1e-3), ("bfloat16", cf.WEIGHTS_PLANT_U * 2.0**-8), ("float16", cf.WEIGHTS_PLANT_U * 2.0**-8)):
         moved = cf.plant_params(p, "weights", dtype, 0)["w"] / p["w"] - 1
         assert np.std(moved) == pytest.approx(rel, rel=0.05), dtype
     # the lr plant: x 1.001, or x (1 + LR_PLANT_U u) in a low type
@@ -63,7 +63,7 @@ def test_the_weights_plant_stands_above_a_low_types_resolution() -> None:
 
     assert cf.plant_optim(OptimSpec(lr=1.0), "lr", "float32").lr == pytest.approx(1.001)
     assert cf.plant_optim(OptimSpec(lr=1.0), "lr", "bfloat16").lr == pytest.approx(1 + cf.LR_PLANT_U * 2.0**-8)
-    assert cf.plant_optim(OptimSpec(lr=1.0), "lr", "float16").lr == pytest.approx(1 + cf.LR_PLANT_U * 2.0**-11)
+    assert cf.plant_optim(OptimSpec(lr=1.0), "lr", "float16").lr == pytest.approx(1 + cf.LR_PLANT_U * 2.0**-8)  # in bfloat16's unit (`unit`)
     # one ulp of the stored type: float32 under mixed precision
     assert np.array_equal(cf.plant_params(p, "ulp", "bfloat16", 0)["w"], cf.one_ulp(p, "float32")["w"])
 
