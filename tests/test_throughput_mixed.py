@@ -103,24 +103,25 @@ def test_plain_loops_compute_in_the_low_type(framework: str, dtype: str, monkeyp
     """The plain loop's loss on the same weights, examples and noise differs from its float32
     loss by more than 0.1 unit roundoffs of the low type on some of 6 examples (measured: 0.4 to
     3.7 u at the worst example; float32 layers are within ~1e-7, under 0.01 u of either type) and
-    by less than 20 u on every one; its layers see the low type (inputs, weights, biases: traced
-    or run), its parameters stay float32 and its loss is float32."""
+    by less than 20 u on every one; its layers see the low type (inputs and weights, traced or run;
+    biases stay float32, added in float32: the policy), its parameters stay float32 and its loss
+    is float32."""
     u = MIXED[dtype]
     if framework not in _FLOAT32:
         _FLOAT32[framework] = _losses(_plain(framework, "float32"))
     p = _plain(framework, dtype)
-    seen: list[str] = []
+    seen: list[tuple[str, str, str]] = []
     dense = p.ops.dense
 
     def spy(x: Any, w: Any, b: Any) -> Any:
-        seen.extend(_name(t.dtype) for t in (x, w, b))
+        seen.append((_name(x.dtype), _name(w.dtype), _name(b.dtype)))
         return dense(x, w, b)
 
     monkeypatch.setattr(p.ops, "dense", spy)
     low = _losses(p)
     rel = [abs(a - b) / abs(b) for a, b in zip(low, _FLOAT32[framework])]
     assert 0.1 * u < max(rel) < 20 * u, [r / u for r in rel]
-    assert seen and set(seen) == {dtype}, seen  # every layer's input, weight and bias
+    assert seen and set(seen) == {(dtype, dtype, "float32")}, seen  # every layer's input, weight and bias
     assert _name(p(p.put(T.synthetic_batch(1, SPEC.x_dim))).dtype) == "float32"
     assert {_name(v.dtype) for v in p.params.values()} == {"float32"}
 
@@ -274,3 +275,22 @@ def test_a_precision_sweep_is_one_table_and_its_records_stay_apart(tmp_path: Pat
     assert measure_row_keys("throughput") == ("framework.precision",) and measure_row_keys("gradflow") == ()
     other = {**f32, "measure": "gradflow", "config": {"framework": {"precision": "float32"}}}
     assert measured_config(other) == measured_config(other, rows=True) == {"framework.precision": "float32"}
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_layers_are_timed_in_the_compute_type_with_a_float32_bias(framework: str) -> None:
+    """Each layer alone is timed as the step runs it: under bfloat16 the matmul in bfloat16 and
+    the bias (float32) added in float32, the output in bfloat16; the bias's gradient float32."""
+    pl = T.plain_module(framework)
+    rng = np.random.default_rng(0)
+    x, w, b = rng.standard_normal((4, 6)), rng.standard_normal((6, 5)), rng.standard_normal(5)
+    fwd, both, sync = pl.layer_steps("dense", 1, x, w, b, dtype="bfloat16", device="cpu", mode="eager")
+    got = both()
+    sync()
+    grads = got if framework == "torch" else got[1]  # torch's backward returns the gradients alone
+    assert [_name(g.dtype) for g in grads] == ["bfloat16", "bfloat16", "float32"]
+    fwd()
+    sync()
+    if framework != "torch":
+        assert _name(got[0].dtype) == "bfloat16"
+        np.testing.assert_allclose(np.asarray(got[0], dtype=np.float64), x @ w + b, rtol=0.05, atol=0.05)

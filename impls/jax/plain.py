@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
@@ -34,7 +34,7 @@ import optax  # noqa: E402
 
 from harness import vae  # noqa: E402
 from harness.api import ModelSpec, OptimSpec, RuntimeSpec  # noqa: E402
-from harness.spec import LOSS_SCALE_GROWTH_STEPS, LOSS_SCALE_INIT, Policy, param_dtype  # noqa: E402
+from harness.spec import LOSS_SCALE_GROWTH_STEPS, LOSS_SCALE_INIT, Dtype, Policy, param_dtype  # noqa: E402
 from harness.timing import CPU_PEAK, cotangent, time_steps  # noqa: E402
 from impls.base import formulation
 from impls.jax import ops  # noqa: E402
@@ -195,15 +195,24 @@ def reset_compile_state() -> None:
     jax.clear_caches()
 
 
+def _layer_op(op: str, dtype: str) -> Any:
+    """`ops.<op>` as the step runs it in `dtype`: under mixed precision the matmul or convolution
+    in the low type with the float32 bias added in float32 (`impls.base.formulation`); else the op."""
+    dilated = op == "conv2d_transpose_dilated"
+    runtime = RuntimeSpec(dtype=cast(Dtype, dtype), conv_transpose="dilated" if dilated else "native")
+    return getattr(formulation(ops, runtime), "conv2d_transpose" if dilated else op)
+
+
 def layer_steps(op: str, stride: int, x: np.ndarray, w: np.ndarray, b: np.ndarray, *, dtype: str, device: str,
                 mode: str) -> tuple[Any, Any, Any]:
     """(forward, forward + backward, sync) of one layer (`ops.<op>`) on a batch: op by op, or one
     jax.jit each in jit mode, as the step runs it. The backward (a VJP) computes every input's
-    gradient (x, w, b). `dtype` is the type the layers compute in (the low one under mixed
-    precision)."""
+    gradient (x, w, b). `dtype` is the type the layers compute in: under mixed precision the low
+    one, with the float32 bias added in float32, as the step does (`_layer_op`)."""
     dev = resolve_device(device)
-    xt, wt, bt = (jax.device_put(np.asarray(a, dtype=DTYPES[dtype]), dev) for a in (x, w, b))
-    fn = getattr(ops, op)
+    xt, wt, bt = (jax.device_put(np.asarray(a, dtype=t), dev)
+                  for a, t in ((x, DTYPES[dtype]), (w, DTYPES[dtype]), (b, DTYPES[param_dtype(dtype)])))  # mixed: a float32 bias
+    fn = _layer_op(op, dtype)
 
     def run(xt: jax.Array, wt: jax.Array, bt: jax.Array) -> jax.Array:
         with jax.default_matmul_precision("highest"):

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -30,7 +30,7 @@ import tensorflow as tf  # noqa: E402
 
 from harness import vae  # noqa: E402
 from harness.api import ModelSpec, OptimSpec, RuntimeSpec  # noqa: E402
-from harness.spec import LOSS_SCALE_GROWTH_STEPS, LOSS_SCALE_INIT, Policy, param_dtype  # noqa: E402
+from harness.spec import LOSS_SCALE_GROWTH_STEPS, LOSS_SCALE_INIT, Dtype, Policy, param_dtype  # noqa: E402
 from harness.timing import CPU_PEAK, cotangent, time_steps  # noqa: E402
 from impls.base import formulation
 from impls.tensorflow import ops  # noqa: E402
@@ -184,16 +184,25 @@ def reset_compile_state() -> None:
     compile on their first call."""
 
 
+def _layer_op(op: str, dtype: str) -> Any:
+    """`ops.<op>` as the step runs it in `dtype`: under mixed precision the matmul or convolution
+    in the low type with the float32 bias added in float32 (`impls.base.formulation`); else the op."""
+    dilated = op == "conv2d_transpose_dilated"
+    runtime = RuntimeSpec(dtype=cast(Dtype, dtype), conv_transpose="dilated" if dilated else "native")
+    return getattr(formulation(ops, runtime), "conv2d_transpose" if dilated else op)
+
+
 def layer_steps(op: str, stride: int, x: np.ndarray, w: np.ndarray, b: np.ndarray, *, dtype: str, device: str,
                 mode: str) -> tuple[Any, Any, Any]:
     """(forward, forward + backward, sync) of one layer (`ops.<op>`) on a batch: eager, or a
     tf.function (jit_compile in xla mode) in compiled modes, as the step runs it. The backward
-    computes every input's gradient (x, w, b). `dtype` is the type the layers compute in (the
-    low one under mixed precision)."""
+    computes every input's gradient (x, w, b). `dtype` is the type the layers compute in: under
+    mixed precision the low one, with the float32 bias added in float32, as the step does (`_layer_op`)."""
     dev = resolve_device(device)
     with tf.device(dev):
-        xt, wt, bt = (tf.constant(a, dtype=DTYPES[dtype]) for a in (x, w, b))
-    fn = getattr(ops, op)
+        xt, wt = (tf.constant(a, dtype=DTYPES[dtype]) for a in (x, w))
+        bt = tf.constant(b, dtype=DTYPES[param_dtype(dtype)])  # mixed precision: a float32 bias
+    fn = _layer_op(op, dtype)
 
     def run(xt: tf.Tensor, wt: tf.Tensor, bt: tf.Tensor) -> tf.Tensor:
         return fn(xt, wt, bt) if op == "dense" else fn(xt, wt, bt, stride)

@@ -20,14 +20,14 @@ step calls it).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 
 from harness import vae
 from harness.api import ModelSpec, OptimSpec, RuntimeSpec
-from harness.spec import LOSS_SCALE_GROWTH_STEPS, LOSS_SCALE_INIT, Policy, param_dtype
+from harness.spec import LOSS_SCALE_GROWTH_STEPS, LOSS_SCALE_INIT, Dtype, Policy, param_dtype
 from harness.timing import CPU_PEAK, cotangent, time_steps
 from impls.base import formulation
 from impls.torch import ops
@@ -184,16 +184,26 @@ def reset_compile_state() -> None:
     torch._dynamo.reset()
 
 
+def _layer_op(op: str, dtype: str) -> Any:
+    """`ops.<op>` as the step runs it in `dtype`: under mixed precision the matmul or convolution
+    in the low type with the float32 bias added in float32 (`impls.base.formulation`); else the op."""
+    dilated = op == "conv2d_transpose_dilated"
+    runtime = RuntimeSpec(dtype=cast(Dtype, dtype), conv_transpose="dilated" if dilated else "native")
+    return getattr(formulation(ops, runtime), "conv2d_transpose" if dilated else op)
+
+
 def layer_steps(op: str, stride: int, x: np.ndarray, w: np.ndarray, b: np.ndarray, *, dtype: str, device: str,
                 mode: str) -> tuple[Any, Any, Any]:
     """(forward, forward + backward, sync) of one layer (`ops.<op>`) on a batch, in torch's
     layout (x, w, b given native). Eager in every mode: torch.compile of the whole step calls
     the same aten convolution and matmul kernels, and compiling each layer alone would cost
     seconds apiece. The backward computes every input's gradient (x, w, b). `dtype` is the type
-    the layers compute in (the low one under mixed precision)."""
+    the layers compute in: under mixed precision the low one, with the float32 bias added in
+    float32, as the step does (`_layer_op`)."""
     dev, dt = resolve_device(device), DTYPES[dtype]
-    xt, wt, bt = (torch.tensor(np.ascontiguousarray(a), dtype=dt, device=dev, requires_grad=True) for a in (x, w, b))
-    fn = getattr(ops, op)
+    xt, wt, bt = (torch.tensor(np.ascontiguousarray(a), dtype=t, device=dev, requires_grad=True)
+                  for a, t in ((x, dt), (w, dt), (b, DTYPES[param_dtype(dtype)])))  # mixed: a float32 bias
+    fn = _layer_op(op, dtype)
 
     def run() -> torch.Tensor:
         return fn(xt, wt, bt) if op == "dense" else fn(xt, wt, bt, stride)
