@@ -213,7 +213,9 @@ HARMLESS: dict[str, dict[str, str]] = {
     "throughput": {"data.batch_size": "common.dataset takes data.* whole and drops batch_size"},
     "conformance": {"data.batch_size": "common.dataset takes data.* whole and drops batch_size",
                     "optim.name": "replaced by SGD and Adam", "optim.lr": "replaced by sgd_lr and adam_lr",
-                    "optim.momentum": "replaced by 0", "measure.conformance.plant_framework": "read, unused unless planted"},
+                    "optim.momentum": "replaced by 0", "measure.conformance.plant_framework": "read, unused unless planted",
+                    "framework.precision": "read to see whether it names a mixed precision, which then chooses the "
+                                           "dtype and is declared (`conformance.reads`); else unused"},
 }
 
 

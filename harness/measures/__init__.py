@@ -15,6 +15,9 @@ against it, and `check` refuses at import a module that lacks a required part, b
 - optional `precision(config) -> str`: what the job computes in, for its record name and
   progress line (default: `framework.precision`); a "float64" in it turns on JAX's x64;
 - optional `validate(config)`: cross-field rules, raising `harness.schema.ConfigError`;
+- optional `ROW_KEYS`: config keys shown as a column of the measure's own table rather than as
+  report variants (`harness.records.measured_config`), e.g. `framework.precision`, so a precision
+  sweep is one table; they still tell records apart (`config_hash`);
 - `JUDGED`: the quantities its verdict reads (`harness.judged.Judged`: a path into the record
   and a name). A NaN, inf or missing number at any of them fails the measure, named, whatever
   its own comparisons made of it (`summarize` below); tests/test_nonfinite.py plants one at
@@ -91,7 +94,7 @@ class Measure(Protocol):
 REQUIRED = ("Config", "QUESTION", "READS", "VERSION", "PLOTS", "METRICS", "JUDGED", "compared", "run", "summarize",
             "answer")
 #: what a measure may add: `reads(config)`, `precision(c)`, `validate(c)`, `TIMING` (see above)
-OPTIONAL = ("reads", "precision", "validate", "TIMING")
+OPTIONAL = ("reads", "precision", "validate", "TIMING", "ROW_KEYS")
 
 
 def check(name: str, module: ModuleType) -> Measure:
