@@ -317,6 +317,10 @@ def prepare(cmd: Command, tmp: Path, files: Path) -> tuple[list[str], dict[str, 
         elif targets == ["test"]:
             args = [a for a in args if not a.startswith("PYTEST=")]
             env["PYTEST"] = MAKE_TEST_PYTEST
+        elif targets == ["gpu-reference"]:
+            if not any(a.startswith("ARGS=") and "--dry-run" in a for a in args):
+                raise ReadmeError(f"README line {cmd.line}: `make gpu-reference` needs a GPU: only its dry run "
+                                  "(ARGS=--dry-run) runs here")
         elif targets != ["help"]:
             raise ReadmeError(f"README line {cmd.line}: the test does not know how to run `make {' '.join(targets)}` "
                               "with small settings: teach tests/test_readme.py")
