@@ -105,7 +105,7 @@ def test_jax_matmul_precision_is_baked_into_the_trace(allow_tf32: bool, want: st
     traced function, so every dot of the lowered step (forward and backward) carries it."""
     b = load_backend("jax", SPEC, mode="jit", allow_tf32=allow_tf32)
     for f, args in zip(b._jitted["step"], [(b.put(XS[0]), b._stage(EPS[0])), (b.key, b.put(XS[0]))]):  # type: ignore[attr-defined]
-        state = (b.params, b.opt_state)  # type: ignore[attr-defined]
+        state = (b.params, b.opt_state, b.loss_scale)  # type: ignore[attr-defined]  (loss_scale: None unless float16)
         text = f.lower(*state, *args).as_text()
         dots = text.count("stablehlo.dot_general")
         assert dots >= 6 and text.count(f"precision = [{want}, {want}]") == dots
