@@ -279,7 +279,7 @@ class TorchBackend(BackendBase):
                 with _default_dtype(dtype):
                     scaler.step(opt)
                 found = scaler._per_optimizer_states[id(opt)]["found_inf_per_device"]
-                self.skipped = self.skipped + sum(f.to("cpu", torch.int64) for f in found.values())
+                self.skipped = self.skipped + sum(found.values())  # on the device: no sync (read at record time)
                 scaler.update()
                 return loss.detach()
             loss.backward()
