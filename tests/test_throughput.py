@@ -174,10 +174,31 @@ def test_interleaved_outer_walls_partition_the_block(monkeypatch: pytest.MonkeyP
         return timing.Contender(step, lambda: None)
 
     res = timing.time_interleaved({"a": make("a", 1.0), "b": make("b", 3.0)}, repeats=3, steps=2, warmup=1)
-    assert order == ["a", "b"] + ["a", "a", "b", "b"] * 3  # warm-ups first, then alternating repeats
+    # warm-ups first, then the repeats interleaved, the order reversing every other round
+    assert order == ["a", "b"] + ["a", "a", "b", "b"] + ["b", "b", "a", "a"] + ["a", "a", "b", "b"]
     assert res["a"].samples_s == [1.0] * 3 and res["b"].samples_s == [3.0] * 3
     assert res["a"].outer_wall_s == pytest.approx(6.0) and res["b"].outer_wall_s == pytest.approx(18.0)
     assert res["a"].clock_ratio == pytest.approx(1.0) and res["b"].clock_ratio == pytest.approx(1.0)
+
+
+def test_interleaving_cancels_a_steady_drift(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two identical contenders on a machine that speeds up steadily through the block (every
+    step costs less than the one before, as when a CPU's clock settles): the alternating order
+    gives them the same median and a paired ratio of 1; a fixed order (a before b in every
+    round) would have charged a 10% overhead to a."""
+    clock = FakeClock()
+    monkeypatch.setattr(time, "perf_counter", clock)
+    calls = {"n": 0}
+
+    def step() -> None:
+        clock.t += 1.0 - 0.01 * calls["n"]  # 1% less than the step before
+        calls["n"] += 1
+
+    res = timing.time_interleaved({"a": timing.Contender(step, lambda: None), "b": timing.Contender(step, lambda: None)},
+                                  repeats=10, steps=1, warmup=0)
+    a, b = np.array(res["a"].samples_s), np.array(res["b"].samples_s)
+    assert res["a"].median == pytest.approx(res["b"].median)
+    assert float(np.median(a / b)) == pytest.approx(1.0, abs=1e-3)  # a fixed order: every pair > 1.01
 
 
 def test_time_steps_with_a_sleeping_step() -> None:

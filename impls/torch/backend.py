@@ -30,6 +30,9 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 @contextlib.contextmanager
 def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
     old = torch.get_default_dtype()
+    if old == dtype:  # float32 and mixed precision's float32 parameters: nothing to scope
+        yield
+        return
     torch.set_default_dtype(dtype)
     try:
         yield
