@@ -6,9 +6,13 @@ the rules are in `harness.measures.common.Quantity`): numerics by tolerances tha
 CPUs of different vendors (float64 closed forms to 1e-9 relative, conformance verdicts and
 their tolerances, gradient sparsity patterns, float32 training ELBOs within a band derived from
 the baseline's seed spread), throughput by a one-sided Mann-Whitney test on the per-repeat step
-times plus a minimum effect size. Throughput refuses to compare different environments (device,
-framework versions, CPU, threads) unless --allow-env-mismatch is given (a measure with
-`TIMING = True` in its module).
+times plus a minimum effect size. Throughput refuses to compare different machines (device, CPU,
+threads) unless --allow-env-mismatch is given (a measure with `TIMING = True` in its module).
+
+Across releases: when the two sets differ in framework or library versions (`framework.env`
+runs a job under another environment), the heading names each change ("jax 0.10.1 → 0.10.2")
+and every quantity is judged by the same rules; throughput then compares without
+--allow-env-mismatch, which is still needed for a different machine (CPU, device, threads).
 
 Records are matched by measure and by the config keys that vary within either set (a sweep);
 only keys the measure reads count (its READS). A config difference between the two sets (e.g. a
@@ -36,8 +40,12 @@ from harness.measures.common import Quantity, by_framework
 from harness.records import measure_version, measured_config, write_atomic
 from harness.report import load, variant_keys, variant_of
 
-#: what must agree between the environments of two throughput measurements
-ENV_KEYS = ("device_name", "framework_version", "cpu_model", "cpu_cores", "threads", "allow_tf32", "dtype")
+#: what must agree between the machines of two throughput measurements (else --allow-env-mismatch)
+ENV_KEYS = ("device_name", "cpu_model", "cpu_cores", "threads", "allow_tf32", "dtype")
+#: the record's env keys that are releases of software, not the machine: a version change between
+#: the two sides is what a release comparison is about, so it is named, and allowed (every key
+#: ending in `_version`, the record's `packages`, and these)
+RELEASE_KEYS = ("python", "numpy")
 #: a band of this many baseline seed standard deviations
 BAND_K = 4.0
 
@@ -141,8 +149,40 @@ def _groups(records: list[dict[str, Any]], keys: list[str]) -> dict[str, list[di
     return out
 
 
+def versions(env: dict[str, Any]) -> dict[str, str]:
+    """Package -> version of one record's environment: the framework (`framework_version`), every
+    other `<package>_version` it records (keras, jaxlib, ...), `packages` (every framework and
+    library the job's interpreter had), numpy and python."""
+    out: dict[str, str] = {}
+    for k, v in env.items():
+        if k.endswith("_version") and isinstance(v, str):
+            out[str(env.get("framework")) if k == "framework_version" else k.removesuffix("_version")] = v
+    out.update({str(k): str(v) for k, v in (env.get("packages") or {}).items() if v is not None})
+    out.update({k: str(env[k]) for k in RELEASE_KEYS if env.get(k) is not None})
+    return out
+
+
+def release_changes(base: list[dict[str, Any]], cur: list[dict[str, Any]]) -> list[str]:
+    """The version changes between the two sets, e.g. "jax 0.10.1 → 0.10.2": each package whose
+    version differs between matched frameworks' records (its versions on each side, when a side
+    holds several)."""
+    def seen(recs: list[dict[str, Any]]) -> dict[tuple[str, str], set[str]]:
+        out: dict[tuple[str, str], set[str]] = {}
+        for r in recs:
+            for pkg, v in versions(r.get("env") or {}).items():
+                out.setdefault((r["framework"], pkg), set()).add(v)
+        return out
+
+    b, c = seen(base), seen(cur)
+    changes: dict[str, None] = {}
+    for key in [k for k in b if k in c and b[k] != c[k]]:
+        changes[f"{key[1]} {', '.join(sorted(b[key]))} → {', '.join(sorted(c[key]))}"] = None
+    return list(changes)
+
+
 def env_differences(base: list[dict[str, Any]], cur: list[dict[str, Any]]) -> list[str]:
-    """What differs between the environments of matched records (per framework)."""
+    """What differs between the machines of matched records (per framework); versions are not
+    the machine (`release_changes`)."""
     diffs = []
     for fw in dict.fromkeys(r["framework"] for r in base):
         be = [r.get("env") or {} for r in base if r["framework"] == fw]
@@ -194,8 +234,9 @@ def compare(base: list[dict[str, Any]], cur: list[dict[str, Any]], *, min_effect
             if measures.timing(measure):  # timings compare only within one environment
                 diffs = env_differences(rb, rc)
                 if diffs and not allow_env_mismatch:
-                    raise EnvMismatch(f"{measure} records come from different environments ({'; '.join(diffs)}); "
-                                      "timings compare only on the same machine and versions: pass --allow-env-mismatch to compare anyway")
+                    raise EnvMismatch(f"{measure} records come from different machines ({'; '.join(diffs)}); "
+                                      "timings compare only on the same machine (a release change alone is allowed): "
+                                      "pass --allow-env-mismatch to compare anyway")
                 notes.extend(f"{measure} [{label}]: environment differs: {d}" for d in diffs)
             notes.extend(f"{measure} [{label}]: config differs: {d}" for d in config_differences(rb, rc))
             qb, qc = fn(rb), fn(rc)
@@ -213,13 +254,13 @@ def table(changes: list[Change], only_changed: bool) -> str:
 
 def main(argv: list[str] | None = None, prog: str = "vaebench compare") -> int:
     ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
-                                 epilog="Exit codes: 0 no regression, 1 a regression, 2 bad input, mismatched environments "
+                                 epilog="Exit codes: 0 no regression, 1 a regression, 2 bad input, mismatched machines "
                                         "or a measure whose records come from different versions of it (not compared).")
     ap.add_argument("baseline", type=Path, metavar="BASELINE", help="folder (or record file) of the baseline records")
     ap.add_argument("current", type=Path, metavar="CURRENT", help="folder (or record file) of the records to check")
     ap.add_argument("--min-effect", type=float, default=0.10, help="smallest throughput slowdown that counts (default 0.10)")
     ap.add_argument("--alpha", type=float, default=0.01, help="significance level of the throughput test (default 0.01)")
-    ap.add_argument("--allow-env-mismatch", action="store_true", help="compare throughput across different environments")
+    ap.add_argument("--allow-env-mismatch", action="store_true", help="compare throughput across different machines (CPU, device, threads); a release change alone needs no flag")
     ap.add_argument("-o", "--out", type=Path, help="Markdown file for the full table (default: ./compare.md, in the "
                     "current folder; never written into BASELINE or CURRENT unless -o says so)")
     a = ap.parse_args(argv)
@@ -245,7 +286,9 @@ def main(argv: list[str] | None = None, prog: str = "vaebench compare") -> int:
         return 2
     bad = [c for c in changes if c.regression]
     refused = [r for c in changes if (r := c.refusal)]
-    head = (f"compare {a.baseline} -> {a.current}: {len(changes) - len(refused)} quantities, {len(bad)} regression(s)"
+    releases = release_changes(base, cur)
+    across = f" ({'; '.join(releases)})" if releases else ""
+    head = (f"compare {a.baseline} -> {a.current}{across}: {len(changes) - len(refused)} quantities, {len(bad)} regression(s)"
             + (f", {len(refused)} measure(s) not compared (different measure versions)" if refused else ""))
     full = "\n".join([f"# {head}", "", table(changes, only_changed=False), "", *[f"- {n}" for n in [*refused, *notes]], ""])
     write_atomic(out, full.encode())

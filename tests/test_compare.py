@@ -103,16 +103,62 @@ def test_mann_whitney_against_its_closed_form() -> None:
     assert compare.mann_whitney_slower([x + 1 for x in base], base) == pytest.approx(1.0)
 
 
-def test_throughput_refuses_a_different_environment(tmp_path: Path) -> None:
+def test_throughput_refuses_a_different_machine(tmp_path: Path) -> None:
     cur = _copy(tmp_path, "cur")
 
-    def other_version(rec: dict[str, Any]) -> None:
-        rec["env"]["framework_version"] = "0.0.0-other"
-    _edit(cur, "throughput", other_version, framework="torch")
+    def other_cpu(rec: dict[str, Any]) -> None:
+        rec["env"]["cpu_model"] = "Another CPU"
+    _edit(cur, "throughput", other_cpu, framework="torch")
     r = _cmp(REF, cur)
-    assert r.returncode == 2 and "framework_version" in r.stderr and "--allow-env-mismatch" in r.stderr
+    assert r.returncode == 2 and "cpu_model" in r.stderr and "--allow-env-mismatch" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert _cmp(REF, cur, "--allow-env-mismatch").returncode == 0
+
+
+def test_a_release_change_is_named_and_judged(tmp_path: Path) -> None:
+    """Records that differ only in a framework's version (another environment): compare needs no
+    flag, names the change in its heading, and still judges every quantity, so a planted change
+    in that release is caught (CHANGED, SLOWER)."""
+    cur = _copy(tmp_path, "cur")
+    old = read_records(REF)[0]["env"]
+
+    def release(rec: dict[str, Any]) -> None:
+        rec["env"]["framework_version"] = "9.9.9"
+        rec["env"]["packages"] = {**rec["env"].get("packages", {}), "optax": "0.0.1"}
+    for measure in ("identity", "gradflow", "conformance", "convergence", "throughput"):
+        _edit(cur, measure, release, framework="jax")
+    r = _cmp(REF, cur)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    jax_version = next(rec["env"]["framework_version"] for rec in read_records(REF) if rec["framework"] == "jax")
+    head = r.stdout.strip().splitlines()[-2]
+    assert f"(jax {jax_version} → 9.9.9" in head and "0 regression(s)" in head, head
+    assert "torch" not in head.split(":")[0] and old["python"] not in head  # what did not change is not named
+    changes, _ = compare.compare(read_records(REF), read_records(cur))
+    assert {c.measure for c in changes} >= {"identity", "gradflow", "conformance", "convergence", "throughput"}
+    # the same release with a planted numerical change and a 25% longer step: both caught
+    _edit(cur, "identity", lambda rec: rec["metrics"].__setitem__("elbo_mean", rec["metrics"]["elbo_mean"] * 1.01),
+          framework="jax")
+    _edit(cur, "throughput", _slower(1.25), framework="jax")
+    r = _cmp(REF, cur)
+    assert r.returncode == 1
+    bad = {ln.split("|")[1].strip() for ln in r.stdout.splitlines() if "CHANGED" in ln or "SLOWER" in ln}
+    assert bad == {"identity", "throughput"}, r.stdout[-3000:]
+    assert "jax 9.9.9" not in r.stdout and f"jax {jax_version} → 9.9.9" in r.stdout
+
+
+def test_release_changes_against_hand_written_environments() -> None:
+    def rec(fw: str, **env: Any) -> dict[str, Any]:
+        return {"framework": fw, "env": {"framework": fw, **env}}
+    base = [rec("jax", framework_version="0.10.1", jaxlib_version="0.10.1", numpy="2.0", python="3.11.7"),
+            rec("torch", framework_version="2.13.0", numpy="2.0", python="3.11.7")]
+    cur = [rec("jax", framework_version="0.10.2", jaxlib_version="0.10.2", numpy="2.0", python="3.11.7"),
+           rec("torch", framework_version="2.13.0", numpy="2.0", python="3.11.7", packages={"optax": "1"})]
+    assert compare.release_changes(base, cur) == ["jax 0.10.1 → 0.10.2", "jaxlib 0.10.1 → 0.10.2"]
+    assert compare.release_changes(base, base) == []
+    # a machine difference is not a release
+    assert compare.env_differences(base, cur) == []
+    moved = [rec("jax", framework_version="0.10.1", cpu_model="B"), rec("torch", framework_version="2.13.0")]
+    assert compare.env_differences([rec("jax", framework_version="0.10.1", cpu_model="A")], moved) == ["jax cpu_model: A -> B"]
 
 
 @pytest.mark.parametrize(
