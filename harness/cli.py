@@ -212,6 +212,7 @@ def run_suite(c: AppConfig, resolved: dict[str, Any], run_dir: Path, sweep_dir: 
     running job's worker, gives every job not run a `failed` record saying so, builds the report
     and returns 128 + the signal (130, 143)."""
     from harness import report
+    from harness.envs import record_facts
     from harness.job import Job, write_spec
     from harness.measures import precision, version
     from harness.records import close_unfinished, config_hash, host_env, run_lock
@@ -259,7 +260,7 @@ def run_suite(c: AppConfig, resolved: dict[str, Any], run_dir: Path, sweep_dir: 
         except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (job.Stopped)
             stopped, name = exc, stop_signal(exc)
             close_unfinished(run_dir, stop_message(name), f"not started: the run was stopped by {name} before this job began",
-                             host_env())
+                             {**host_env(), **record_facts(c.framework.env)})
             print(f"  -> stopped by {name}: the remaining jobs were not started (each has a failed record saying so)",
                   flush=True)
         text, ok, _ = report.build(run_dir)  # from the records on disk, as anyone can rebuild them
@@ -331,7 +332,7 @@ def _stop(signum: int, frame: Any) -> None:
     raise Stopped(signal.Signals(signum).name)
 
 
-SUBCOMMANDS = {"report": "harness.report", "compare": "harness.compare"}
+SUBCOMMANDS = {"report": "harness.report", "compare": "harness.compare", "env": "harness.envs"}
 
 
 def main() -> None:

@@ -62,6 +62,10 @@ class FrameworkConfig:
     # cap on the job's process memory (data segment, MiB; 0: none): over it a job fails
     # "out of memory" instead of swapping or meeting the kernel's OOM killer
     memory_limit_mb: int = setting(0, ge=0)
+    # the environment whose interpreter runs the job's process: "default" is the caller's own
+    # (sys.executable); any other name is envs/<name>/bin/python, made by `vaebench env create`
+    # (another release of a framework); it must exist and hold this harness's version or newer
+    env: str = "default"
 
 
 #: `optim.*`: the fields of `OptimSpec` (`model.*` is the config of the chosen kind: `harness.models.config`)
@@ -138,6 +142,12 @@ def validate(cfg: DictConfig | AppConfig) -> AppConfig:
     c = to_app_config(cfg)
     check(c)
     f, m, d = c.framework, c.model, c.data
+    if f.env != "default":  # the environment exists and its harness is not older (harness.envs)
+        from harness.envs import env_problem
+
+        env_found = env_problem(f.env)
+        if env_found is not None:
+            raise ConfigError("framework.env", env_found)
     for fw in frameworks(c):
         try:
             resolve_mode(fw, f.mode)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import fcntl
+import functools
 import json
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -183,8 +185,11 @@ def read_records(folder: Path | Iterable[Path]) -> list[dict[str, Any]]:
 
 
 #: config keys that never tell two measurements apart (where results go, how progress shows)
+#: (`framework.env`, the environment whose interpreter ran the job, is kept in the record but is
+#: not a measured key: `config_hash` and the report's `env` column read it through `env_name`, so
+#: records from before named environments, which lack it, are the default environment's)
 NEUTRAL_KEYS = ("out_dir", "progress", "resume", "parallel_throughput", "framework.name", "framework.mode",
-                "framework.timeout_s", "framework.memory_limit_mb", "measure.names")
+                "framework.timeout_s", "framework.memory_limit_mb", "framework.env", "measure.names")
 
 
 def flat(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -287,13 +292,25 @@ def measured_config(rec: dict[str, Any], *, rows: bool = False) -> dict[str, Any
     return {k: v for k, v in flat(config).items() if counts(k)}
 
 
+def env_name(rec: dict[str, Any]) -> str:
+    """The environment whose interpreter ran `rec`'s job: its config's `framework.env`, else its
+    env's `env_name`, else (a record from before named environments) "default"."""
+    framework = (rec.get("config") or {}).get("framework")
+    name = framework.get("env") if isinstance(framework, dict) else None
+    name = name or (rec.get("env") or {}).get("env_name")
+    return name if isinstance(name, str) and name else DEFAULT_ENV
+
+
 def config_hash(rec: dict[str, Any]) -> str:
-    """What `resume=true` matches on: measure, its version, framework, mode and the measured config
-    (its `ROW_KEYS` included)."""
+    """What `resume=true` matches on: measure, its version, framework, mode, the measured config
+    (its `ROW_KEYS` included) and the environment (`env_name`; the default one adds nothing, so
+    older records keep their hash)."""
     import hashlib
 
     key = {"measure": rec["measure"], "measure_version": measure_version(rec), "framework": rec["framework"],
            "mode": rec["mode"], **measured_config(rec, rows=True)}
+    if env_name(rec) != DEFAULT_ENV:
+        key["env"] = env_name(rec)
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -485,11 +502,91 @@ def compile_cache_state() -> str:
     return "cold" if os.environ.get(COMPILE_CACHE_ENV) else "default"
 
 
+#: set by the worker's parent to the name of the environment (`framework.env`) whose interpreter
+#: runs the job: `host_env` records it as `env_name` ("default": the caller's own interpreter)
+ENV_NAME_VAR = "VAEBENCH_ENV_NAME"
+#: `env_name` of a job run by the caller's own interpreter (and of records from before named environments)
+DEFAULT_ENV = "default"
+
+
+def _canonical(name: str) -> str:
+    """A distribution's name as PEP 503 compares them ("Tensorflow_CPU" -> "tensorflow-cpu")."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _plain_requires(requires: Iterable[str] | None, extras: Iterable[str] = ()) -> list[str]:
+    """The distribution names among `requires` (metadata requirement strings) that apply here:
+    no marker, or a marker true on this interpreter for no extra or one of `extras`."""
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    names = []
+    for line in requires or ():
+        try:
+            req = Requirement(line)
+        except InvalidRequirement:
+            continue
+        if req.marker is None or any(req.marker.evaluate({"extra": e}) for e in ("", *extras)):
+            names.append(req.name)
+    return names
+
+
+@functools.lru_cache(maxsize=1)
+def installed_packages() -> dict[str, str]:
+    """The frameworks and libraries a job's numbers depend on, with the versions this interpreter
+    has (the record's `env.packages`; absent ones left out), by canonical name: the distributions
+    that provide each registered framework's module, vaebench's own dependencies (base, and each
+    framework's extra: an optimizer library) and the framework distributions' own requirements
+    (a compiler runtime, Keras ...). Read with importlib.metadata: nothing is imported."""
+    from importlib import metadata
+
+    from harness.frameworks import registry
+
+    facts = registry().values()
+    provides = metadata.packages_distributions()
+    frameworks = [d for f in facts for d in provides.get(f.module, [])]
+    try:
+        own = _plain_requires(metadata.requires("vaebench"), [f.extra for f in facts])
+    except metadata.PackageNotFoundError:  # a source tree that was never installed
+        own = []
+    names = [*frameworks, *own]
+    for dist in dict.fromkeys(frameworks):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            names += _plain_requires(metadata.requires(dist))
+    out: dict[str, str] = {}
+    for name in sorted({_canonical(n) for n in names}):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[name] = metadata.version(name)
+    return out
+
+
+def framework_versions() -> dict[str, str | None]:
+    """Each registered framework's installed version in this interpreter (None: not installed),
+    from the distribution that provides its module."""
+    from importlib import metadata
+
+    from harness.frameworks import registry
+
+    provides = metadata.packages_distributions()
+    out: dict[str, str | None] = {}
+    for name, f in registry().items():
+        out[name] = None
+        for dist in provides.get(f.module, []):
+            with contextlib.suppress(metadata.PackageNotFoundError):
+                out[name] = metadata.version(dist)
+                break
+    return out
+
+
 def host_env() -> dict[str, Any]:
-    """The framework-neutral part of the environment fingerprint."""
+    """The framework-neutral part of the environment fingerprint: the interpreter's (`env_name`,
+    the environment `framework.env` named; `python_executable`; `packages`, every framework and
+    library's version), the machine's, the tree's."""
     status = _git("status", "--porcelain", "--untracked-files=no")
     cpuinfo = _read_cpuinfo()
     return {
+        "env_name": os.environ.get(ENV_NAME_VAR) or DEFAULT_ENV,
+        "python_executable": sys.executable,
+        "packages": dict(installed_packages()),
         "python": platform.python_version(),
         "numpy": np.__version__,
         "platform": platform.platform(),

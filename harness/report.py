@@ -39,6 +39,7 @@ from harness.measures import MEASURES
 from harness.measures.common import Num, Summary, by_framework
 from harness.records import (
     config_hash,
+    env_name,
     measure_version,
     measured_config,
     read_records,
@@ -74,7 +75,8 @@ def _short(key: str, value: Any) -> Any:
 def variant_keys(records: Sequence[dict[str, Any]], by_run: bool = False) -> list[str]:
     """"measure_version" where the measure's versions differ, then the config keys (that the
     measure reads) whose values differ between `records`, then env columns that differ for one
-    framework, then (`by_run`) "run" where run ids differ; "seed" (if it differs) last."""
+    framework, then "env" where the environments that ran them differ (`framework.env`), then
+    (`by_run`) "run" where run ids differ; "seed" (if it differs) last."""
     configs = [measured_config(r) for r in records]
     keys = sorted({k for c in configs for k in c})
     differ = ["measure_version"] if len({measure_version(r) for r in records}) > 1 else []
@@ -87,6 +89,8 @@ def variant_keys(records: Sequence[dict[str, Any]], by_run: bool = False) -> lis
                 per_fw.setdefault(r["framework"], set()).add(str(value))
         if any(len(v) > 1 for v in per_fw.values()):
             differ.append(col)
+    if len({env_name(r) for r in records}) > 1:  # run under different environments (framework.env)
+        differ.append("env")
     if by_run and len({r["run_id"] for r in records}) > 1:
         differ.append("run")
     return [k for k in differ if k != "seed"] + (["seed"] if "seed" in differ else [])
@@ -94,7 +98,7 @@ def variant_keys(records: Sequence[dict[str, Any]], by_run: bool = False) -> lis
 
 def variant_of(rec: dict[str, Any], keys: Iterable[str]) -> dict[str, Any]:
     cfg, env, cols = measured_config(rec), rec.get("env") or {}, dict(ENV_COLUMNS)
-    special = {"run": rec["run_id"], "measure_version": measure_version(rec)}
+    special = {"run": rec["run_id"], "measure_version": measure_version(rec), "env": env_name(rec)}
     return {k: special[k] if k in special else _short(k, env.get(cols[k])) if k in cols else cfg.get(k) for k in keys}
 
 

@@ -41,12 +41,22 @@ from omegaconf import OmegaConf
 
 from harness.api import FRAMEWORK_MODULES, DeviceUnavailable, FrameworkUnavailable
 from harness.config import AppConfig, to_app_config
+from harness.envs import job_env, record_facts, worker_python
 from harness.fingerprint import framework_isa
 from harness.frameworks import JobSettings, registry
 from harness.frameworks import get as get_facts
 from harness.job import Diverged, Job, Result, partial_path, read_partial, read_spec, stop_signal, write_spec
 from harness.measures import MEASURES, precision
-from harness.records import COMPILE_CACHE_ENV, REPO_ROOT, RecordError, host_env, make_record, read_record, write_record
+from harness.records import (
+    COMPILE_CACHE_ENV,
+    DEFAULT_ENV,
+    REPO_ROOT,
+    RecordError,
+    host_env,
+    make_record,
+    read_record,
+    write_record,
+)
 
 WORKER_CMD = [sys.executable, "-m", "harness.worker"]
 #: environment variable naming the worker's parent process (see `_exit_with_parent`)
@@ -75,11 +85,19 @@ def child_env(c: AppConfig, measure: str, cache_dir: str | None = None) -> dict[
     if c.framework.threads > 0:
         n = str(c.framework.threads)
         env.update(OMP_NUM_THREADS=n, MKL_NUM_THREADS=n, OPENBLAS_NUM_THREADS=n)
-    return env
+    return job_env(c.framework.env, env)  # the environment's name (for the record), its bin/ on PATH
+
+
+def worker_cmd(env_name: str) -> list[str]:
+    """The job process's command: WORKER_CMD, under the interpreter of environment `env_name`
+    (`framework.env`: "default" is this interpreter, any other envs/<name>/bin/python)."""
+    return WORKER_CMD if env_name == DEFAULT_ENV else [worker_python(env_name), *WORKER_CMD[1:]]
 
 
 def install_command(framework: str) -> str:
-    """The exact command that installs `framework` (the package's extra) into this Python."""
+    """The exact command that installs `framework` (the package's extra) into this Python (in a
+    job of `framework.env=NAME`, the job's process is envs/NAME/bin/python: the command installs
+    into that environment)."""
     facts = get_facts(framework)
     extra = facts.extra if facts is not None else framework
     py = shlex.quote(sys.executable)
@@ -274,7 +292,7 @@ def run_job(job: Job, c: AppConfig, jobs_dir: Path, lock_fd: int | None = None) 
     proc: subprocess.Popen[bytes] | None = None
     reader = None
     try:
-        proc = subprocess.Popen([*WORKER_CMD, str(spec)], env=env, stderr=subprocess.PIPE, start_new_session=True,
+        proc = subprocess.Popen([*worker_cmd(c.framework.env), str(spec)], env=env, stderr=subprocess.PIPE, start_new_session=True,
                                 pass_fds=() if lock_fd is None else (lock_fd,))
         reader = threading.Thread(target=pump, args=(proc,), daemon=True)
         reader.start()
@@ -310,7 +328,8 @@ def run_job(job: Job, c: AppConfig, jobs_dir: Path, lock_fd: int | None = None) 
     if last:
         reason += f"; last output: {last[-1][:300]}"
     metrics = _with_partial(job, {})  # what the job had reached when it died
-    rec = job_record(job, "failed", reason, {**host_env(), "wall_s": round(time.monotonic() - start, 3)}, metrics)
+    env_facts = {**host_env(), **record_facts(c.framework.env)}  # the job's interpreter's, not this one's
+    rec = job_record(job, "failed", reason, {**env_facts, "wall_s": round(time.monotonic() - start, 3)}, metrics)
     write_record(record_path, rec)
     partial_path(record_path).unlink(missing_ok=True)
     if stopped is not None:
