@@ -234,7 +234,6 @@ def test_a_failed_create_leaves_nothing_behind(tmp_path: Path) -> None:
     assert d.is_dir() and not list(d.iterdir())
 
 
-@pytest.mark.slow
 def test_a_failed_install_leaves_nothing_behind(tmp_path: Path) -> None:
     """pip fails (a wheel that is not there; nothing is fetched): exit 1, nothing left."""
     d = tmp_path / "envs"
@@ -293,7 +292,6 @@ def test_records_with_and_without_an_environment_load_and_hash(tmp_path: Path) -
     assert len(kept) == 2 and len(dropped) == 1  # old and new are one config; other is another
 
 
-@pytest.mark.slow
 def test_the_reference_report_still_builds(tmp_path: Path) -> None:
     """The committed reference runs (no environment fields) report as before: no env column."""
     r = subprocess.run([sys.executable, "-m", "harness.cli", "report", str(REF), "-o", str(tmp_path / "rep")], cwd=ROOT,
