@@ -379,7 +379,7 @@ def create(name: str, overrides: Sequence[str], *, python: str = sys.executable,
         write_atomic(tmp / ENV_FILE, (json.dumps(info, indent=1) + "\n").encode())
         os.rename(tmp, env_path(name))
         done = True
-    except EnvError as exc:
+    except (EnvError, OSError) as exc:
         print(f"{prog}: {name}: {exc}; nothing was left behind", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

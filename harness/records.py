@@ -517,8 +517,10 @@ def _canonical(name: str) -> str:
 def _plain_requires(requires: Iterable[str] | None, extras: Iterable[str] = ()) -> list[str]:
     """The distribution names among `requires` (metadata requirement strings) that apply here:
     no marker, or a marker true on this interpreter for no extra or one of `extras`."""
-    from packaging.requirements import InvalidRequirement, Requirement
-
+    try:
+        from packaging.requirements import InvalidRequirement, Requirement
+    except ImportError:  # an environment without `packaging`: the requirements without a marker
+        return [m[0] for line in requires or () if ";" not in line and (m := re.match(r"[A-Za-z0-9._-]+", line))]
     names = []
     for line in requires or ():
         try:
@@ -559,6 +561,15 @@ def installed_packages() -> dict[str, str]:
     return out
 
 
+def _packages() -> dict[str, str]:
+    """`installed_packages()`, or {} where the metadata cannot be read (never a failed job)."""
+    try:
+        return dict(installed_packages())
+    except Exception as exc:  # an odd distribution's metadata: the job goes on without the list
+        print(f"warning: the installed packages' versions could not be read ({exc})", file=sys.stderr)
+        return {}
+
+
 def framework_versions() -> dict[str, str | None]:
     """Each registered framework's installed version in this interpreter (None: not installed),
     from the distribution that provides its module."""
@@ -586,7 +597,7 @@ def host_env() -> dict[str, Any]:
     return {
         "env_name": os.environ.get(ENV_NAME_VAR) or DEFAULT_ENV,
         "python_executable": sys.executable,
-        "packages": dict(installed_packages()),
+        "packages": _packages(),
         "python": platform.python_version(),
         "numpy": np.__version__,
         "platform": platform.platform(),
