@@ -174,7 +174,12 @@ try:
     version = m.version("vaebench")
 except m.PackageNotFoundError:
     version = None
-out = {"python": platform.python_version(), "executable": sys.executable, "vaebench": version}
+out = {"python": platform.python_version(), "executable": sys.executable, "vaebench": version, "asked": {}}
+for name in ASKED:
+    try:
+        out["asked"][name] = m.version(name)
+    except m.PackageNotFoundError:
+        out["asked"][name] = None
 if FULL:
     sys.path.insert(0, REPO)
     try:
@@ -187,11 +192,13 @@ print(json.dumps(out))
 """
 
 
-def probe(python: Path, full: bool = False) -> dict[str, Any]:
+def probe(python: Path, full: bool = False, asked: Sequence[str] = ()) -> dict[str, Any]:
     """What the interpreter `python` has: its Python version, executable and vaebench version
-    (None: not installed), and with `full` each registered framework's version and every
-    package's (`records.installed_packages`). An EnvError when it does not run."""
-    code = _PROBE.replace("FULL", repr(full)).replace("REPO", repr(str(REPO_ROOT)))
+    (None: not installed), the versions of the packages `asked` (`asked`: name -> version or None),
+    and with `full` each registered framework's version and every package's
+    (`records.installed_packages`). An EnvError when it does not run."""
+    code = (_PROBE.replace("FULL", repr(full)).replace("REPO", repr(str(REPO_ROOT)))
+            .replace("ASKED", repr(list(asked))))
     try:
         r = subprocess.run([str(python), "-I", "-c", code], capture_output=True, text=True, timeout=300,
                            cwd=tempfile.gettempdir())
@@ -225,7 +232,7 @@ def read_env_file(name: str) -> dict[str, Any]:
 
 def _existing() -> list[str]:
     d = envs_dir()
-    return sorted(p.name for p in d.iterdir() if (p / ENV_FILE).is_file()) if d.is_dir() else []
+    return sorted(p.name for p in d.iterdir() if not p.name.startswith(".") and (p / ENV_FILE).is_file()) if d.is_dir() else []
 
 
 def _recreate(name: str, overrides: Sequence[str] = ()) -> str:
@@ -323,18 +330,21 @@ def _run(cmd: Sequence[str | Path], step: str) -> None:
         raise EnvError(f"{step} failed (exit {r.returncode}; pip's output above says why)")
 
 
-def _check_installed(overrides: Sequence[str], packages: dict[str, str], have: dict[str, Any]) -> None:
-    """Every override is what the environment holds (pip may leave a requirement unmet only by a
-    bug; a silent mismatch here would be measured as the wrong release)."""
+def _check_installed(overrides: Sequence[str], have: dict[str, Any]) -> None:
+    """Every override is what the environment holds (`have`: its probe, the overrides asked), so
+    that a job there never measures another release than the one asked for."""
     from packaging.requirements import Requirement
 
+    asked = have.get("asked") or {}
     for line in overrides:
         req = Requirement(line)
-        name = canonical(req.name)
-        if name not in packages:
-            continue
-        if req.specifier and not req.specifier.contains(packages[name], prereleases=True):
-            raise EnvError(f"{line!r} asked, {name} {packages[name]} installed")
+        if req.marker is not None and not req.marker.evaluate():
+            continue  # not for this interpreter
+        got = asked.get(canonical(req.name))
+        if got is None:
+            raise EnvError(f"{line!r} was asked for, and {req.name} is not installed")
+        if req.specifier and not req.specifier.contains(got, prereleases=True):
+            raise EnvError(f"{line!r} was asked for, and {req.name} {got} is installed")
     if have.get("vaebench") is None:
         raise EnvError("vaebench is not installed in it")
 
@@ -366,11 +376,11 @@ def create(name: str, overrides: Sequence[str], *, python: str = sys.executable,
         py = tmp / "bin" / "python"
         _run([py, "-m", "pip", "install", "-r", tmp / "requirements.txt"], "installing the requirements")
         _run([py, "-m", "pip", "install", "--no-deps", "-e", REPO_ROOT], "installing vaebench (editable)")
-        have = probe(py, full=True)
+        have = probe(py, full=True, asked=[requirement_name(r) for r in overrides])
         if "error" in have:
             raise EnvError(f"the harness does not load in it: {have['error']}")
         packages = have.get("packages") or {}
-        _check_installed(overrides, packages, have)
+        _check_installed(overrides, have)
         _relocate(tmp, env_path(name))
         info: dict[str, Any] = {"name": name, "overrides": list(overrides), "requirements": merged,
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

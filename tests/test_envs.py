@@ -322,3 +322,19 @@ def test_a_sweep_over_environments_runs_each_job_under_its_interpreter(tmp_path:
     assert recs["other"]["env"]["packages"] == recs["default"]["env"]["packages"]  # the same packages: a stand-in
     text = (sweep / "report.md").read_text()
     assert "| env " in text and "| default " in text and "| other " in text, text
+
+
+def test_a_create_checks_every_override_against_what_was_installed(tmp_path: Path) -> None:
+    """What `env create` checks before it keeps an environment: each requirement given is met by
+    the version the environment's interpreter has (a mismatch or an absent package: refused)."""
+    where = fake_env(tmp_path / "envs", "probe")
+    have = envs.probe(where / "bin" / "python", asked=["numpy", "no-such-package"])
+    from importlib import metadata
+
+    numpy = metadata.version("numpy")
+    assert have["vaebench"] == envs.harness_version() and have["asked"] == {"numpy": numpy, "no-such-package": None}
+    assert have["executable"] == str(where / "bin" / "python")
+    envs._check_installed([f"numpy=={numpy}", "numpy>=1", "no-such-package==1; python_version < '3'"], have)
+    for line, says in ((f"numpy>{numpy}", f"numpy {numpy} is installed"), ("no-such-package==1", "is not installed")):
+        with pytest.raises(envs.EnvError, match=says):
+            envs._check_installed([line], have)
