@@ -332,7 +332,8 @@ def _stop(signum: int, frame: Any) -> None:
     raise Stopped(signal.Signals(signum).name)
 
 
-SUBCOMMANDS = {"report": "harness.report", "compare": "harness.compare", "env": "harness.envs"}
+SUBCOMMANDS = {"report": "harness.report", "compare": "harness.compare", "history": "harness.history",
+               "env": "harness.envs"}
 
 
 def main() -> None:
