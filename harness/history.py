@@ -404,13 +404,15 @@ def _label(key: tuple[str, ...]) -> str:
 
 
 def plot(title: str, lines: dict[tuple[str, ...], list[dict[str, Any]]], steps: list[dict[str, Any]]) -> bytes:
-    """One small trend plot: a line per series (framework/mode/env), x = date, each point
-    annotated with its short commit and framework version; detected steps marked."""
+    """One small trend plot: a line per series (framework/mode/env), x = date; each commit's
+    short id along the top, each line's framework version where it starts and where it changes;
+    detected steps as dashed red lines."""
     from harness.plots import COLORS, pyplot
 
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 3.2))
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
     styles: dict[str, str] = {}
+    commits: dict[str, Any] = {}
     try:
         for key, rows in lines.items():
             xs, ys = [_time(r["date"]) for r in rows], [r["value"] for r in rows]
@@ -419,22 +421,25 @@ def plot(title: str, lines: dict[tuple[str, ...], list[dict[str, Any]]], steps: 
             styles[key[2]] += "x"  # a framework's second mode/env: another marker and dash
             marker, ls = "os^Dv<>"[len(style) % 7], ("-", "--", ":", "-.")[len(style) % 4]
             ax.plot(xs, ys, marker=marker, ls=ls, ms=4, lw=1, label=_label(key), color=color)
-            last = None
-            for x, y, r in zip(xs, ys, rows):
-                text = f"{_short(r['commit'])} {r['framework_version']}"
-                if text != last:  # one label per change of commit or release, not per point
-                    ax.annotate(text, (x, y), textcoords="offset points", xytext=(2, 4), fontsize=5, rotation=30,
+            release = None
+            for x, y, r in zip(xs, ys, rows):  # the release where a line starts and where it changes
+                if r["framework_version"] != release:
+                    ax.annotate(r["framework_version"], (x, y), textcoords="offset points", xytext=(3, -8), fontsize=5,
                                 color=color or "0.3")
-                last = text
+                release = r["framework_version"]
+                commits.setdefault(_short(r["commit"]), x)
+        for text, x in commits.items():  # each commit once, along the top
+            ax.annotate(text, (x, 1.0), xycoords=("data", "axes fraction"), xytext=(0, 2), textcoords="offset points",
+                        fontsize=5, rotation=60, color="0.35")
         for s in steps:
             ax.axvline(_time(s["at date"]), color="#c00", ls="--", lw=0.8)
-        ax.set_title(title, fontsize=8)
+        ax.set_title(title, fontsize=8, pad=28)
         ax.tick_params(labelsize=6)
         ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
         fig.autofmt_xdate()
-        fig.subplots_adjust(left=0.1, right=0.76, top=0.9, bottom=0.22)  # fixed: tight_layout costs a draw
+        fig.subplots_adjust(left=0.1, right=0.77, top=0.8, bottom=0.2)  # fixed: tight_layout costs a draw
         buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=90)
+        fig.savefig(buf, format="png", dpi=100)
         return buf.getvalue()
     finally:
         plt.close(fig)
