@@ -10,7 +10,7 @@ taken per record; numbers only (verdicts and patterns are `compare`'s business).
 (measure, quantity, framework, mode, variant, env): the variant is the measured config that
 differs between the measure's records (`report.variant_keys`: model kind, precision, ...; keys
 that only some records have, i.e. keys added to the config later, do not split a series), env
-the record's `env.env_name` ("default" without one). The framework's version changes along a
+the record's environment (`records.env_name`: `framework.env`, else `env.env_name`, else "default"). The framework's version changes along a
 series (a release is a point's label, and a step can appear at one); `--split-releases` makes
 each version its own series instead. A point's x is the commit date of the commit its record was
 measured at (`env.git_commit`), else the record's `created_at`.
@@ -47,6 +47,7 @@ from harness.measures import MEASURES
 from harness.records import (
     RecordError,
     decode_nonfinite,
+    env_name,
     measure_version,
     measured_config,
     read_record,
@@ -73,8 +74,8 @@ COLUMNS = ("measure", "quantity", "framework", "mode", "variant", "env", "framew
            "value", "source")
 #: the columns that make a series (framework_version too with --split-releases)
 SERIES = ("measure", "quantity", "framework", "mode", "variant", "env")
-#: report.variant_keys' environment columns: history has its own env and commit axes
-_ENV_COLUMNS = ("version", "device", "cpu", "commit", "run", "seed")
+#: report.variant_keys' environment columns (and the config's environment): history has its own env and commit axes
+_ENV_COLUMNS = ("version", "device", "cpu", "commit", "run", "seed", "env", "framework.env")
 
 
 class HistoryError(Exception):
@@ -286,7 +287,7 @@ def points(records: list[dict[str, Any]], git: Git | None = None) -> tuple[list[
                 "framework": r["framework"],
                 "mode": r["mode"],
                 "variant": variants[id(r)],
-                "env": str(env.get("env_name") or "default"),
+                "env": env_name(r),
                 "framework_version": str(env.get("framework_version") or "-"),
                 "commit": commit + ("+dirty" if commit and env.get("git_dirty") else ""),
                 "date": dates.get(commit) or r["created_at"],

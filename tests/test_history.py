@@ -93,6 +93,20 @@ def test_a_constant_history_and_one_changed_digit_have_no_step() -> None:
     assert [s.index for s in history.detect_steps([-22.7] * 5 + [-23.5] * 5) or []] == [5]
 
 
+def test_each_environment_is_its_own_series(tmp_path: Path) -> None:
+    """Records of a named environment (`env.env_name`) are another line than the default one's."""
+    _history(tmp_path / "in", [0.1] * 6)
+    for i in range(3):
+        rec = _record(10 + i, 0.2)
+        rec["env"]["env_name"] = "torch-next"
+        write_record(tmp_path / "in" / f"next{i}" / TEMPLATE.name, rec)
+    history.build([tmp_path / "in"], tmp_path / "out", use_git=False)
+    with (tmp_path / "out" / "history.csv").open() as f:
+        rows = [r for r in csv.DictReader(f) if r["quantity"] == QUANTITY]
+    assert sorted((r["env"], float(r["value"])) for r in rows) == [("default", 0.1)] * 6 + [("torch-next", 0.2)] * 3
+    assert len({r["variant"] for r in rows}) == 1
+
+
 def test_a_too_short_history_gets_no_step_detection(tmp_path: Path) -> None:
     assert history.detect_steps([100.0, 100.0, 150.0]) is None
     assert history.detect_steps([100.0, 150.0, float("nan"), float("inf")]) is None  # finite points count
