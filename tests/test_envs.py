@@ -84,11 +84,12 @@ def _cli(tmp_path: Path, *args: str, envs_dir: Path | None = None, timeout: int 
                    timeout=timeout)
 
 
-def _env_cli(*args: str, envs_dir: Path, timeout: int = 120) -> subprocess.CompletedProcess[str]:
+def _env_cli(*args: str, envs_dir: Path, timeout: int = 120, env: dict[str, str] | None = None
+             ) -> subprocess.CompletedProcess[str]:
     import os
 
     return subprocess.run([sys.executable, "-m", "harness.cli", "env", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, envs.ENVS_DIR_VAR: str(envs_dir)})
+                          timeout=timeout, env={**os.environ, envs.ENVS_DIR_VAR: str(envs_dir), **(env or {})})
 
 
 def _config_error(r: subprocess.CompletedProcess[str]) -> str:
@@ -235,12 +236,13 @@ def test_a_failed_create_leaves_nothing_behind(tmp_path: Path) -> None:
 
 
 def test_a_failed_install_leaves_nothing_behind(tmp_path: Path) -> None:
-    """pip fails (a wheel that is not there; nothing is fetched): exit 1, nothing left."""
+    """pip fails (a wheel that is not there, and no package index: nothing is fetched, with or
+    without a network): exit 1, nothing left."""
     d = tmp_path / "envs"
     base = tmp_path / "pins.txt"
     base.write_text("# nothing pinned\n")
     r = _env_cli("create", "nowheel", f"nosuchpkg @ file://{tmp_path}/nosuchpkg-1.0-py3-none-any.whl", "--base",
-                 str(base), envs_dir=d, timeout=300)
+                 str(base), envs_dir=d, timeout=300, env={"PIP_NO_INDEX": "1"})
     assert r.returncode == 1 and "installing the requirements failed" in r.stderr, r.stderr[-3000:]
     assert d.is_dir() and not list(d.iterdir())
 
