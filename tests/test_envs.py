@@ -340,3 +340,15 @@ def test_a_create_checks_every_override_against_what_was_installed(tmp_path: Pat
     for line, says in ((f"numpy>{numpy}", f"numpy {numpy} is installed"), ("no-such-package==1", "is not installed")):
         with pytest.raises(envs.EnvError, match=says):
             envs._check_installed([line], have)
+
+
+def test_a_job_that_dies_in_an_environment_gets_a_record_naming_that_environment(tmp_path: Path) -> None:
+    """The parent writes the record of a job whose worker it killed (here: timed out); it names
+    the job's environment and interpreter, and the packages that interpreter has, not its own."""
+    where = fake_env(tmp_path / "envs", "slow")
+    r = _cli(tmp_path, f"framework={FW}", "framework.env=slow", "measure=identity", "framework.timeout_s=1")
+    assert r.returncode == 1, r.stderr[-3000:]
+    (rec,) = read_records(tmp_path / "runs")
+    assert rec["status"] == "failed" and "timed out" in rec["error"], rec["error"]
+    assert rec["env"]["env_name"] == "slow" and rec["env"]["python_executable"] == str(where / "bin" / "python")
+    assert rec["env"]["packages"] and rec["env"]["packages"]["numpy"] == host_env()["packages"]["numpy"]
