@@ -11,7 +11,7 @@ PYTEST ?= -q
 XDIST  ?= -n 2 --dist loadfile
 
 .DEFAULT_GOAL := help
-.PHONY: help run test test-fast durations lint bench bench-compare report regress sample-records gpu-reference clean
+.PHONY: help run test test-fast durations lint bench bench-compare report regress release-check sample-records gpu-reference clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -79,6 +79,9 @@ sample-records: $(STAMP) ## regenerate the small sample records under tests/reco
 	  measure.gaps.local_samples=10 'measure.snr.ks=[1,3,10]' measure.snr.trained_epochs=1 'measure.snr.trained_ks=[1,3]' \
 	  measure.snr.trained_draws=100
 	rm -rf tests/records/*/jobs tests/records/*/*.png tests/records/*/*.html tests/records/*/*.tex tests/records/*/.vaebench.lock
+
+release-check: $(STAMP) ## did a framework upgrade change anything? JAX's previous release in envs/jax0101 vs the pinned one, plus two planted environments that must be caught
+	$(PY) scripts/release-check $(ARGS)
 
 # on a CUDA machine, with the Python that has torch and JAX (VAEBENCH_PYTHON=..., or ARGS=--python ...):
 # nothing is installed, so no $(STAMP); ARGS=--dry-run prints every command and the output folder
