@@ -299,6 +299,13 @@ def prepare(cmd: Command, tmp: Path, files: Path) -> tuple[list[str], dict[str, 
             if "-o" not in args and "--out" not in args:
                 raise ReadmeError(f"README line {cmd.line}: `vaebench compare` without -o writes ./compare.md into the "
                                   "checkout; give -o results/runs/NAME.md")
+        elif args and args[0] == "history":
+            if "-o" not in args and "--out" not in args:
+                raise ReadmeError(f"README line {cmd.line}: `vaebench history` without -o writes ./history/ into the "
+                                  "checkout; give -o results/runs/NAME")
+        elif args and args[0] == "env":
+            raise ReadmeError(f"README line {cmd.line}: `vaebench env` builds a 3 GB environment from the registry: put "
+                              "it in a block marked skip (CI builds one in `make release-check`)")
         elif not any(a.startswith("--") for a in args):  # a run or a sweep (not --help, --cfg ...)
             for a in args:
                 if a.startswith(("hydra.run.dir=", "hydra.sweep.dir=")) and not a.split("=", 1)[1].startswith(inside):
