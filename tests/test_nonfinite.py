@@ -26,7 +26,7 @@ import pytest
 
 from harness import judged, measures
 from harness.measures import MEASURES
-from harness.records import read_records
+from harness.records import env_name, read_records
 from tests.conftest import ROOT
 
 #: folders of real records: the small sample runs (written by the current code; planted first,
@@ -41,14 +41,17 @@ KNOWN_FAIL: dict[tuple[str, str], str] = {}
 
 
 def groups(measure: str) -> list[list[dict[str, Any]]]:
-    """The records of `measure`, one list per folder (one run: what a report summarizes)."""
+    """The records of `measure`, one list per folder and environment (one run in one
+    environment: what a report summarizes; a release comparison's folder holds two)."""
     out = []
     for d in RECORD_DIRS:
         if (measure, d.name) in KNOWN_FAIL:
             continue
-        recs = [r for r in read_records(d) if r["measure"] == measure]
-        if recs:
-            out.append(recs)
+        by_env: dict[str, list[dict[str, Any]]] = {}
+        for r in read_records(d):
+            if r["measure"] == measure:
+                by_env.setdefault(env_name(r), []).append(r)
+        out.extend(by_env.values())
     return out
 
 
