@@ -50,7 +50,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from harness.records import DEFAULT_ENV, ENV_NAME_VAR, REPO_ROOT, write_atomic
+from harness.records import DEFAULT_ENV, ENV_NAME_VAR, REPO_ROOT, canonical_name, write_atomic
 
 #: environment variable naming the folder environments live in (default: envs/ in the repository)
 ENVS_DIR_VAR = "VAEBENCH_ENVS_DIR"
@@ -105,9 +105,8 @@ def name_problem(name: str) -> str | None:
 # --- requirements ---------------------------------------------------------------------------
 
 
-def canonical(name: str) -> str:
-    """A package name as pip compares them (PEP 503): "Jax_Lib" -> "jax-lib"."""
-    return re.sub(r"[-_.]+", "-", name).lower()
+#: a package name as pip compares them (PEP 503): "Jax_Lib" -> "jax-lib" (the records' own rule)
+canonical = canonical_name
 
 
 def requirement_name(line: str) -> str:

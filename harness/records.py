@@ -509,7 +509,7 @@ ENV_NAME_VAR = "VAEBENCH_ENV_NAME"
 DEFAULT_ENV = "default"
 
 
-def _canonical(name: str) -> str:
+def canonical_name(name: str) -> str:
     """A distribution's name as PEP 503 compares them ("Tensorflow_CPU" -> "tensorflow-cpu")."""
     return re.sub(r"[-_.]+", "-", name).lower()
 
@@ -555,7 +555,7 @@ def installed_packages() -> dict[str, str]:
         with contextlib.suppress(metadata.PackageNotFoundError):
             names += _plain_requires(metadata.requires(dist))
     out: dict[str, str] = {}
-    for name in sorted({_canonical(n) for n in names}):
+    for name in sorted({canonical_name(n) for n in names}):
         with contextlib.suppress(metadata.PackageNotFoundError):
             out[name] = metadata.version(name)
     return out
