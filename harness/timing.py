@@ -162,8 +162,8 @@ def time_interleaved(
     round reverses on every other round (a b, b a, a b, ...): with a fixed order, a machine
     that speeds up or slows down through the block (a CPU's clock settling, the allocator
     warming) would favour whichever contender always runs second. Measured: a float16 torch
-    step and its plain loop both went from 2.9 to 2.0 ms over 10 repeats, and the fixed order
-    charged the first one a 4% overhead it did not have.
+    step and its plain loop both went from 2.9 to 2.0 ms over 10 repeats, about 3% from one
+    repeat to the next, which a fixed order adds to every pair's ratio.
 
     Each contender is warmed up (`warmup` steps, then a sync) before any timing starts. The
     outer wall clock partitions the whole timed block: a contender owns the time from the
