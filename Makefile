@@ -36,8 +36,8 @@ durations: $(STAMP) ## run the whole suite and store each test's time in tests/d
 	$(PY) -m pytest -q -p no:cacheprovider --store-durations
 
 lint: $(STAMP) ## ruff and mypy
-	$(VENV)/bin/ruff check harness impls tests
-	$(VENV)/bin/mypy harness impls
+	$(VENV)/bin/ruff check harness impls tests hydra_plugins
+	$(VENV)/bin/mypy harness impls hydra_plugins
 
 # two back-to-back `make bench` runs on the 2-core reference machine moved medians by -45% to +47%
 # (torch eager, tensorflow function): a slowdown must exceed that to be more than noise

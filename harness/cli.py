@@ -28,6 +28,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from harness import slurm
 from harness.config import AppConfig, ConfigError, frameworks, record_config, register, validate
 from harness.job import Stopped, stop_signal
 from harness.records import REPO_ROOT, read_records, write_atomic
@@ -101,7 +102,20 @@ def _combinations(overrides: list[str], multirun: bool) -> list[list[str]]:
     return [list(c) for c in itertools.islice(itertools.product(*choices), 256)]
 
 
-PARALLEL_LAUNCHERS = ("joblib", "submitit_local", "submitit_slurm")
+def _refuse_side_by_side(cfg: DictConfig, launcher: str, timed: list[str]) -> None:
+    """Timing next to other jobs means nothing: refuse a launcher that runs jobs side by side
+    (joblib, submitit, SLURM without `exclusive`) for a timed measure."""
+    target = str(cfg.hydra.launcher.get("_target_", ""))
+    if target.endswith("BasicLauncher"):
+        return
+    if "slurm" in target.lower():
+        if cfg.hydra.launcher.get("exclusive"):
+            return
+        raise ConfigError("hydra/launcher", f"{launcher} may put two tasks on one node, and {', '.join(timed)} timed next "
+                          "to another job means nothing; set hydra.launcher.exclusive=true (sbatch --exclusive), or "
+                          "parallel_throughput=true to time it anyway")
+    raise ConfigError("hydra/launcher", f"{launcher} runs jobs side by side, and {', '.join(timed)} timed next to other "
+                      "jobs means nothing; run it with the basic launcher, or set parallel_throughput=true to time it anyway")
 
 
 def prevalidate(args: list[str]) -> int:
@@ -122,11 +136,9 @@ def prevalidate(args: list[str]) -> int:
                 c = validate(compose(config_name="config", overrides=combo))
                 total += len(c.measure.names) * len(frameworks(c))
                 timed = [n for n in c.measure.names if measures.timing(n)]
-                if multirun and launcher in PARALLEL_LAUNCHERS and timed and not c.parallel_throughput:
-                    raise ConfigError(
-                        "hydra/launcher",
-                        f"{launcher} runs jobs side by side, and {', '.join(timed)} timed next to other jobs means "
-                        "nothing; run it with the basic launcher, or set parallel_throughput=true to time it anyway")
+                if multirun and launcher != "basic" and timed and not c.parallel_throughput:
+                    _refuse_side_by_side(compose(config_name="config", overrides=combo, return_hydra_config=True),
+                                         launcher, timed)
     except ConfigError:
         raise
     except Exception as exc:
@@ -313,6 +325,9 @@ def _hydra_main(cfg: DictConfig) -> None:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(resolved, dict)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if slurm.in_task():  # SLURM's SIGTERM (scancel, time limit, node lost) stops this task's run
+        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGUSR2, _time_limit_near)  # submitit would requeue the task: its run would restart
     os.environ.setdefault("VAEBENCH_TTY", "1" if sys.stderr.isatty() else "0")  # workers draw bars only on a terminal
     with open(run_dir / "cli.log", "a", encoding="utf-8") as log:  # the run's log holds what it printed
         out, err = sys.stdout, sys.stderr
@@ -322,9 +337,18 @@ def _hydra_main(cfg: DictConfig) -> None:
         finally:
             sys.stdout, sys.stderr = out, err
     _EXIT["code"] = max(_EXIT["code"], code)
+    if code > 128 and slurm.in_task():  # one SLURM task stopped (scancel, time limit): the sweep goes on
+        return
     if code > 128:  # stopped: a sweep stops too
         name = signal.Signals(code - 128).name
         raise KeyboardInterrupt if name == "SIGINT" else Stopped(name)
+
+
+def _time_limit_near(signum: int, frame: Any) -> None:
+    """submitit's warning before a SLURM task's time limit (sbatch --signal, up to a minute early):
+    said, and the run goes on; SLURM's SIGTERM at the limit stops it (`_stop`)."""
+    print(f"slurm: {slurm.stop_reason('SIGUSR2')}; the running job goes on until SLURM stops it", file=sys.stderr,
+          flush=True)
 
 
 def _stop(signum: int, frame: Any) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from harness.job import partial_path, read_partial
+from harness.slurm import facts as slurm_facts
 
 SCHEMA_VERSION = 1
 STATUSES = ("ok", "failed", "diverged", "unavailable")
@@ -610,4 +611,5 @@ def host_env() -> dict[str, Any]:
         "thread_env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "XLA_FLAGS") if k in os.environ},
         "compile_cache": compile_cache_state(),
         "isa_env": isa_env(),
+        **slurm_facts(),  # inside a SLURM task: its job id, node and partition
     }

@@ -57,6 +57,7 @@ from harness.records import (
     read_record,
     write_record,
 )
+from harness.slurm import in_task as in_slurm_task
 
 WORKER_CMD = [sys.executable, "-m", "harness.worker"]
 #: environment variable naming the worker's parent process (see `_exit_with_parent`)
@@ -217,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m harness.worker JOB.json", file=sys.stderr)
         return 2
     job = read_spec(Path(argv[0]))
+    if in_slurm_task():  # SLURM signals every process of the task: the vaebench that started this one stops it
+        for sig in (signal.SIGTERM, signal.SIGUSR2):
+            signal.signal(sig, signal.SIG_IGN)
     _exit_with_parent()
     set_memory_limit(_memory_limit_mb(job.config))  # before any framework is imported
     write_record(Path(job.record_path), run_in_process(job))
@@ -257,7 +261,10 @@ def stop_message(signame: str) -> str:
     """The reason on the record of the job that was running when the run was stopped."""
     if signame == "SIGINT":
         return "interrupted by the user (SIGINT): the run was stopped"
-    return f"stopped by {signame}: the run was stopped"
+    from harness.slurm import stop_reason
+
+    why = stop_reason(signame)  # inside a SLURM task: cancelled, time limit, pre-empted, node failure
+    return f"stopped by {signame}{': ' + why if why else ''}: the run was stopped"
 
 
 def run_job(job: Job, c: AppConfig, jobs_dir: Path, lock_fd: int | None = None) -> dict[str, Any]:

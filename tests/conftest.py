@@ -123,3 +123,47 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.section(f"tests over {DRIFT_S:.0f} s not marked slow")
         for d, nodeid in sorted(_UNMARKED, reverse=True):
             terminalreporter.write_line(f"{d:7.1f} s  {nodeid}")
+
+
+SLURM_LOCAL = ROOT / "scripts" / "slurm-local"
+
+
+def _free_port_pair() -> int:
+    """A port p with p and p + 1 free (the local cluster's controller and node)."""
+    import random
+    import socket
+
+    for _ in range(100):
+        p = random.randrange(20000, 30000, 2)
+        try:
+            for q in (p, p + 1):
+                with socket.socket() as s:
+                    s.bind(("", q))
+        except OSError:
+            continue
+        return p
+    raise RuntimeError("no two free ports next to each other")
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterable[dict[str, str]]:
+    """A single-node SLURM cluster of its own (`scripts/slurm-local`, in a temporary folder, on
+    free ports), up for the session; yields the environment that reaches it (SLURM_CONF,
+    SLURM_LOCAL_DIR). Skips only where SLURM is not installed, and fails there instead when
+    VAEBENCH_REQUIRE_SLURM=1 (CI, which installs it)."""
+    import shutil
+
+    missing = [b for b in ("slurmctld", "slurmd", "munged", "sbatch") if shutil.which(b) is None]
+    if missing:
+        why = f"SLURM is not installed ({', '.join(missing)} missing): scripts/slurm-local install"
+        if os.environ.get("VAEBENCH_REQUIRE_SLURM") == "1":
+            pytest.fail(why)
+        pytest.skip(why)
+    d = tmp_path_factory.mktemp("slurm")
+    env = {**os.environ, "SLURM_LOCAL_DIR": str(d), "SLURM_LOCAL_PORT": str(_free_port_pair()),
+           "SLURM_CONF": str(d / "slurm.conf")}
+    subprocess.run([str(SLURM_LOCAL), "start"], env=env, check=True, timeout=120)
+    try:
+        yield env
+    finally:
+        subprocess.run([str(SLURM_LOCAL), "stop"], env=env, timeout=120)

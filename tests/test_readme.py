@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, _free_port_pair
 
 README = ROOT / "README.md"
 VENV_BIN = ROOT / ".venv" / "bin"
@@ -97,6 +97,8 @@ USER_FILES: dict[str, tuple[str, Callable[[Path], None]]] = {
 }
 #: the default out_dir: in a command it means the block's temporary folder
 RUNS = "results/runs/"
+#: the local SLURM cluster's folder (`scripts/slurm-local`): a block's own, under its temporary folder
+SLURM_DIR = ".slurm-local/"
 
 
 class ReadmeError(ValueError):
@@ -282,7 +284,7 @@ def prepare(cmd: Command, tmp: Path, files: Path) -> tuple[list[str], dict[str, 
     for t in tokens:
         for literal, (name, _) in USER_FILES.items():
             t = t.replace(literal, str(files / name))
-        mapped.append(t.replace(RUNS, f"{tmp}/"))
+        mapped.append(t.replace(RUNS, f"{tmp}/").replace(SLURM_DIR, f"{tmp}/slurm/"))
     env: dict[str, str] = {}
     while mapped and re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", mapped[0]):
         k, v = mapped.pop(0).split("=", 1)
@@ -313,6 +315,11 @@ def prepare(cmd: Command, tmp: Path, files: Path) -> tuple[list[str], dict[str, 
             conv = any(a.lstrip("+") in ("experiment=conv", "model=conv") for a in args)
             args = set_overrides(args, {**SHRINK, **(CONV_SHRINK if conv else {}), "out_dir": str(tmp)})
         return [prog, *args], env, ROOT
+    if prog == "scripts/slurm-local":  # the block's own cluster, in its folder, on free ports
+        if args[:1] not in (["start"], ["stop"], ["status"]):
+            raise ReadmeError(f"README line {cmd.line}: the test runs `scripts/slurm-local` start, status and stop only")
+        env.update(SLURM_LOCAL_DIR=f"{tmp}/slurm", SLURM_LOCAL_PORT=str(_free_port_pair()))
+        return [str(ROOT / prog), *args], env, ROOT
     if prog == "make":
         targets = [a for a in args if "=" not in a and not a.startswith("-")]
         make_vars = {a.split("=", 1)[0] for a in args if "=" in a}
@@ -421,7 +428,21 @@ class Runner:
         return ran
 
 
-COMMANDS = extract(README.read_text(encoding="utf-8"))
+def _without_slurm(commands: list[Command]) -> list[Command]:
+    """A block that starts the local SLURM cluster is skipped where SLURM is not installed (as
+    the cluster tests are), unless VAEBENCH_REQUIRE_SLURM=1 (CI, which installs it)."""
+    import shutil
+
+    if shutil.which("slurmctld") or os.environ.get("VAEBENCH_REQUIRE_SLURM") == "1":
+        return commands
+    import dataclasses
+
+    blocks = {c.block for c in commands if c.text.startswith("scripts/slurm-local")}
+    return [dataclasses.replace(c, skip=c.skip or "SLURM is not installed (scripts/slurm-local install)")
+            if c.block in blocks else c for c in commands]
+
+
+COMMANDS = _without_slurm(extract(README.read_text(encoding="utf-8")))
 
 
 @pytest.fixture(scope="module")

@@ -145,8 +145,10 @@ def test_cpu_features_parsed_from_cpuinfo_text() -> None:
 
 
 def test_host_env_records_features_of_this_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    from harness.records import VECTOR_FEATURES, host_env
+    from harness.records import ISA_ENV, VECTOR_FEATURES, host_env
 
+    for key in ISA_ENV:  # only what this test sets: a machine may set some of them itself (OPENBLAS_CORETYPE)
+        monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
     monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")
     env = host_env()
