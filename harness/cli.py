@@ -16,6 +16,7 @@ import io
 import itertools
 import os
 import re
+import shutil
 import signal
 import sys
 import uuid
@@ -135,6 +136,9 @@ def prevalidate(args: list[str]) -> int:
             for combo in combos:
                 c = validate(compose(config_name="config", overrides=combo))
                 total += len(c.measure.names) * len(frameworks(c))
+                if multirun and launcher == "slurm" and shutil.which("sbatch") is None:
+                    raise ConfigError("hydra/launcher", "slurm submits with sbatch, which is not on PATH: install a SLURM "
+                                      "client (scripts/slurm-local install starts a one-node cluster)")
                 timed = [n for n in c.measure.names if measures.timing(n)]
                 if multirun and launcher != "basic" and timed and not c.parallel_throughput:
                     _refuse_side_by_side(compose(config_name="config", overrides=combo, return_hydra_config=True),

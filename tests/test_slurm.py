@@ -227,3 +227,26 @@ def test_the_cluster_script_reports_a_cluster_that_is_not_up(tmp_path: Path) -> 
     assert down.returncode == 1 and "slurmctld: not running" in down.stdout
     usage = subprocess.run([str(SLURM_LOCAL)], env=env, capture_output=True, text=True)
     assert usage.returncode == 2 and "start" in usage.stdout and "stop-node" in usage.stdout
+
+
+def test_without_a_slurm_client_the_sweep_is_refused_before_anything_runs(monkeypatch: pytest.MonkeyPatch,
+                                                                          tmp_path: Path) -> None:
+    register()
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
+    with pytest.raises(ConfigError, match=r"slurm submits with sbatch, which is not on PATH"):
+        prevalidate(["-m", "hydra/launcher=slurm", "framework=torch,jax", "+experiment=quick"])
+
+
+def test_a_cluster_that_cannot_be_reached_gives_one_line_and_leaves_nothing(slurm_cluster: dict[str, str],
+                                                                            tmp_path: Path) -> None:
+    broken = tmp_path / "slurm.conf"
+    broken.write_text("")  # sbatch cannot read a cluster from it (a missing file: it retries for a minute)
+    env = {**slurm_cluster, "SLURM_CONF": str(broken)}
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "harness.cli", "-m", "hydra/launcher=slurm", "framework=torch,jax",
+                        "+experiment=quick", f"out_dir={out}", "progress=false"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("vaebench: slurm: sbatch refused the sweep, nothing was run: ")
+    assert "Traceback" not in r.stderr
+    assert not list(out.glob("multirun-*"))  # no empty sweep folder left behind

@@ -22,6 +22,8 @@ job's worker, writes its record with the reason from `scontrol` and returns
 """
 
 import logging
+import shutil
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,7 +82,14 @@ class SlurmLauncher(_SubmititSlurm):
         for idx, overrides in enumerate(job_overrides, initial_job_idx):
             log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
             job_params.append((list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}", Singleton.get_state()))
-        jobs = executor.map_array(self, *zip(*job_params))
+        try:
+            jobs = executor.map_array(self, *zip(*job_params))
+        except submitit.core.utils.FailedJobError as exc:  # no cluster reachable, a refused option: nothing ran
+            said = [line for line in str(exc).splitlines() if line.strip()]
+            print(f"vaebench: slurm: sbatch refused the sweep, nothing was run: {said[-1] if said else exc}", file=sys.stderr)
+            if not any(sweep_dir.glob("*/*.json")):  # the folder of a sweep that never began holds nothing to keep
+                shutil.rmtree(sweep_dir, ignore_errors=True)
+            raise SystemExit(2) from None
         print(f"slurm: submitted {len(jobs)} task(s) as array job {jobs[0].job_id.split('_')[0]} "
               f"(squeue, scancel); sweep folder {sweep_dir}", flush=True)
         ends = slurm.wait(jobs, poll_s)
