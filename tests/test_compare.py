@@ -96,6 +96,27 @@ def test_a_planted_20_percent_throughput_drop_fails(tmp_path: Path) -> None:
     assert _cmp(REF, small).returncode == 0
 
 
+def test_several_processes_of_one_throughput_job_pool_their_repeats() -> None:
+    """The same job run in three processes: its quantity holds every repeat of all three and
+    their median (not the last record's alone), so one process's offset weighs as one of three."""
+    from harness.measures import throughput
+
+    (rec,) = [r for r in read_records(REF) if r["measure"] == "throughput" and r["framework"] == "jax"][:1]
+    runs = []
+    for offset in (1.0, 1.3, 1.1):  # three processes, one 30% slow
+        r = copy.deepcopy(rec)
+        for b in r["metrics"]["batches"]:
+            b["step_s_samples"] = [s * offset for s in b["step_s_samples"]]
+        runs.append(r)
+    name, alone = next(iter(throughput.compared([rec]).items()))
+    pooled = throughput.compared(runs)[name]
+    assert pooled.samples is not None and alone.samples is not None
+    assert len(pooled.samples) == 3 * len(alone.samples)
+    assert sorted(pooled.samples) == sorted(s * o for o in (1.0, 1.3, 1.1) for s in alone.samples)
+    assert pooled.value == pytest.approx(float(np.median(pooled.samples)))
+    assert alone.value == pytest.approx(float(np.median(alone.samples)))
+
+
 def test_mann_whitney_against_its_closed_form() -> None:
     """Fully separated samples of 10 and 10: P(U >= 100) = 1 / C(20, 10) under the null."""
     base = list(np.linspace(1.0, 1.1, 10))

@@ -843,12 +843,14 @@ def _best_speedups(records: list[dict[str, Any]], batch: int) -> str:
 def compared(records: list[dict[str, Any]]) -> dict[str, Quantity]:
     """For `vaebench compare`: per framework/mode/batch (and precision, where it is not float32:
     float32 names are those of the records from before mixed precision), the per-repeat step
-    times (a statistical test there)."""
-    out: dict[str, Quantity] = {}
+    times (a statistical test there). Several records of one quantity (the same job run in
+    several processes) pool their repeats: a process's own offset then weighs as one of several,
+    and the value is the median of the pool."""
+    pooled: dict[str, list[float]] = {}
     for fw, m in finished(records, "batches"):
         prec = str(m.get("precision") or "float32")
         fw = fw if prec == "float32" else f"{fw} {prec}"
         for b in m["batches"]:
             if b.get("step_s_samples"):
-                out[f"{fw} batch {b['batch']} step time (s)"] = Quantity(b["step_s_median"], "speed", samples=b["step_s_samples"])
-    return out
+                pooled.setdefault(f"{fw} batch {b['batch']} step time (s)", []).extend(b["step_s_samples"])
+    return {name: Quantity(float(np.median(s)), "speed", samples=s) for name, s in pooled.items()}
