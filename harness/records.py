@@ -391,6 +391,18 @@ def close_unfinished(run_dir: Path, began: str, not_begun: str, env: dict[str, A
     return written
 
 
+def close_stopped_run(run_dir: Path, began: str, not_begun: str, env: dict[str, Any] | None = None) -> int | None:
+    """`close_unfinished` under the run's lock, taken without waiting (the run is ours then, and
+    checked again under it); None where a live `vaebench` or worker holds the lock."""
+    fd = _take_lock(run_dir)
+    if fd is None:
+        return None
+    try:
+        return close_unfinished(run_dir, began, not_begun, env)
+    finally:
+        os.close(fd)
+
+
 def recover_stopped_runs(folder: Path) -> tuple[list[tuple[Path, int]], list[Path]]:
     """Give every job of a stopped run under `folder` (a run or sweep folder, or a folder of
     them) its record: each run folder whose plan has jobs without a record, and whose lock can
@@ -404,14 +416,10 @@ def recover_stopped_runs(folder: Path) -> tuple[list[tuple[Path, int]], list[Pat
         if not jobs_dir.is_dir() or not unfinished(run_dir):
             continue
         try:
-            fd = _take_lock(run_dir)
-            if fd is None:
+            n = close_stopped_run(run_dir, HARNESS_STOPPED, HARNESS_STOPPED_EARLY)
+            if n is None:
                 live.append(run_dir)
                 continue
-            try:  # the run is ours now: checked again under the lock
-                n = close_unfinished(run_dir, HARNESS_STOPPED, HARNESS_STOPPED_EARLY)
-            finally:
-                os.close(fd)
         except OSError as exc:  # a folder we may not write into
             print(f"warning: could not recover the stopped run {run_dir}: {exc}", file=sys.stderr)
             continue

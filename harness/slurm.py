@@ -171,23 +171,19 @@ def close_task_run(run_dir: Path, why: str, overrides: list[str], facts: dict[st
     (its slurmd lost, not its processes) and write its own records; after `lock_wait_s` the
     run is left to `vaebench report`, which gives it its records when it is no longer live.
     Returns False where the task's jobs are left without records (the sweep must exit 1)."""
-    from harness.records import _take_lock, close_unfinished, host_env
+    from harness.records import close_stopped_run, host_env
 
     if not (run_dir / "jobs").is_dir():
         print(f"slurm: {why}, before its run began: no records for {' '.join(overrides)}", flush=True)
         return False
     deadline = time.monotonic() + lock_wait_s
-    while (fd := _take_lock(run_dir)) is None:
+    env = {**host_env(), "slurm": facts}
+    while (n := close_stopped_run(run_dir, f"{why}: the job did not finish", f"not started: {why}", env)) is None:
         if time.monotonic() > deadline:
             print(f"slurm: {why}, but its run {run_dir} is still live after {lock_wait_s:.0f} s; "
                   f"`vaebench report {run_dir}` gives its jobs their records once it is not", flush=True)
             return False
         time.sleep(1)
-    try:
-        n = close_unfinished(run_dir, f"{why}: the job did not finish", f"not started: {why}",
-                             {**host_env(), "slurm": facts})
-    finally:
-        os.close(fd)
     if n:
         print(f"slurm: {why}: {n} job(s) of {run_dir} got a failed record", flush=True)
     return True
