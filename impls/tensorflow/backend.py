@@ -295,6 +295,10 @@ class TensorFlowBackend(BackendBase):
         # The noise is drawn by TF's own kernels, never inside the XLA cluster: XLA's lowering
         # of the generator's ops yields another stream for the same seed. One outer tf.function
         # (not jit-compiled) draws and calls the compiled update, which it does not retrace.
+        # What that costs, measured (MLP, batch 512, one pinned core): the nested call about
+        # 25 us, and TF's normal kernel about as much as XLA's draw inside the plain loop's one
+        # function; the step runs 1.02 to 1.07 times the plain loop's time in float32 (up to 1.20
+        # in float16), where JAX's identical harness and plain steps read 1.00 to 1.03.
         def drawn_update(x: tf.Tensor) -> tf.Tensor:
             return given(x, generator.normal((x.shape[0], spec.latent), dtype=dtype))
 
