@@ -298,7 +298,11 @@ class TensorFlowBackend(BackendBase):
         # What that costs, measured (MLP, batch 512, one pinned core): the nested call about
         # 25 us, and TF's normal kernel about as much as XLA's draw inside the plain loop's one
         # function; the step runs 1.02 to 1.07 times the plain loop's time in float32 (up to 1.20
-        # in float16), where JAX's identical harness and plain steps read 1.00 to 1.03.
+        # in float16), where JAX's identical harness and plain steps read 1.00 to 1.03. Drawing
+        # ten steps' noise per call into a variable that the compiled update reads (tried) does
+        # not pay: TF's normal costs about 47 us a draw of 512 x 8 in a graph however many are
+        # drawn per call, plus about 140 us a call, and a median over timed blocks hides that
+        # only when the blocks miss the draws.
         def drawn_update(x: tf.Tensor) -> tf.Tensor:
             return given(x, generator.normal((x.shape[0], spec.latent), dtype=dtype))
 
