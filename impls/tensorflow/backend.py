@@ -295,14 +295,11 @@ class TensorFlowBackend(BackendBase):
         # The noise is drawn by TF's own kernels, never inside the XLA cluster: XLA's lowering
         # of the generator's ops yields another stream for the same seed. One outer tf.function
         # (not jit-compiled) draws and calls the compiled update, which it does not retrace.
-        # What that costs, measured (MLP, batch 512, one pinned core): the nested call about
-        # 25 us, and TF's normal kernel about as much as XLA's draw inside the plain loop's one
-        # function; the step runs 1.02 to 1.07 times the plain loop's time in float32 (up to 1.20
-        # in float16), where JAX's identical harness and plain steps read 1.00 to 1.03. Drawing
-        # ten steps' noise per call into a variable that the compiled update reads (tried) does
-        # not pay: TF's normal costs about 47 us a draw of 512 x 8 in a graph however many are
-        # drawn per call, plus about 140 us a call, and a median over timed blocks hides that
-        # only when the blocks miss the draws.
+        # What that costs, measured (MLP, batch 512, one pinned core): the step runs 1.03 to 1.10
+        # times the plain loop's time in every precision (one float16 process 1.20), where JAX's
+        # identical harness and plain steps read 1.00 to 1.03; TF's normal costs about 47 us a
+        # 512 x 8 draw in a graph. Drawing ten steps' noise per call into a variable the update
+        # reads (tried) saved nothing once every timed block held one draw.
         def drawn_update(x: tf.Tensor) -> tf.Tensor:
             return given(x, generator.normal((x.shape[0], spec.latent), dtype=dtype))
 
